@@ -1,0 +1,3 @@
+from align.run import main
+
+main()

@@ -1,0 +1,1 @@
+"""Model backends. Each module registers itself with ``@register_model``."""

@@ -1,0 +1,29 @@
+"""Reward gradients in model space, ∇_x r(decode(x)), and the per-sample norm clip of VGG-Flow (Eq. 16)."""
+from __future__ import annotations
+
+import torch
+
+from align.interfaces import FlowModel, Reward
+
+
+def reward_and_grad(model: FlowModel, reward: Reward, x: torch.Tensor, prompts: list[str]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """r(decode(x)) [B] and its gradient w.r.t. x [B, ...], in fp32, detached from any outer graph."""
+    with torch.enable_grad():
+        x = x.detach().float().requires_grad_(True)
+        r = reward(model.decode(x), prompts).float()
+        (grad,) = torch.autograd.grad(r.sum(), x)
+    return r.detach(), grad.detach()
+
+
+def per_sample_norms(g: torch.Tensor) -> torch.Tensor:
+    return g.flatten(1).norm(dim=1)
+
+
+def clip_per_sample(g: torch.Tensor, tau: torch.Tensor | float | None) -> torch.Tensor:
+    """G ← G · min(1, τ / ‖G‖) per sample; τ = None leaves G unchanged."""
+    if tau is None:
+        return g
+    norms = per_sample_norms(g)
+    scale = torch.clamp(torch.as_tensor(tau, dtype=g.dtype, device=g.device) / norms.clamp_min(1e-12), max=1.0)
+    return g * scale.reshape(-1, *([1] * (g.dim() - 1)))

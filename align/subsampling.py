@@ -1,0 +1,23 @@
+"""Which trajectory states an algorithm trains on (paper §1.7: 5 bins of the 20 transitions + the last)."""
+from __future__ import annotations
+
+import torch
+
+
+def binned_time_indices(n_steps: int, n_bins: int, batch: int, generator: torch.Generator,
+                        include_last: bool = True, min_index: int = 1) -> torch.Tensor:
+    """Per trajectory: [N−1 (if include_last)] + one index drawn uniformly from each of ``n_bins`` equal
+    bins of {0, …, N−1}, clamped to ≥ ``min_index`` (the pure-noise state t = 0 is never used).
+
+    Returns a LongTensor [batch, n_bins (+1)].
+    """
+    if not 1 <= n_bins <= n_steps:
+        raise ValueError(f"number of bins must be in [1, sampler.steps={n_steps}], got {n_bins}")
+    bins = torch.tensor_split(torch.arange(n_steps), n_bins)
+    cols = []
+    if include_last:
+        cols.append(torch.full((batch,), n_steps - 1, dtype=torch.long))
+    for b in reversed(bins):
+        pick = torch.randint(len(b), (batch,), generator=generator)
+        cols.append(b[pick])
+    return torch.stack(cols, dim=1).clamp_min(min_index)

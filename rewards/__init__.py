@@ -1,0 +1,1 @@
+"""Reward families. Each module registers its rewards with ``@register_reward``."""

@@ -1,0 +1,53 @@
+"""Analytic rewards for ``model=gmm``: exact tilts and optimal controls exist for these (reference §6)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from align.interfaces import Reward
+from align.registry import register_reward
+
+
+@register_reward("linear")
+class LinearReward(Reward):
+    """r(x) = cᵀx with c = ``reward.direction``."""
+
+    name, domain = "linear", "gmm"
+
+    def __init__(self, direction: Sequence[float], **_: Any):
+        super().__init__()
+        self.register_buffer("c", torch.as_tensor(direction, dtype=torch.float32).flatten())
+
+    def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        _check_dim(images, self.c.numel(), "reward.direction")
+        return images.float() @ self.c
+
+
+@register_reward("quadratic")
+class QuadraticReward(Reward):
+    """r(x) = −½ (x − m)ᵀ Q (x − m) with m = ``reward.center`` and Q = ``reward.precision`` (symmetric PSD)."""
+
+    name, domain = "quadratic", "gmm"
+
+    def __init__(self, center: Sequence[float], precision: Sequence[Sequence[float]], **_: Any):
+        super().__init__()
+        m = torch.as_tensor(center, dtype=torch.float32).flatten()
+        Q = torch.as_tensor(precision, dtype=torch.float32)
+        if Q.shape != (m.numel(), m.numel()):
+            raise ValueError(f"reward.precision must be {m.numel()}x{m.numel()} to match reward.center, "
+                             f"got shape {tuple(Q.shape)}")
+        if not torch.allclose(Q, Q.T):
+            raise ValueError("reward.precision must be symmetric")
+        self.register_buffer("m", m)
+        self.register_buffer("Q", Q)
+
+    def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        _check_dim(images, self.m.numel(), "reward.center")
+        z = images.float() - self.m
+        return -0.5 * ((z @ self.Q) * z).sum(-1)
+
+
+def _check_dim(x: torch.Tensor, d: int, key: str) -> None:
+    if x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"{key} has {d} entries but the model's samples have shape {tuple(x.shape[1:])}")

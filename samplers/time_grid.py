@@ -1,0 +1,35 @@
+"""Time grids t_0 = 0 < t_1 < ... < t_N = 1 in the paper's convention (t = 0 noise, t = 1 data)."""
+from __future__ import annotations
+
+import torch
+
+
+def uniform_grid(n_steps: int) -> torch.Tensor:
+    """t_k = k / N, k = 0..N (float64)."""
+    if n_steps < 1:
+        raise ValueError(f"sampler.steps must be >= 1, got {n_steps}")
+    return torch.linspace(0.0, 1.0, n_steps + 1, dtype=torch.float64)
+
+
+def sd3_grid(n_steps: int, shift: float = 3.0, sigma_min: float = 1e-3) -> torch.Tensor:
+    """SD3's shifted grid (diffusers ``FlowMatchEulerDiscreteScheduler``), returned as t = 1 − σ.
+
+    s_k = linspace(1, s_min, N) with s_min = shift·σ_min / (1 + (shift − 1)σ_min) (the scheduler's
+    shifted sigma_min), σ_k = shift·s_k / (1 + (shift − 1)s_k), then σ_N = 0 is appended.
+    """
+    if n_steps < 1:
+        raise ValueError(f"sampler.steps must be >= 1, got {n_steps}")
+    s_min = shift * sigma_min / (1.0 + (shift - 1.0) * sigma_min)
+    s = torch.linspace(1.0, s_min, n_steps, dtype=torch.float64)
+    sigma = shift * s / (1.0 + (shift - 1.0) * s)
+    sigma = torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
+    return 1.0 - sigma
+
+
+def make_grid(kind: str, n_steps: int, shift: float = 3.0) -> torch.Tensor:
+    """Build the grid named by ``sampler.grid`` (``uniform`` or ``sd3``)."""
+    if kind == "uniform":
+        return uniform_grid(n_steps)
+    if kind == "sd3":
+        return sd3_grid(n_steps, shift)
+    raise ValueError(f"unknown sampler.grid={kind!r}; valid choices: uniform, sd3")
