@@ -1,0 +1,98 @@
+"""DRaFT on flow matching (reference §4; VGG-Flow paper §5.1 baseline, Fig. 17 "DRaFT-LV").
+
+Grid t_0 = 0 < … < t_N = 1, Euler steps x_{j+1} = x_j + (t_{j+1} − t_j)·v_θ(x_j, t_j).
+
+DRaFT-K (``variant: k``):
+    x_{N−K} = Euler ODE of v_θ from x_0, without grad
+    x_N     = the last K Euler steps from sg(x_{N−K}), with grad through θ and through the x-chain
+    L(θ)    = mean_b ℓ(r(decode(x_N)))
+  ``k_random: true`` draws K ~ Uniform{1..k} once per trajectory (never per step).
+
+DRaFT-LV (``variant: lv``, K = 1 with lower variance):
+    x_N     = Euler ODE of v_θ from x_0, without grad;   σ = 1 − t_{N−1}
+    x̃^(i)  = (1 − σ)·sg(x_N) + σ·ε_i,  ε_i ~ N(0, I),  i = 1..n
+    x̂^(i)  = x̃^(i) + (1 − t_{N−1})·v_θ(x̃^(i), t_{N−1})            (grad through θ)
+    L(θ)    = (1/n) Σ_i mean_b ℓ(r(decode(x̂^(i))))
+
+ℓ = −ReLU(r) by default (align/objectives.py).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from align.batching import index_cond
+from align.interfaces import Algorithm
+from align.objectives import check_objective, reward_loss
+from align.registry import register_algorithm
+from samplers import Trajectory, euler_integrate, one_step_prediction
+
+VARIANTS = ("lv", "k")
+
+
+@register_algorithm("draft")
+class DRaFT(Algorithm):
+    name = "draft"
+
+    def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
+        super().__init__(cfg, model, reward, ts)
+        check_objective(cfg)
+        if cfg.variant not in VARIANTS:
+            raise ValueError(f"unknown algo.variant={cfg.variant!r}; valid choices: {', '.join(VARIANTS)}")
+        N = len(ts) - 1
+        if cfg.variant == "k" and not 1 <= int(cfg.k) <= N:
+            raise ValueError(f"algo.k={cfg.k} must be between 1 and sampler.steps={N}")
+        if cfg.variant == "lv" and int(cfg.n) < 1:
+            raise ValueError(f"algo.n={cfg.n} must be >= 1 (re-noised copies per sample)")
+
+    def draw_k(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """K [n]: the configured k, or K ~ Uniform{1..k} per trajectory when ``k_random``."""
+        if self.cfg.get("k_random", False):
+            return torch.randint(1, int(self.cfg.k) + 1, (n,), generator=generator)
+        return torch.full((n,), int(self.cfg.k), dtype=torch.long)
+
+    # ---- rollout ------------------------------------------------------------------------------------
+    def rollout(self, x0: torch.Tensor, prompts: list[str], cond: Any, generator: torch.Generator) -> Trajectory:
+        if self.cfg.variant == "lv":
+            return super().rollout(x0, prompts, cond, generator)
+        # DRaFT-K: the last K steps are taken here, with grad, so x_N carries the graph into loss().
+        def v(x, t):
+            return self.model.velocity(x, t, cond)
+
+        N, K = len(self.ts) - 1, self.draw_k(x0.shape[0], generator)
+        start = (N - K).to(x0.device)                         # first step with grad, per trajectory
+        s0 = int(start.min())
+        early = euler_integrate(v, x0.detach(), self.ts, 0, s0)
+        states, x = list(early), early[-1]
+        for j in range(s0, N):
+            x_next = euler_integrate(v, x, self.ts, j, j + 1, grad=True, record=False)
+            # Trajectories whose window starts later stay on the no-grad path.
+            waiting = (j + 1 <= start).reshape(-1, *([1] * (x.dim() - 1)))
+            x = torch.where(waiting, x_next.detach(), x_next)
+            states.append(x)
+        return Trajectory(xs=torch.stack(states), ts=self.ts, cond=cond, prompts=prompts, extras={"K": K})
+
+    # ---- loss ---------------------------------------------------------------------------------------
+    def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.cfg.variant == "k":
+            loss, logs = reward_loss(self.model, self.reward, traj.x1, traj.prompts, self.cfg)
+            logs["K_mean"] = traj.extras["K"].float().mean().item()
+            return loss, logs
+        return self.lv_loss(traj, generator)
+
+    def lv_loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        n, (B, *shape) = int(self.cfg.n), traj.x1.shape
+        x_N = traj.x1.detach()
+        t_last = float(traj.ts[-2])
+        sigma = 1.0 - t_last
+        eps = torch.randn((n, B, *shape), generator=generator, dtype=torch.float32).to(x_N)
+        x_tilde = ((1.0 - sigma) * x_N.unsqueeze(0) + sigma * eps).flatten(0, 1)   # [n·B, ...], copy-major
+        rows = torch.arange(B).repeat(n)
+        cond = index_cond(traj.cond, rows)
+        t = torch.full((n * B,), t_last, dtype=x_N.dtype, device=x_N.device)
+        x_hat = one_step_prediction(x_tilde, t, self.model.velocity(x_tilde, t, cond))
+        # The mean over all n·B rows is (1/n) Σ_i of the per-copy batch means.
+        loss, logs = reward_loss(self.model, self.reward, x_hat, [traj.prompts[i] for i in rows.tolist()], self.cfg)
+        logs["renoise_sigma"] = sigma
+        return loss, logs

@@ -1,0 +1,68 @@
+"""ReFL on flow matching (reference §4; VGG-Flow paper §5.1 baseline).
+
+For each trajectory:
+    k ~ Uniform{k_lo, …, k_hi − 1}                      (truncation step; {15..19} on the 20-step grid)
+    x_k  = Euler ODE of the current v_θ from x_0 ~ N(0, I), without grad
+    x̂_1 = sg(x_k) + (1 − t_k)·v_θ(sg(x_k), t_k)       (one-step prediction; grad through θ only)
+    L(θ) = mean_b ℓ(r(decode(x̂_1)))                    ℓ = −ReLU(r) by default (align/objectives.py)
+
+The range ``truncation: [lo, hi)`` is written on a ``truncation_grid_steps``-step grid (20, the paper's).
+On an N-step grid it keeps the same fraction of the step index: k ∈ {k : lo/G ≤ k/N < hi/G}, i.e.
+k_lo = ⌈lo·N/G⌉, k_hi = ⌈hi·N/G⌉ (a fraction of steps, not of time: on the sd3 grid t_k is not k/N).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from align.interfaces import Algorithm
+from align.objectives import check_objective, reward_loss
+from align.registry import register_algorithm
+from samplers import Trajectory, euler_integrate, one_step_prediction
+
+
+def truncation_range(truncation: Any, ref_steps: int, n_steps: int) -> tuple[int, int]:
+    """[k_lo, k_hi) on the N-step grid for ``truncation`` = [lo, hi) on the ``ref_steps``-step grid."""
+    try:
+        lo, hi = (int(v) for v in truncation)
+    except (TypeError, ValueError):
+        raise ValueError(f"algo.truncation must be two integers [lo, hi), got {truncation!r}") from None
+    if not 0 <= lo < hi <= ref_steps:
+        raise ValueError(f"algo.truncation=[{lo}, {hi}) must satisfy 0 <= lo < hi <= "
+                         f"algo.truncation_grid_steps={ref_steps} (k = {ref_steps} would be the sample itself)")
+    k_lo, k_hi = -(-lo * n_steps // ref_steps), -(-hi * n_steps // ref_steps)
+    if k_lo >= k_hi:
+        raise ValueError(f"algo.truncation=[{lo}, {hi}) of a {ref_steps}-step grid contains no step of the "
+                         f"{n_steps}-step grid (sampler.steps); raise sampler.steps or widen algo.truncation")
+    return k_lo, k_hi
+
+
+@register_algorithm("refl")
+class ReFL(Algorithm):
+    name = "refl"
+
+    def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
+        super().__init__(cfg, model, reward, ts)
+        check_objective(cfg)
+        self.k_lo, self.k_hi = truncation_range(cfg.truncation, int(cfg.truncation_grid_steps), len(ts) - 1)
+
+    def draw_truncation(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """k [n], one per trajectory, uniform on {k_lo, …, k_hi − 1}."""
+        return torch.randint(self.k_lo, self.k_hi, (n,), generator=generator)
+
+    def rollout(self, x0: torch.Tensor, prompts: list[str], cond: Any, generator: torch.Generator) -> Trajectory:
+        # The whole no-grad ODE is run (not only up to max k) so the trainer can log r(x_1).
+        k = self.draw_truncation(x0.shape[0], generator)
+        xs = euler_integrate(lambda x, t: self.model.velocity(x, t, cond), x0, self.ts)
+        return Trajectory(xs=xs, ts=self.ts, cond=cond, prompts=prompts, extras={"k": k})
+
+    def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        k = traj.extras["k"]
+        B = traj.xs.shape[1]
+        x_k = traj.xs[k.to(traj.xs.device), torch.arange(B, device=traj.xs.device)].detach()
+        t_k = traj.ts[k].to(x_k)
+        x1_hat = one_step_prediction(x_k, t_k, self.model.velocity(x_k, t_k, traj.cond))
+        loss, logs = reward_loss(self.model, self.reward, x1_hat, traj.prompts, self.cfg)
+        logs["k_mean"] = k.float().mean().item()
+        return loss, logs
