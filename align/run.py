@@ -6,7 +6,6 @@ When no ``model=`` is given, the model is the domain the reward scores (``reward
 """
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import sys
@@ -36,11 +35,7 @@ def _job(cfg: DictConfig) -> None:
         saved = os.path.join(run_dir, "config.yaml")
         if not os.path.isfile(saved):
             _fail(f"resume={cfg.resume}: {saved} does not exist (is this a run directory?)")
-        resumed = OmegaConf.load(saved)
-        with open_dict(resumed):
-            resumed.resume = run_dir
-            resumed.train.progress = cfg.train.progress
-        cfg = resumed
+        cfg = _resumed_config(OmegaConf.load(saved), cfg, run_dir)
     with open_dict(cfg):
         cfg.run_dir = run_dir
     fresh = not os.listdir(run_dir) if os.path.isdir(run_dir) else True
@@ -61,6 +56,24 @@ def _job(cfg: DictConfig) -> None:
         last = _last_eval(run_dir)
         print(f"align: done. {last}\n       metrics: {os.path.join(run_dir, 'metrics.jsonl')}\n"
               f"       final samples: {os.path.join(run_dir, 'samples_final.pt')}", flush=True)
+
+
+# What a resumed run may change; everything else comes from the run's own config.yaml.
+RESUMABLE_KEYS = ("train.steps", "train.progress", "train.checkpoint_every", "train.keep_checkpoints", "device")
+
+
+def _resumed_config(saved: DictConfig, given: DictConfig, run_dir: str) -> DictConfig:
+    changed = [o.partition("=")[0] for o in HydraConfig.get().overrides.task]
+    bad = [k for k in changed if k not in RESUMABLE_KEYS + ("resume",)]
+    if bad:
+        _fail(f"resume={run_dir} continues that run with its own config.yaml; only "
+              f"{', '.join(RESUMABLE_KEYS)} may be changed, not {', '.join(bad)}")
+    with open_dict(saved):
+        saved.resume = run_dir
+        for k in changed:
+            if k in RESUMABLE_KEYS:
+                OmegaConf.update(saved, k, OmegaConf.select(given, k))
+    return saved
 
 
 def _last_eval(run_dir: str) -> str:

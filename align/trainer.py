@@ -174,7 +174,7 @@ class Trainer:
                         f"{self.bad_in_row} consecutive updates had a non-finite loss or gradient (step "
                         f"{self.step}); the last good parameters are saved in {self.run_dir}/checkpoints. "
                         "Lower train.lr or algo.beta, or raise train.max_bad_steps.")
-                if self.step % every == 0 or self.step == steps if every > 0 else self.step == steps:
+                if self.step == steps or (every > 0 and self.step % every == 0):
                     row.update(self._evaluate(logger))
                 self.elapsed = time.time() - start_time
                 row["time_s"] = self.elapsed
@@ -204,7 +204,8 @@ class Trainer:
         n = int(self.cfg.eval.final_samples)
         gen = torch.Generator().manual_seed(int(self.cfg.seed) + 2_000_003)
         prompts = [self.prompt_set[i % len(self.prompt_set)] for i in range(n)]
-        x1 = self.evaluator.sample(self.model.velocity, self.model.sample_noise(n, gen), prompts)
+        x0 = self.model.sample_noise(n, gen)
+        x1 = self.evaluator.sample(self.model.velocity, x0, prompts)
         path = os.path.join(self.run_dir, "samples_final.pt")
-        torch.save({"x1": x1.cpu(), "prompts": prompts}, path + ".tmp")
+        torch.save({"x1": x1.cpu(), "x0": x0.cpu(), "prompts": prompts}, path + ".tmp")
         os.replace(path + ".tmp", path)

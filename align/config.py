@@ -1,0 +1,25 @@
+"""Compose the runner's config from overrides in Python (tests, benchmarks, notebooks)."""
+from __future__ import annotations
+
+import os
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from align.cli_checks import check_overrides
+
+CONF_DIR = os.path.join(os.path.dirname(__file__), "conf")
+
+
+def compose_config(overrides: list[str] | None = None, run_dir: str | None = None) -> DictConfig:
+    """The resolved config ``python -m align.run <overrides>`` would use (model defaults to the reward's domain)."""
+    overrides = check_overrides(list(overrides or []), CONF_DIR)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    GlobalHydra.instance().clear()
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.run_dir = run_dir
+    return cfg
