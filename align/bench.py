@@ -24,30 +24,11 @@ import tempfile
 import time
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
-
-CONF = os.path.join(os.path.dirname(__file__), "conf")
-
-
-def compose_config(overrides: list[str], run_dir: str) -> DictConfig:
-    """The config ``python -m align.run <overrides>`` would train with (model defaults to the reward's domain)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from align.cli_checks import check_overrides
-
-    overrides = check_overrides(list(overrides) + [f"run_dir={run_dir}"], CONF)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=os.path.abspath(CONF), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.run_dir = run_dir
-    return cfg
+from align.config import CONF_DIR, compose_config
 
 
 def algorithm_configs() -> list[str]:
-    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "algo")) if f.endswith(".yaml"))
+    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "algo")) if f.endswith(".yaml"))
 
 
 # ---- counting velocity evaluations --------------------------------------------------------------------
