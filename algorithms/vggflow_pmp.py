@@ -1,0 +1,92 @@
+"""VGG-Flow-PMP (Liu et al., NeurIPS 2025, §6 and App. A.1): value-gradient matching onto Pontryagin's costate.
+
+Relaxed control problem (Eq. 6), β = 1/λ, on the N-step Euler grid:
+    J(θ) = Σ_k Δt_k (λ/2) ‖ṽ_θ(x_k, t_k)‖² − r(x_N),   x_{k+1} = x_k + Δt_k v_θ(x_k, t_k),   v_θ = v_base + ṽ_θ.
+Hamiltonian H(x, v, a) = (λ/2)‖v − v_base(x, t)‖² + aᵀv; costate ȧ = −∇_x H (Eq. 20, read as intended).
+Algorithm (no value network):
+  1. roll out the ODE with the current v_θ, no grad;
+  2. sweep the costate backward, exactly for the Euler scheme (reference §2):
+       a_N = −∇r(decode(x_N)),   a_k = a_{k+1} + Δt_k ∇_x[ a_{k+1}·v_θ(x, t_k) + (λ/2)‖v_θ − v_base‖² ]_{x = x_k}
+     (``adjoint: lean`` keeps only a_{k+1}·v_base: the adjoint that holds at the optimum, Prop. 3);
+  3. match: L(θ) = ‖ṽ_θ(x_k, t_k) + β sg(a_{k+1})‖² on sub-sampled states. Pairing x_k with a_{k+1} is the
+     discrete optimality condition ∂J/∂ṽ_k = Δt_k (λ ṽ_k + a_{k+1}) = 0 (``target: same`` uses a_k).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from align.adjoint import costate_sweep
+from align.batching import index_cond
+from align.interfaces import Algorithm
+from align.registry import register_algorithm
+from align.reward_grad import per_sample_norms, reward_and_grad
+from align.subsampling import binned_time_indices
+from samplers import Trajectory
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Per-sample mean over elements of (a − b)²."""
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+@register_algorithm("vggflow_pmp")
+class VGGFlowPMP(Algorithm):
+    name = "vggflow_pmp"
+
+    def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
+        super().__init__(cfg, model, reward, ts)
+        if cfg.adjoint not in ("full", "lean"):
+            raise ValueError(f"unknown algo.adjoint={cfg.adjoint!r}; valid choices: full, lean")
+        if cfg.target not in ("next", "same"):
+            raise ValueError(f"unknown algo.target={cfg.target!r}; valid choices: next, same")
+        self.beta = float(cfg.beta)
+        if self.beta <= 0:
+            raise ValueError(f"algo.beta must be > 0, got {cfg.beta}")
+
+    # ---- the Hamiltonian of step k (summed over the batch) ------------------------------------------------
+    def hamiltonian(self, cond: Any):
+        model, lam = self.model, 1.0 / self.beta
+
+        def full(k: int, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+            v = model.velocity(x, t, cond)
+            resid = v - model.base_velocity(x, t, cond)
+            return (a * v).sum() + 0.5 * lam * resid.pow(2).sum()
+
+        def lean(k: int, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+            return (a * model.base_velocity(x, t, cond)).sum()
+
+        return full if self.cfg.adjoint == "full" else lean
+
+    def costate(self, traj: Trajectory) -> torch.Tensor:
+        """a_k for k = 0..N along the trajectory [N+1, B, ...] (float32 or wider)."""
+        _, grad_r = reward_and_grad(self.model, self.reward, traj.xs[-1], traj.prompts)
+        return costate_sweep(traj.xs, traj.ts, -grad_r, self.hamiltonian(traj.cond))
+
+    # ---- one update ---------------------------------------------------------------------------------------
+    def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        model, N, B = self.model, traj.n_steps, traj.xs.shape[1]
+        a = self.costate(traj)
+
+        # States: x_{N−1} (its target a_N = −∇r is exact and carries the reward directly) plus one per bin
+        # (§1.7). Unlike VGG-Flow, x_0 is allowed: its costate target is as exact as any other, and the ODE
+        # sampler does use v_θ at t_0 = 0.
+        idx = binned_time_indices(N, int(self.cfg.subsample_bins), B, generator, include_last=True, min_index=0)
+        M = idx.shape[1]
+        sample = torch.arange(B).repeat_interleave(M)
+        k = idx.flatten()
+        x = traj.xs[k, sample].detach()
+        t = traj.ts[k].to(x)
+        cond = index_cond(traj.cond, sample)
+        target_k = k + 1 if self.cfg.target == "next" else k
+        a_k = a[target_k, sample].to(x.dtype)
+
+        v_theta = model.velocity(x, t, cond)                                       # grad → θ
+        with torch.no_grad():
+            v_base = model.base_velocity(x, t, cond)
+        loss = _mse(v_theta, (v_base - self.beta * a_k).detach()).mean()
+        logs = {"loss_match": loss.item(), "costate_norm_1": per_sample_norms(a[-1]).mean().item(),
+                "costate_norm_0": per_sample_norms(a[0]).mean().item(),
+                "resid_norm": per_sample_norms((v_theta - v_base).detach()).mean().item()}
+        return loss, logs
