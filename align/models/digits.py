@@ -1,0 +1,245 @@
+"""``model=digits``: a small pretrained class-conditional SD3-architecture flow model on handwritten digits.
+
+Data: scikit-learn's bundled ``load_digits`` (1,797 grey 8×8 images, 10 classes), pixel space, values
+scaled from [0, 16] to [−1, 1]; ``decode`` maps back to images in [0, 1] (ink = 1, background = 0).
+
+Prompts are the class names ``"zero"`` … ``"nine"``; ``"3"``, ``"three"`` and ``"a handwritten digit 3"``
+are accepted too (the last word decides), and ``""`` is the null prompt used for classifier-free guidance.
+Each class and the null prompt has a learned prompt embedding (2 tokens of width 32 + a pooled vector),
+trained with the flow and frozen afterwards: they play the part of SD3's text encoders.
+
+The network is a diffusers ``SD3Transformer2DModel`` (patch 2, 4 joint blocks, 4 heads of 16) trained by
+rectified flow in SD3's u-convention (``python -m align.pretrain model=digits``), run through exactly the
+code SD3 uses (``FlowTransformerModel``: σ = 1 − t, u = −v, τ = 1000σ, CFG, peft LoRA on attention).
+``features`` are the 32-d penultimate activations of a small CNN classifier trained on the same data;
+they feed the diversity and prior-preservation (FID) metrics and the classifier reward.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from align.models.flow_transformer import LORA_TARGET_MODULES, FlowTransformerModel
+from align.registry import register_model
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NULL_INDEX = 10                      # the null prompt "" (CFG's unconditional branch)
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+FLOW_WEIGHTS = os.path.join(WEIGHTS_DIR, "digits_flow.safetensors")
+FLOW_CONFIG = os.path.join(WEIGHTS_DIR, "digits_flow.json")
+CLASSIFIER_WEIGHTS = os.path.join(WEIGHTS_DIR, "digits_classifier.safetensors")
+REGENERATE = "python -m align.pretrain model=digits"
+
+# The pretrained transformer's architecture (written to digits_flow.json by the pretraining script).
+TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_layers=4, attention_head_dim=16,
+    num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
+    pos_embed_max_size=4)
+PROMPT_TOKENS = 2
+
+
+# ---- data and prompts --------------------------------------------------------------------------------------
+def load_digits_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits as x ∈ [−1, 1]^{1×8×8} (float32) and their labels (int64)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    return x, torch.as_tensor(d.target, dtype=torch.int64)
+
+
+def prompt_to_class(prompt: str) -> int:
+    """Class index of a prompt: "three", "3" or "a handwritten digit 3" → 3; "" → the null prompt (10)."""
+    words = str(prompt).strip().lower().split()
+    if not words:
+        return NULL_INDEX
+    last = words[-1].strip(".!,")
+    if last in DIGIT_NAMES:
+        return DIGIT_NAMES.index(last)
+    if last.isdigit() and len(last) == 1:
+        return int(last)
+    raise ValueError(f"digits: cannot read a digit class from the prompt {prompt!r}; use one of "
+                     f"{', '.join(DIGIT_NAMES)} (or '0'..'9', 'a handwritten digit 3', '' for the null prompt)")
+
+
+def prompts_to_classes(prompts: Sequence[str]) -> torch.Tensor:
+    return torch.tensor([prompt_to_class(p) for p in prompts], dtype=torch.int64)
+
+
+def to_image(x: torch.Tensor) -> torch.Tensor:
+    """Model space [−1, 1] → image [0, 1] (clamped, as SD3's decoded images are)."""
+    return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
+
+
+def _missing(path: str) -> FileNotFoundError:
+    return FileNotFoundError(f"digits: the pretrained weights {path} are missing; regenerate them with "
+                             f"`{REGENERATE}` (a few minutes on one CPU core)")
+
+
+# ---- the feature extractor / classifier --------------------------------------------------------------------
+class DigitClassifier(nn.Module):
+    """A small CNN on images in [0, 1] [B, 1, 8, 8]; smooth activations so its gradients are useful rewards."""
+
+    feature_dim = 32
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, stride=2)     # 8×8 → 4×4
+        self.conv3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 16, self.feature_dim)
+        self.head = nn.Linear(self.feature_dim, 10)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations [B, 32]."""
+        h = F.silu(self.conv1(images * 2.0 - 1.0))
+        h = F.silu(self.conv2(h))
+        h = F.silu(self.conv3(h))
+        return F.silu(self.fc(h.flatten(1)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, 10]."""
+        return self.head(self.features(images))
+
+
+def load_digit_classifier(path: str | None = None) -> DigitClassifier:
+    """The pretrained classifier, frozen and in eval mode."""
+    from safetensors.torch import load_file
+
+    path = CLASSIFIER_WEIGHTS if path is None else path
+    if not os.path.isfile(path):
+        raise _missing(path)
+    clf = DigitClassifier()
+    clf.load_state_dict(load_file(path))
+    return clf.eval().requires_grad_(False)
+
+
+# ---- prompt embeddings (the "text encoder") ---------------------------------------------------------------
+class PromptEmbedding(nn.Module):
+    """Learned embeddings of the 10 classes and the null prompt, in SD3's two conditioning streams."""
+
+    def __init__(self, tokens: int = PROMPT_TOKENS, dim: int = 32, pooled_dim: int = 32):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(NULL_INDEX + 1, tokens, dim))
+        self.pooled = nn.Parameter(torch.randn(NULL_INDEX + 1, pooled_dim))
+
+    def forward(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        idx = idx.to(self.tokens.device)
+        return {"encoder_hidden_states": self.tokens[idx], "pooled_projections": self.pooled[idx]}
+
+
+def build_transformer(config: dict[str, Any] | None = None) -> nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(**(TRANSFORMER_CONFIG if config is None else config))
+
+
+# ---- the value network ν_φ(x, t, c) --------------------------------------------------------------------------
+class ValueUNet(nn.Module):
+    """A scaled-down ``UNet2DConditionModel`` (the paper's "scaled-down SD1.5 U-Net") on 8×8, with
+    cross-attention on the prompt tokens and a tiny-initialised output conv (×1e−3). t is fed as 1000·t."""
+
+    def __init__(self, channels: int = 1, cross_attention_dim: int = 32,
+                 block_out_channels: Sequence[int] = (32, 64), attention_head_dim: int = 8,
+                 out_scale: float = 1e-3):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.unet = UNet2DConditionModel(
+            sample_size=8, in_channels=channels, out_channels=channels,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=tuple(block_out_channels), layers_per_block=1,
+            cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
+            norm_num_groups=min(8, min(block_out_channels)))
+        with torch.no_grad():
+            self.unet.conv_out.weight.mul_(out_scale)
+            self.unet.conv_out.bias.mul_(out_scale)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device, dtype=x.dtype).reshape(-1).expand(x.shape[0])
+        return self.unet(x, 1000.0 * t, encoder_hidden_states=cond["encoder_hidden_states"].to(x.dtype)).sample
+
+
+# ---- the backend ------------------------------------------------------------------------------------------
+@register_model("digits")
+class DigitsFlow(FlowTransformerModel):
+    """Pretrained class-conditional flow on 8×8 digits, finetuned through LoRA (see the module docstring)."""
+
+    name = "digits"
+    data_shape = (1, 8, 8)
+
+    def __init__(self, guidance_scale: float = 3.0, grid: str = "sd3", weights: str | None = None,
+                 classifier_weights: str | None = None, lora_rank: int = 8, lora_alpha: float = 8.0,
+                 lora_target_modules: Sequence[str] = LORA_TARGET_MODULES,
+                 value_net: dict[str, Any] | None = None, pretrained: bool = True, **_: Any):
+        """``pretrained=False`` builds random weights of the shipped architecture (tests only)."""
+        from safetensors.torch import load_file
+
+        config: dict[str, Any] = {"transformer": dict(TRANSFORMER_CONFIG), "prompt_tokens": PROMPT_TOKENS}
+        state = None
+        if pretrained:
+            weights = FLOW_WEIGHTS if weights is None else weights
+            cfg_path = os.path.splitext(weights)[0] + ".json"
+            for p in (weights, cfg_path):
+                if not os.path.isfile(p):
+                    raise _missing(p)
+            with open(cfg_path, encoding="utf-8") as fh:
+                config = json.load(fh)
+            state = load_file(weights)
+        tcfg = config["transformer"]
+        transformer = build_transformer(tcfg)
+        embedding = PromptEmbedding(config["prompt_tokens"], tcfg["joint_attention_dim"],
+                                    tcfg["pooled_projection_dim"])
+        if state is not None:
+            transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items()
+                                         if k.startswith("transformer.")})
+            embedding.load_state_dict({k[len("prompt_embedding."):]: v for k, v in state.items()
+                                       if k.startswith("prompt_embedding.")})
+        super().__init__(transformer, guidance_scale, lora_rank, lora_alpha, lora_target_modules)
+        self.prompt_embedding = embedding.requires_grad_(False)
+        self.config = config
+        self.grid = grid
+        self.value_net_kwargs = dict(value_net or {})
+        if pretrained or classifier_weights is not None:
+            self.classifier = load_digit_classifier(classifier_weights)
+        else:
+            self.classifier = DigitClassifier().eval().requires_grad_(False)
+
+    # -- prompts
+    def default_prompts(self) -> list[str]:
+        return list(DIGIT_NAMES)
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.prompt_embedding(prompts_to_classes(prompts))
+
+    def negative_cond(self, batch_size: int) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.prompt_embedding(torch.full((batch_size,), NULL_INDEX, dtype=torch.int64))
+
+    # -- images and features
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], [B, 1, 8, 8], differentiable (zero gradient where clamped)."""
+        return to_image(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(self.decode(x).float())
+
+    def preview_grid(self, x: torch.Tensor, n: int = 64) -> torch.Tensor:
+        """[3, H, W] grid of up to n decoded samples, upscaled ×4 for TensorBoard."""
+        from torchvision.utils import make_grid
+
+        img = self.decode(x[:n].detach().float().cpu())
+        img = F.interpolate(img, scale_factor=4, mode="nearest")
+        return make_grid(img, nrow=int(min(len(img), 16)), padding=2, pad_value=0.5)
+
+    # -- VGG-Flow's value network
+    def make_value_network(self) -> nn.Module:
+        return ValueUNet(channels=1, cross_attention_dim=self.config["transformer"]["joint_attention_dim"],
+                         **self.value_net_kwargs)
