@@ -33,8 +33,8 @@ from align.models.flow_transformer import sigma_to_timestep
 from samplers import euler_integrate, make_grid
 
 DEFAULTS: dict[str, Any] = dict(model="digits", steps=3000, batch_size=128, lr=1e-3, ema=0.999, seed=0,
-                                classifier_epochs=40, guidance_scale=3.0, grid="sd3", sample_steps=20,
-                                prompt_dropout=0.1, out=None)
+                                classifier_epochs=40, guidance_scale=2.0, grid="sd3", sample_steps=20,
+                                prompt_dropout=0.1, out=None, stats_only=0)
 
 
 def _shift(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -159,6 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     clf_path = os.path.join(out, os.path.basename(CLASSIFIER_WEIGHTS))
     x, y = load_digits_data()
     start = time.time()
+    json_path = os.path.splitext(flow_path)[0] + ".json"
+    if opts["stats_only"]:        # recompute the sample statistics of existing weights (e.g. another guidance)
+        with open(json_path, encoding="utf-8") as fh:
+            config = json.load(fh)
+        config["pretraining"]["guidance_scale"] = opts["guidance_scale"]
+        _check(config, json_path, flow_path, clf_path, opts, x, start)
+        return
 
     clf, clf_acc = train_classifier(x, y, opts["classifier_epochs"], opts["seed"])
     save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, clf_path)
@@ -175,21 +182,24 @@ def main(argv: list[str] | None = None) -> None:
         "transformer": TRANSFORMER_CONFIG, "prompt_tokens": PROMPT_TOKENS, "prompts": list(DIGIT_NAMES),
         "null_prompt": "", "data": "sklearn.datasets.load_digits, x = pixel/8 - 1 in [-1, 1]",
         "convention": "SD3: u = eps - x_data at sigma = 1 - t, timestep = 1000 sigma",
-        "pretraining": {k: v for k, v in opts.items() if k != "out"} | {
+        "pretraining": {k: v for k, v in opts.items() if k not in ("out", "stats_only")} | {
             "classifier_heldout_accuracy": clf_acc, "classifier_seconds": round(t_clf, 1),
             "flow_seconds": round(t_flow, 1), "torch": torch.__version__},
     }
-    json_path = os.path.splitext(flow_path)[0] + ".json"
     with open(json_path, "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2)
+    _check(config, json_path, flow_path, clf_path, opts, x, start)
 
+
+def _check(config: dict[str, Any], json_path: str, flow_path: str, clf_path: str, opts: dict[str, Any],
+           x: torch.Tensor, start: float) -> None:
     # The check, through the same loading path as the runner.
     model = DigitsFlow(weights=flow_path, classifier_weights=clf_path, guidance_scale=opts["guidance_scale"])
     stats = sample_stats(model, 100, opts["guidance_scale"], opts["grid"], opts["sample_steps"], seed=0)
     print(f"generated: classifier labels {stats['accuracy']:.4f} of {stats['n']} samples as the prompted class "
           f"(guidance {opts['guidance_scale']}, {opts['grid']} grid, {opts['sample_steps']} steps); "
           f"mean pixel {stats['mean_pixel']:.4f}", flush=True)
-    for w in (1.0, 2.0, 5.0):
+    for w in (1.0, 1.5, 3.0, 5.0):
         s = sample_stats(model, 20, w, opts["grid"], opts["sample_steps"], seed=1)
         print(f"  guidance {w}: accuracy {s['accuracy']:.3f} on 200 samples", flush=True)
     small = sample_stats(model, 4, opts["guidance_scale"], opts["grid"], opts["sample_steps"], seed=123)

@@ -174,7 +174,7 @@ class DigitsFlow(FlowTransformerModel):
     name = "digits"
     data_shape = (1, 8, 8)
 
-    def __init__(self, guidance_scale: float = 3.0, grid: str = "sd3", weights: str | None = None,
+    def __init__(self, guidance_scale: float = 2.0, grid: str = "sd3", weights: str | None = None,
                  classifier_weights: str | None = None, lora_rank: int = 8, lora_alpha: float = 8.0,
                  lora_target_modules: Sequence[str] = LORA_TARGET_MODULES,
                  value_net: dict[str, Any] | None = None, pretrained: bool = True, **_: Any):
