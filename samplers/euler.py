@@ -50,8 +50,10 @@ def euler_integrate(
     end = len(ts) - 1 if end is None else end
     if not 0 <= start <= end < len(ts):
         raise ValueError(f"bad stretch [{start}, {end}] for a grid of {len(ts) - 1} steps")
+    grad = grad and torch.is_grad_enabled()
+    x = x if grad else x.detach()
     states = [x]
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+    with torch.set_grad_enabled(grad):
         for k in range(start, end):
             t = torch.full((x.shape[0],), float(ts[k]), dtype=x.dtype, device=x.device)
             x = x + float(ts[k + 1] - ts[k]) * velocity(x, t)

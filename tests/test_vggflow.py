@@ -1,0 +1,128 @@
+"""VGG-Flow's pieces against exact answers: the gradient-HJB residual, the loss plumbing, subsampling, clipping."""
+import pytest
+import torch
+from torch import nn
+
+from align.config import compose_config
+from align.models.gmm import GaussianMixtureFlow
+from align.reward_grad import clip_per_sample, reward_and_grad
+from align.subsampling import binned_time_indices
+from align.value_gradient import consistency_residual
+from algorithms.vggflow import VGGFlow
+from rewards.analytic import QuadraticReward
+from samplers import euler_integrate, one_step_prediction, uniform_grid
+from tests.riccati import exact_g
+
+MU = torch.tensor([0.4, -0.3], dtype=torch.float64)
+COV = torch.tensor([[0.6, 0.2], [0.2, 1.4]], dtype=torch.float64)
+Q = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
+M = torch.tensor([1.0, 1.0], dtype=torch.float64)
+BETA = 0.8
+
+
+def _base():
+    return GaussianMixtureFlow([1.0], [MU.tolist()], [COV.tolist()]).double()
+
+
+def test_residual_vanishes_for_the_exact_value_gradient():
+    """g = P(t)x + q(t) from the Riccati equations solves the gradient-HJB: R ≈ 0 (FD error only)."""
+    model = _base()
+    g = exact_g(MU, COV, Q, M, BETA)
+    v_base = lambda x, t: model.base_velocity(x, t)  # noqa: E731
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.85, 0.95], dtype=torch.float64)
+    R = consistency_residual(g, v_base, x, t, BETA, eps=1e-4, delta=1e-4)
+    terms = (g(x, t + 1e-4) - g(x, t - 1e-4)) / 2e-4        # the size of one term of R
+    assert terms.abs().max() > 0.1
+    assert R.abs().max() < 1e-6, R
+    # The forward scheme is first order: still small, visibly larger.
+    R_fwd = consistency_residual(g, v_base, x, t, BETA, eps=1e-4, delta=1e-4, scheme="forward")
+    assert 1e-6 < R_fwd.abs().max() < 1e-2
+
+
+def test_residual_detects_a_wrong_value_gradient():
+    model = _base()
+    g_true = exact_g(MU, COV, Q, M, BETA)
+    wrong = lambda x, t: g_true(x, t) + 0.3 * x * t.unsqueeze(1)  # noqa: E731
+    x = torch.randn(4, 2, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
+    R = consistency_residual(wrong, lambda x, t: model.base_velocity(x, t), x, t, BETA, eps=1e-4, delta=1e-4)
+    assert R.abs().max() > 0.1
+
+
+class ExactNu(nn.Module):
+    """ν*(x, t) = g*(x, t) + η_t ∇r(x̂_1): the value network that makes g_φ exact."""
+
+    def __init__(self, model, reward, eta):
+        super().__init__()
+        self.model, self.reward, self.eta = model, reward, eta
+        self.g = exact_g(MU, COV, Q, M, BETA)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, cond=None):
+        with torch.no_grad():
+            xh = one_step_prediction(x, t, self.model.velocity(x, t))
+        _, grad = reward_and_grad(self.model, self.reward, xh, [""] * len(x))
+        return self.g(x.double(), t.double()).to(x) + self.eta(t).unsqueeze(1) * grad.to(x) + 0 * self.dummy
+
+
+@pytest.mark.parametrize("eta", ["t2", "t", "none"])
+def test_vggflow_losses_vanish_at_the_exact_solution(eta):
+    """With ν_φ = ν* and v_θ = v_base − βg*, the consistency, boundary and matching losses are all ≈ 0."""
+    cfg = compose_config(["reward=quadratic", f"algo.eta={eta}", f"algo.beta={BETA}", "algo.rgrad_clip=none",
+                          "algo.fd_eps=1e-4", "algo.fd_delta=1e-4",
+                          f"reward.center={M.tolist()}", f"reward.precision={Q.tolist()}"]).algo
+    model = _base()
+    reward = QuadraticReward(M.tolist(), Q.tolist()).double()
+    ts = uniform_grid(20)
+    algo = VGGFlow(cfg, model, reward, ts)
+    algo.value_net = ExactNu(model, reward, algo.eta)
+    g_star = exact_g(MU, COV, Q, M, BETA)
+
+    class OptimalResidual(nn.Module):           # ṽ_θ = −β g*: the matched model
+        def forward(self, x, t):
+            return -BETA * g_star(x, t)
+
+    model.residual = OptimalResidual()
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    xs = euler_integrate(lambda x, t: model.velocity(x, t), x0, ts)
+    from samplers import Trajectory
+    loss, logs = algo.loss(Trajectory(xs=xs, ts=ts, prompts=[""] * 8), torch.Generator().manual_seed(0))
+    assert logs["loss_match"] < 1e-10
+    assert logs["loss_cons"] < 1e-7, logs
+    assert logs["loss_bnd"] < 1e-12, logs
+
+
+def test_subsampling_bins_and_last_state():
+    idx = binned_time_indices(20, 5, 2000, torch.Generator().manual_seed(0))
+    assert idx.shape == (2000, 6)
+    assert (idx[:, 0] == 19).all()
+    for j, lo in zip(range(1, 6), (16, 12, 8, 4, 0)):
+        col = idx[:, j]
+        assert set(col.tolist()) == set(range(max(lo, 1), lo + 4))   # t = 0 never used
+    with pytest.raises(ValueError):
+        binned_time_indices(4, 5, 1, torch.Generator())
+
+
+def test_clip_at_the_batch_quantile():
+    g = torch.stack([torch.full((3,), float(v)) for v in range(1, 11)])          # norms √3·v
+    norms = g.norm(dim=1)
+    tau = torch.quantile(norms, 0.8)
+    clipped = clip_per_sample(g, tau)
+    assert torch.allclose(clipped.norm(dim=1), torch.minimum(norms, tau))
+    assert torch.allclose(clipped[:8], g[:8])                                         # below τ untouched
+    # direction preserved
+    assert torch.allclose(clipped / clipped.norm(dim=1, keepdim=True), g / norms.unsqueeze(1))
+
+
+def test_parameter_groups_are_theta_and_phi():
+    cfg = compose_config(["algo.value_lr=0.01"])
+    model = GaussianMixtureFlow(**{k: cfg.model[k] for k in ("weights", "means", "covs")})
+    from rewards.analytic import LinearReward
+    algo = VGGFlow(cfg.algo, model, LinearReward([1.0, 0.0]), uniform_grid(20))
+    groups = algo.param_groups()
+    assert [g["name"] for g in groups] == ["theta", "phi"]
+    assert groups[1]["lr"] == 0.01
+    theta = {id(p) for p in groups[0]["params"]}
+    phi = {id(p) for p in groups[1]["params"]}
+    assert theta and phi and not theta & phi
