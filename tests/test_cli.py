@@ -1,0 +1,64 @@
+"""The command line: bad configs stop before any work with a short message listing the valid choices."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from align.cli_checks import ConfigProblem, check_overrides
+from align.config import CONF_DIR
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("algo=nope", ["unknown algo 'nope'", "vggflow", "refl", "draft"]),
+    ("model=nope", ["unknown model 'nope'", "gmm"]),
+    ("reward=nope", ["unknown reward 'nope'", "linear", "quadratic"]),
+    ("algo.nope=1", ["unknown key 'algo.nope'", "beta", "eta"]),
+    ("train.stepz=3", ["unknown key 'train.stepz'", "steps", "batch_size"]),
+    ("nope=1", ["unknown key 'nope'", "algo", "train"]),
+])
+def test_unknown_names_are_listed(override, needles):
+    with pytest.raises(ConfigProblem) as err:
+        check_overrides([override], CONF_DIR)
+    for n in needles:
+        assert n in str(err.value)
+
+
+def test_model_defaults_to_the_rewards_domain():
+    assert check_overrides(["reward=quadratic"], CONF_DIR)[-1] == "model=gmm"
+    assert check_overrides(["-m", "algo=vggflow,refl", "seed=0,1"], CONF_DIR)[-1] == "model=gmm"
+    assert "model=gmm" in check_overrides(["model=gmm"], CONF_DIR)
+
+
+def test_sweeps_check_every_combination():
+    with pytest.raises(ConfigProblem, match="unknown algo 'nope'"):
+        check_overrides(["-m", "algo=vggflow,nope"], CONF_DIR)
+
+
+def _run(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "align.run", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_errors_have_no_traceback_and_leave_no_run_directory(tmp_path):
+    for args in (["algo=nope"], ["algo.eta=t3"], ["model.weights=[1,2,3]"], ["train.steps=0"]):
+        res = _run([*args, f"run_dir={tmp_path / 'r'}"], tmp_path)
+        assert res.returncode == 2, res.stderr
+        assert "Traceback" not in res.stderr and res.stderr.startswith("align: "), res.stderr
+        assert len(res.stderr.strip().splitlines()) <= 3
+        assert not (tmp_path / "r").exists()
+
+
+def test_cli_single_run_and_multirun(tmp_path):
+    common = ["train.steps=2", "train.batch_size=4", "eval.n_samples=16", "eval.final_samples=8",
+              "train.progress=false"]
+    res = _run([*common, f"run_dir={tmp_path / 'one'}"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "one" / "samples_final.pt").exists()
+    res = _run(["-m", *common, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    runs = sorted(r for r in os.listdir(tmp_path / "sweep") if "seed=" in r)   # one directory per job
+    assert len(runs) == 2 and "seed=0" in runs[0] and "seed=1" in runs[1]
+    for r in runs:
+        assert (tmp_path / "sweep" / r / "metrics.jsonl").exists()
