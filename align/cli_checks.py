@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from datetime import datetime
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -19,6 +20,16 @@ _MISSING = object()
 
 class ConfigProblem(ValueError):
     pass
+
+
+def _default_run_dir(resume, algo, model, reward, seed) -> str:
+    if resume not in (None, "None", "null", ""):
+        return str(resume)
+    return f"runs/{datetime.now():%Y%m%d-%H%M%S}_{algo}_{model}_{reward}_s{seed}"
+
+
+if not OmegaConf.has_resolver("align_run_dir"):
+    OmegaConf.register_new_resolver("align_run_dir", _default_run_dir)
 
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -96,6 +107,8 @@ def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
         combos = _combos(overrides)
     except Exception as err:  # the parser's message names the bad token
         raise ConfigProblem(f"could not parse the overrides: {str(err).splitlines()[0]}") from None
+    if any(o.partition("=")[0] == "resume" for o in overrides):
+        return flags + overrides          # a resumed run uses its own config.yaml (align/run.py checks the rest)
     user_model = any(o.partition("=")[0] == "model" for o in overrides)
     domains = set()
     for combo in combos:
