@@ -29,10 +29,10 @@ def costate_sweep(xs: torch.Tensor, ts: torch.Tensor, a_last: torch.Tensor, hami
                   stop: int = 0) -> torch.Tensor:
     """a_k for k = N..stop along the states xs [N+1, B, ...] on the grid ts [N+1]; returns [N+1, B, ...].
 
-    The costate is accumulated in float32 (or a_last's dtype if wider); entries k < stop are NaN.
+    The costate is accumulated in float32, or in the states' or a_last's dtype if wider; entries k < stop are NaN.
     """
     n = xs.shape[0] - 1
-    acc = torch.promote_types(a_last.dtype, torch.float32)
+    acc = torch.promote_types(torch.promote_types(a_last.dtype, xs.dtype), torch.float32)
     a = a_last.detach().to(acc)
     out = torch.full((n + 1, *a.shape), float("nan"), dtype=acc, device=a.device)
     out[n] = a
