@@ -13,6 +13,7 @@ Samples for evaluation come from the ODE with v_θ (the trainer's evaluator), as
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -44,9 +45,9 @@ def loss_time_indices(n_steps: int, last: float, random: float, batch: int,
     earlier ones (AM, N = 40: the last 10 plus 10 of the first 30). Returns a LongTensor [batch, M]."""
     if not (0 < last <= 1 and 0 <= random <= 1):
         raise ValueError(f"algo.loss_times.last must be in (0, 1] and .random in [0, 1], got {last}, {random}")
-    n_last = min(n_steps, max(1, round(last * n_steps)))
+    n_last = min(n_steps, max(1, math.ceil(last * n_steps - 1e-9)))
     n_rest = n_steps - n_last
-    n_rand = min(n_rest, round(random * n_steps))
+    n_rand = min(n_rest, math.ceil(random * n_steps - 1e-9))
     tail = torch.arange(n_rest, n_steps).expand(batch, n_last)
     if n_rand == 0:
         return tail.clone()

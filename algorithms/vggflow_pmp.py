@@ -59,15 +59,16 @@ class VGGFlowPMP(Algorithm):
 
         return full if self.cfg.adjoint == "full" else lean
 
-    def costate(self, traj: Trajectory) -> torch.Tensor:
-        """a_k for k = 0..N along the trajectory [N+1, B, ...] (float32 or wider)."""
+    def costate(self, traj: Trajectory, stop: int = 0) -> torch.Tensor:
+        """a_k for k = N..stop along the trajectory [N+1, B, ...] (float32 or wider; NaN below stop)."""
         _, grad_r = reward_and_grad(self.model, self.reward, traj.xs[-1], traj.prompts)
-        return costate_sweep(traj.xs, traj.ts, -grad_r, self.hamiltonian(traj.cond))
+        return costate_sweep(traj.xs, traj.ts, -grad_r, self.hamiltonian(traj.cond), stop=stop)
 
     # ---- one update ---------------------------------------------------------------------------------------
     def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         model, N, B = self.model, traj.n_steps, traj.xs.shape[1]
-        a = self.costate(traj)
+        first = 1 if self.cfg.target == "next" else 0   # a_0 is a target only with target: same
+        a = self.costate(traj, stop=first)
 
         # States: x_{N−1} (its target a_N = −∇r is exact and carries the reward directly) plus one per bin
         # (§1.7). Unlike VGG-Flow, x_0 is allowed: its costate target is as exact as any other, and the ODE
@@ -87,6 +88,6 @@ class VGGFlowPMP(Algorithm):
             v_base = model.base_velocity(x, t, cond)
         loss = _mse(v_theta, (v_base - self.beta * a_k).detach()).mean()
         logs = {"loss_match": loss.item(), "costate_norm_1": per_sample_norms(a[-1]).mean().item(),
-                "costate_norm_0": per_sample_norms(a[0]).mean().item(),
+                "costate_norm_start": per_sample_norms(a[first]).mean().item(),
                 "resid_norm": per_sample_norms((v_theta - v_base).detach()).mean().item()}
         return loss, logs
