@@ -223,7 +223,6 @@ def test_fid_same_model_far_below_shifted_model_and_collapsed_diversity_is_zero(
         _perturb_lora(model, 0.3, seed=5)
         fs = model.features(_sample(model, model.velocity, prompts, seed=11))
     same, shifted = frechet_distance(fa, fb), frechet_distance(fs, fa)
-    print(f"FID same model {same:.3f}, shifted {shifted:.3f}")
     assert same < 0.25 * shifted, (same, shifted)
     collapsed = fa[:1].expand(16, -1)
     assert feature_diversity(collapsed) < 1e-10 < feature_diversity(fa[:16])
