@@ -42,6 +42,8 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         self.accelerator = Accelerator(cpu=_device(cfg) == "cpu")
         self.is_main = self.accelerator.is_main_process
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
         seed = int(cfg.seed)
         torch.manual_seed(seed)           # identical initialisation on every process
         random.seed(seed)

@@ -47,7 +47,8 @@ def memoryless_sde_integrate(
             if k == n - 1:
                 x = x + dt * base_velocity(x, tb)
             else:
-                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                # drawn on the CPU (the trainer's generator lives there) so runs reproduce across devices
+                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
                 sigma = float(memoryless_noise_level(tk, h))
                 x = x + dt * memoryless_drift(velocity(x, tb), x, tk, h) + (dt ** 0.5) * sigma * noise
             states.append(x)
