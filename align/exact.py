@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -72,9 +73,15 @@ def deterministic_optimum(x0: torch.Tensor, pi: torch.Tensor, mu: torch.Tensor, 
             (vjp,) = torch.autograd.grad(v_base(x, k), x, grad_outputs=a)
             a = a + h * vjp
         change = (u_new - u).abs().max().item()
+        if not torch.isfinite(u_new).all():
+            raise RuntimeError("deterministic_optimum diverged; lower the damping (the problem may be non-convex)")
         u = (1 - damping) * u + damping * u_new
         if change < tol:
             break
+    else:
+        warnings.warn(f"deterministic_optimum did not converge in {max_iter} iterations (last change {change:.2e}); "
+                      "for non-convex problems (mixtures) use a direct minimiser of the discrete cost",
+                      RuntimeWarning, stacklevel=2)
     x = x0
     for k in range(n_steps):
         x = x + h * (v_base(x, k) + u[k])
