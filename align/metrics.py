@@ -34,7 +34,7 @@ def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
                                    reset_real_features=True)
     fid.update(feat_b.float().cpu(), real=True)
     fid.update(feat_a.float().cpu(), real=False)
-    return float(fid.compute())
+    return max(0.0, float(fid.compute()))   # round-off can give tiny negatives for identical sets
 
 
 def grouped(features: torch.Tensor, group_ids: torch.Tensor) -> list[torch.Tensor]:
