@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from align.adjoint import costate_sweep
-from align.batching import index_cond
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_and_grad
+from align.subsampling import gather_states
 from samplers import Trajectory, memoryless_drift, memoryless_noise_level, memoryless_sde_integrate
 
 
@@ -98,11 +98,7 @@ class AdjointMatching(Algorithm):
         # that produces the final samples uses v_θ there, and its target −(σ²/2)ã_N is as well defined.
         idx = loss_time_indices(N, self.last, self.random, B, generator)            # [B, M]
         M = idx.shape[1]
-        sample = torch.arange(B).repeat_interleave(M)
-        k = idx.flatten()
-        x = traj.xs[k, sample].detach()
-        t = traj.ts[k].to(x)
-        cond = index_cond(traj.cond, sample)
+        x, t, cond, _, k, sample = gather_states(traj, idx)
         a_next = a[k + 1, sample].to(x.dtype)
         sigma = memoryless_noise_level(traj.ts[k], self.h).to(x).reshape(-1, *([1] * (x.dim() - 1)))
 

@@ -19,18 +19,13 @@ from align.batching import index_cond
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad
-from align.subsampling import binned_time_indices
+from align.subsampling import binned_time_indices, gather_states, per_sample_mse
 from align.value_gradient import consistency_residual
 from samplers import Trajectory, one_step_prediction
 
 ETA = {"t2": lambda t: t ** 2, "t": lambda t: t, "const": lambda t: torch.ones_like(t),
        "none": lambda t: torch.zeros_like(t)}
 CLIP_MODES = ("batch_quantile", "previous_step", "const", "none")
-
-
-def _mse(a: torch.Tensor, b: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Per-sample mean over elements of (a − b)²."""
-    return (a - b).pow(2).flatten(1).mean(1)
 
 
 @register_algorithm("vggflow")
@@ -90,13 +85,7 @@ class VGGFlow(Algorithm):
 
         # 1. Subsample states: the last grid state x_{N−1} and one state from each of the bins (§1.7).
         idx = binned_time_indices(N, cfg.subsample_bins, B, generator)            # [B, M]
-        M = idx.shape[1]
-        sample = torch.arange(B).repeat_interleave(M)
-        k = idx.flatten()
-        x = traj.xs[k, sample].detach()
-        t = traj.ts[k].to(x)
-        cond = index_cond(traj.cond, sample)
-        prompts = [traj.prompts[i] for i in sample.tolist()]
+        x, t, cond, prompts, k, _ = gather_states(traj, idx)
 
         # 2. Forward-looking value gradient with the batch's reward-gradient clip.
         v_theta = model.velocity(x, t, cond)                                       # grad → θ
@@ -109,7 +98,7 @@ class VGGFlow(Algorithm):
         g = g_fl + self.value_net(x, t, cond) if self.value_net is not None else g_fl
 
         # 3. Value-gradient matching (Eq. 13): ṽ_θ → −β g, g a fixed target.
-        loss_match = _mse(v_theta, (v_base - self.beta * g).detach()).mean()
+        loss_match = per_sample_mse(v_theta, (v_base - self.beta * g).detach()).mean()
         logs = {"loss_match": loss_match.item(), "rgrad_norm": per_sample_norms(grad_r).mean().item(),
                 "rgrad_tau": float(tau) if tau is not None else float("nan")}
         loss = loss_match
@@ -127,7 +116,7 @@ class VGGFlow(Algorithm):
         resid = consistency_residual(g_field, v_base_field, x, t, self.beta, cfg.fd_eps, cfg.fd_delta,
                                      cfg.fd_scheme, g_x=g, v_base_x=v_base,
                                      time_scale=float(cfg.time_derivative_scale))
-        loss_cons = float(cfg.consistency_weight) * _mse(resid).mean()
+        loss_cons = float(cfg.consistency_weight) * per_sample_mse(resid).mean()
 
         # 5. Boundary (Eq. 14): g(x_1, 1) = −∇r(x_1) with the same clipped gradient, i.e. ν_φ(x_1, 1) = 0
         #    for η_1 = 1; the preview code instead penalises ‖ν_φ‖² at the last grid state x_{N−1}.
@@ -135,10 +124,10 @@ class VGGFlow(Algorithm):
             xb = traj.xs[-1].detach()
             tb = torch.ones(B, dtype=xb.dtype, device=xb.device)
             gb, grad_rb = self.value_gradient(xb, tb, traj.cond, traj.prompts, tau)
-            loss_bnd = _mse(gb, -clip_per_sample(grad_rb, tau).to(xb.dtype)).mean()
+            loss_bnd = per_sample_mse(gb, -clip_per_sample(grad_rb, tau).to(xb.dtype)).mean()
         else:
             last = k == N - 1
-            loss_bnd = _mse(self.value_net(x[last], t[last], index_cond(cond, last.nonzero().flatten()))).mean()
+            loss_bnd = per_sample_mse(self.value_net(x[last], t[last], index_cond(cond, last.nonzero().flatten()))).mean()
 
         loss = loss + loss_cons + self.alpha * loss_bnd
         logs.update(loss_cons=loss_cons.item(), loss_bnd=loss_bnd.item())

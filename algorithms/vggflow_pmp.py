@@ -18,17 +18,11 @@ from typing import Any
 import torch
 
 from align.adjoint import costate_sweep
-from align.batching import index_cond
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_and_grad
-from align.subsampling import binned_time_indices
+from align.subsampling import binned_time_indices, gather_states, per_sample_mse
 from samplers import Trajectory
-
-
-def _mse(a: torch.Tensor, b: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Per-sample mean over elements of (a − b)²."""
-    return (a - b).pow(2).flatten(1).mean(1)
 
 
 @register_algorithm("vggflow_pmp")
@@ -74,19 +68,14 @@ class VGGFlowPMP(Algorithm):
         # (§1.7). Unlike VGG-Flow, x_0 is allowed: its costate target is as exact as any other, and the ODE
         # sampler does use v_θ at t_0 = 0.
         idx = binned_time_indices(N, int(self.cfg.subsample_bins), B, generator, include_last=True, min_index=0)
-        M = idx.shape[1]
-        sample = torch.arange(B).repeat_interleave(M)
-        k = idx.flatten()
-        x = traj.xs[k, sample].detach()
-        t = traj.ts[k].to(x)
-        cond = index_cond(traj.cond, sample)
+        x, t, cond, _, k, sample = gather_states(traj, idx)
         target_k = k + 1 if self.cfg.target == "next" else k
         a_k = a[target_k, sample].to(x.dtype)
 
         v_theta = model.velocity(x, t, cond)                                       # grad → θ
         with torch.no_grad():
             v_base = model.base_velocity(x, t, cond)
-        loss = _mse(v_theta, (v_base - self.beta * a_k).detach()).mean()
+        loss = per_sample_mse(v_theta, (v_base - self.beta * a_k).detach()).mean()
         logs = {"loss_match": loss.item(), "costate_norm_1": per_sample_norms(a[-1]).mean().item(),
                 "costate_norm_start": per_sample_norms(a[first]).mean().item(),
                 "resid_norm": per_sample_norms((v_theta - v_base).detach()).mean().item()}

@@ -21,3 +21,25 @@ def binned_time_indices(n_steps: int, n_bins: int, batch: int, generator: torch.
         pick = torch.randint(len(b), (batch,), generator=generator)
         cols.append(b[pick])
     return torch.stack(cols, dim=1).clamp_min(min_index)
+
+
+def gather_states(traj, idx: torch.Tensor):
+    """The states x_{idx[b, j]} of trajectory b, flattened to one batch of B·M rows.
+
+    Returns (x [B·M, ...] detached, t [B·M], cond, prompts, k = grid index [B·M], sample = trajectory [B·M]).
+    """
+    from align.batching import index_cond
+
+    B, M = idx.shape
+    sample = torch.arange(B).repeat_interleave(M)
+    k = idx.flatten()
+    x = traj.xs[k, sample].detach()
+    t = traj.ts[k].to(x)
+    cond = index_cond(traj.cond, sample)
+    prompts = [traj.prompts[i] for i in sample.tolist()] if traj.prompts else []
+    return x, t, cond, prompts, k, sample
+
+
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Per-sample mean over elements of (a − b)²."""
+    return (a - b).pow(2).flatten(1).mean(1)
