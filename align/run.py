@@ -46,7 +46,8 @@ def _job(cfg: DictConfig) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)   # leave no half-written run directory
         _fail(str(err).strip("'\""))
     if trainer.is_main:
-        print(f"align: run directory {run_dir}\n       TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tb')}",
+        print(f"align: run directory {run_dir}\n       TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tb')}"
+              f"\n       sample grids: {os.path.join(run_dir, 'samples')}/step_*.png (newest: latest.png)",
               flush=True)
     try:
         trainer.train()
@@ -55,7 +56,8 @@ def _job(cfg: DictConfig) -> None:
     if trainer.is_main:
         last = _last_eval(run_dir)
         print(f"align: done. {last}\n       metrics: {os.path.join(run_dir, 'metrics.jsonl')}\n"
-              f"       final samples: {os.path.join(run_dir, 'samples_final.pt')}", flush=True)
+              f"       final samples: {os.path.join(run_dir, 'samples_final.pt')}\n"
+              f"       sample grid: {os.path.join(run_dir, 'samples', 'latest.png')}", flush=True)
 
 
 # What a resumed run may change; everything else comes from the run's own config.yaml.

@@ -47,9 +47,22 @@ class RunLogger:
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
 
-    def images(self, tag: str, grid, step: int) -> None:
-        if self.enabled and grid is not None:
-            self.tb.add_image(tag, grid, step)
+    def images(self, tag: str, grid, step: int) -> str | None:
+        """Log an image grid [3, H, W] in [0, 1] to TensorBoard and as ``<run_dir>/<tag>/step_XXXXXXX.png``
+        (plus ``<tag>/latest.png``); returns the PNG's path."""
+        if not self.enabled or grid is None:
+            return None
+        from torchvision.utils import save_image
+
+        self.tb.add_image(tag, grid, step)
+        folder = os.path.join(os.path.dirname(self.path), tag)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step_{step:07d}.png")
+        for target in (path, os.path.join(folder, "latest.png")):
+            tmp = target + ".tmp.png"
+            save_image(grid.float().clamp(0, 1), tmp)
+            os.replace(tmp, target)
+        return path
 
     def close(self) -> None:
         if self.tb is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -94,6 +95,24 @@ class GaussianMixtureFlow(FlowModel):
     def make_value_network(self) -> nn.Module:
         """ν_φ(x, t): same MLP family as the residual, zero output at initialisation."""
         return TimeMLP(self.dim, self.hidden, self.depth)
+
+    def preview_grid(self, x: torch.Tensor, n: int = 1000) -> torch.Tensor:
+        """[3, H, W] scatter plot of the first two coordinates of up to n samples (matplotlib, Agg)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        pts = x[:n].detach().float().cpu().numpy()
+        fig, ax = plt.subplots(figsize=(3, 3), dpi=100)
+        ax.scatter(pts[:, 0], pts[:, 1] if pts.shape[1] > 1 else pts[:, 0] * 0, s=3, alpha=0.5)
+        ax.set_xlabel("x[0]")
+        ax.set_ylabel("x[1]")
+        fig.tight_layout()
+        fig.canvas.draw()
+        rgb = torch.from_numpy(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+        plt.close(fig)
+        return rgb.permute(2, 0, 1).float() / 255.0
 
     def sample_data(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Exact samples of the prior x_1 ~ GMM (float64)."""
