@@ -15,14 +15,20 @@ class ConfigError(ValueError):
     """A configuration problem found before any work started; the message says how to fix it."""
 
 
-def _kwargs(node: DictConfig) -> dict[str, Any]:
+def _kwargs(node: DictConfig, drop: tuple[str, ...] = ()) -> dict[str, Any]:
     d = OmegaConf.to_container(node, resolve=True)
-    d.pop("name", None)
+    for k in ("name", *drop):
+        d.pop(k, None)
     return d
 
 
+# Keys of a model config that the runner reads (per-domain defaults), not the model's constructor.
+RUNNER_KEYS = ("default_reward", "train_steps", "batch_size", "eval_every", "vggflow_beta", "vggflow_alpha",
+               "am_beta")
+
+
 def build_model(cfg: DictConfig) -> FlowModel:
-    return MODELS.get(cfg.model.name)(**_kwargs(cfg.model))
+    return MODELS.get(cfg.model.name)(**_kwargs(cfg.model, RUNNER_KEYS))
 
 
 def build_reward(cfg: DictConfig, model: FlowModel) -> Reward:

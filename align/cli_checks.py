@@ -1,5 +1,6 @@
 """Check command-line overrides before Hydra starts any job: unknown groups or keys get a one-paragraph
-message with the valid choices (no traceback), and ``model=`` defaults to the reward's domain."""
+message with the valid choices (no traceback); ``model=`` defaults to the reward's domain and, when only
+``model=`` is given, ``reward=`` to the model's ``default_reward``."""
 from __future__ import annotations
 
 import itertools
@@ -110,6 +111,10 @@ def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
     if any(o.partition("=")[0] == "resume" for o in overrides):
         return flags + overrides          # a resumed run uses its own config.yaml (align/run.py checks the rest)
     user_model = any(o.partition("=")[0] == "model" for o in overrides)
+    user_reward = any(o.partition("=")[0] == "reward" for o in overrides)
+    if user_model and not user_reward:
+        overrides = overrides + [_default_reward(conf_dir, combos)]
+        combos = [c + [overrides[-1]] for c in combos]
     domains = set()
     for combo in combos:
         reward = _group_values(combo, "reward") or _default_choice(conf_dir, "reward")
@@ -130,6 +135,21 @@ def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
             _check_combo(conf_dir, [o for o in combo if not o.startswith("hydra.")])
     GlobalHydra.instance().clear()
     return flags + overrides
+
+
+def _default_reward(conf_dir: str, combos: list[list[str]]) -> str:
+    """``reward=<the model's default_reward>`` for ``model=X`` given without ``reward=``."""
+    rewards = set()
+    for combo in combos:
+        model = _group_values(combo, "model")
+        path = os.path.join(conf_dir, "model", f"{model}.yaml")
+        if not os.path.isfile(path):
+            raise _unknown_group(conf_dir, "model", model)
+        rewards.add(str(OmegaConf.load(path).get("default_reward", _default_choice(conf_dir, "reward"))))
+    if len(rewards) > 1:
+        raise ConfigProblem(f"the swept models have different default rewards ({', '.join(sorted(rewards))}); "
+                            "give reward= explicitly")
+    return f"reward={rewards.pop()}"
 
 
 def _check_combo(conf_dir: str, combo: list[str]) -> None:

@@ -21,7 +21,7 @@ def test_readme_example_algorithm_trains(tmp_path):
         with open(yaml_path, "w") as fh:
             fh.write(conf)
         run_dir = str(tmp_path / "run")
-        cfg = compose_config(["algo=reward_max", "train.steps=15", "train.lr=1e-2", "train.progress=false",
+        cfg = compose_config(["algo=reward_max", "reward=linear", "train.steps=15", "train.lr=1e-2", "train.progress=false",
                               "eval.every=0", "eval.n_samples=64", "eval.final_samples=8"], run_dir=run_dir)
         trainer = Trainer(cfg, run_dir)
         trainer.train()

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from align.cli_checks import ConfigProblem, check_overrides
-from align.config import CONF_DIR
+from align.config import CONF_DIR, compose_config
 
 
 @pytest.mark.parametrize("override,needles", [
@@ -26,8 +26,18 @@ def test_unknown_names_are_listed(override, needles):
 
 def test_model_defaults_to_the_rewards_domain():
     assert check_overrides(["reward=quadratic"], CONF_DIR)[-1] == "model=gmm"
-    assert check_overrides(["-m", "algo=vggflow,refl", "seed=0,1"], CONF_DIR)[-1] == "model=gmm"
-    assert "model=gmm" in check_overrides(["model=gmm"], CONF_DIR)
+    assert check_overrides(["-m", "algo=vggflow,refl", "seed=0,1"], CONF_DIR)[-1] == "model=digits"
+    assert check_overrides(["model=gmm"], CONF_DIR) == ["model=gmm", "reward=linear"]
+
+
+def test_model_alone_picks_its_default_reward():
+    cfg = compose_config(["model=gmm"])
+    assert (cfg.model.name, cfg.reward.name, cfg.train.steps, cfg.train.batch_size) == ("gmm", "linear", 200, 32)
+    cfg = compose_config([])
+    assert (cfg.algo.name, cfg.model.name, cfg.reward.name) == ("vggflow", "digits", "digits_thickness")
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.eval.every) == (60, 8, 20)
+    with pytest.raises(ConfigProblem, match="different default rewards"):
+        check_overrides(["-m", "model=gmm,digits"], CONF_DIR)
 
 
 def test_sweeps_check_every_combination():
@@ -42,7 +52,7 @@ def _run(args, cwd):
 
 
 def test_cli_errors_have_no_traceback_and_leave_no_run_directory(tmp_path):
-    for args in (["algo=nope"], ["algo.eta=t3"], ["model.weights=[1,2,3]"], ["train.steps=0"]):
+    for args in (["algo=nope"], ["algo.eta=t3"], ["model=gmm", "model.weights=[1,2,3]"], ["train.steps=0"]):
         res = _run([*args, f"run_dir={tmp_path / 'r'}"], tmp_path)
         assert res.returncode == 2, res.stderr
         assert "Traceback" not in res.stderr and res.stderr.startswith("align: "), res.stderr
@@ -51,7 +61,7 @@ def test_cli_errors_have_no_traceback_and_leave_no_run_directory(tmp_path):
 
 
 def test_cli_single_run_and_multirun(tmp_path):
-    common = ["train.steps=2", "train.batch_size=4", "eval.n_samples=16", "eval.final_samples=8",
+    common = ["reward=linear", "train.steps=2", "train.batch_size=4", "eval.n_samples=16", "eval.final_samples=8",
               "train.progress=false"]
     res = _run([*common, f"run_dir={tmp_path / 'one'}"], tmp_path)
     assert res.returncode == 0, res.stderr

@@ -197,7 +197,7 @@ def mean_reward(trainer, x0):
 def test_draft_training_raises_reward(tmp_path, variant):
     from align.trainer import Trainer
 
-    cfg = compose_config(["algo=draft", f"algo.variant={variant}", "algo.k=2", "train.batch_size=64",
+    cfg = compose_config(["algo=draft", "reward=linear", f"algo.variant={variant}", "algo.k=2", "train.batch_size=64",
                           "train.lr=3e-3", "sampler.steps=10", "train.progress=false", "model.hidden=32"],
                          str(tmp_path))
     trainer = Trainer(cfg, str(tmp_path))

@@ -10,7 +10,7 @@ from align.config import compose_config
 from align.run_logging import read_metrics
 from align.trainer import Trainer, TrainingDiverged
 
-FAST = ["train.steps=6", "train.batch_size=8", "train.checkpoint_every=2", "eval.every=3", "eval.n_samples=32",
+FAST = ["model=gmm", "reward=linear", "train.steps=6", "train.batch_size=8", "train.checkpoint_every=2", "eval.every=3", "eval.n_samples=32",
         "eval.final_samples=16", "train.progress=false"]
 
 

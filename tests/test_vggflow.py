@@ -116,7 +116,7 @@ def test_clip_at_the_batch_quantile():
 
 
 def test_parameter_groups_are_theta_and_phi():
-    cfg = compose_config(["algo.value_lr=0.01"])
+    cfg = compose_config(["reward=linear", "algo.value_lr=0.01"])
     model = GaussianMixtureFlow(**{k: cfg.model[k] for k in ("weights", "means", "covs")})
     from rewards.analytic import LinearReward
     algo = VGGFlow(cfg.algo, model, LinearReward([1.0, 0.0]), uniform_grid(20))
