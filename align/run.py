@@ -3,10 +3,17 @@
 Before Hydra starts any job, every combination of the overrides is composed once, so an unknown
 algorithm, model, reward or key stops the run with a short message listing the valid choices.
 When no ``model=`` is given, the model is the domain the reward scores (``reward=aesthetic`` → SD3).
+
+Re-running into an existing run directory (an explicit ``run_dir=`` or a Hydra multirun job directory) is
+safe, which makes sweeps resumable (``align.sweep``, Hydra launchers): a finished run (``samples_final.pt``,
+written last) is skipped; a run with a checkpoint resumes from it, after checking that its saved config.yaml
+matches the requested one; a directory without a checkpoint starts afresh (its partial files are removed).
 """
 from __future__ import annotations
 
+import glob
 import os
+import re
 import shutil
 import sys
 
@@ -26,16 +33,32 @@ def _fail(message: str) -> None:
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def _job(cfg: DictConfig) -> None:
-    from align.build import ConfigError
-    from align.trainer import Trainer, TrainingDiverged
-
     run_dir = HydraConfig.get().runtime.output_dir
-    if cfg.resume:
+    if not cfg.resume and _reusable_run_dir():
+        try:
+            action = plan_existing_run(run_dir, OmegaConf.to_container(cfg, resolve=True))
+        except RunMismatch as err:
+            _fail(str(err))
+        if action == "skip":
+            print(f"align: {run_dir} already finished, skipping", flush=True)
+            return
+        if action == "resume":
+            print(f"align: {run_dir} has a checkpoint (step {last_checkpoint_step(run_dir)}), resuming", flush=True)
+            with open_dict(cfg):
+                cfg.resume = run_dir
+            if os.path.exists(os.path.join(run_dir, FINISHED_FILE)):   # extending a finished run (train.steps)
+                os.remove(os.path.join(run_dir, FINISHED_FILE))
+        elif action == "start":
+            clear_partial_run(run_dir)
+    elif cfg.resume:
         run_dir = os.path.abspath(str(cfg.resume))
         saved = os.path.join(run_dir, "config.yaml")
         if not os.path.isfile(saved):
             _fail(f"resume={cfg.resume}: {saved} does not exist (is this a run directory?)")
         cfg = _resumed_config(OmegaConf.load(saved), cfg, run_dir)
+    from align.build import ConfigError
+    from align.trainer import Trainer, TrainingDiverged
+
     with open_dict(cfg):
         cfg.run_dir = run_dir
     fresh = not os.listdir(run_dir) if os.path.isdir(run_dir) else True
@@ -76,6 +99,106 @@ def _resumed_config(saved: DictConfig, given: DictConfig, run_dir: str) -> DictC
             if k in RESUMABLE_KEYS:
                 OmegaConf.update(saved, k, OmegaConf.select(given, k))
     return saved
+
+
+# ---- existing run directories: skip, resume or start afresh (sweeps) ---------------------------------------
+FINISHED_FILE = "samples_final.pt"
+# What a partial run leaves behind; removed before a fresh start (anything else, e.g. a sweep's log, is kept).
+PARTIAL_FILES = ("metrics.jsonl", "config.yaml", "tb", "samples", "checkpoints", "samples_final.pt.tmp")
+# Keys that may differ between a run's saved config.yaml and a re-run of it (train.steps is handled apart:
+# a larger value extends the run).
+IGNORED_KEYS = ("run_dir", "resume", "threads", "device", "train.progress", "train.checkpoint_every",
+                "train.keep_checkpoints")
+_STEP_DIR = re.compile(r"step_(\d+)$")
+
+
+class RunMismatch(ValueError):
+    """The run directory holds a run of a different config."""
+
+
+def _reusable_run_dir() -> bool:
+    """An explicit ``run_dir=`` or a multirun job directory (the default timestamped run_dir is always new)."""
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    return hc.mode == RunMode.MULTIRUN or any(o.partition("=")[0] == "run_dir" for o in hc.overrides.task)
+
+
+def last_checkpoint_step(run_dir: str) -> int | None:
+    """The step of the newest complete checkpoint (``checkpoints/step_*/state.pt``), or None."""
+    steps = [int(m.group(1)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "step_*", "state.pt"))
+             if (m := _STEP_DIR.search(os.path.dirname(p)))]
+    return max(steps) if steps else None
+
+
+def run_status(run_dir: str) -> str:
+    """``new`` (nothing there), ``partial`` (started, no checkpoint), ``checkpoint`` or ``finished``."""
+    if os.path.exists(os.path.join(run_dir, FINISHED_FILE)):
+        return "finished"
+    if last_checkpoint_step(run_dir) is not None:
+        return "checkpoint"
+    if any(os.path.exists(os.path.join(run_dir, f)) for f in PARTIAL_FILES):
+        return "partial"
+    return "new"
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, requested: dict) -> list[str]:
+    """``key: saved X, requested Y`` for every key that differs, except IGNORED_KEYS and train.steps."""
+    a, b = _flatten(saved), _flatten(requested)
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if k in IGNORED_KEYS or k == "train.steps":
+            continue
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if va != vb and not (isinstance(va, (int, float)) and isinstance(vb, (int, float)) and float(va) == float(vb)):
+            diffs.append(f"{k}: saved {va!r}, requested {vb!r}")
+    return diffs
+
+
+def plan_existing_run(run_dir: str, requested: dict) -> str:
+    """What to do with ``run_dir`` for the (resolved) ``requested`` config: ``start``, ``skip`` or ``resume``.
+
+    Raises RunMismatch if the directory holds a run of another config, or one trained beyond train.steps."""
+    status = run_status(run_dir)
+    if status in ("new", "partial"):
+        return "start"
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise RunMismatch(f"{run_dir} has checkpoints but no config.yaml; move it away or delete it")
+    saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    diffs = config_differences(saved, requested)
+    if diffs:
+        shown = "; ".join(diffs[:5]) + ("; ..." if len(diffs) > 5 else "")
+        raise RunMismatch(f"{run_dir} holds a run of a different config ({shown}). Use another run_dir "
+                          f"(or sweep out=), or delete that directory to redo it")
+    want, done = int(requested["train"]["steps"]), int(saved["train"]["steps"])
+    ckpt = last_checkpoint_step(run_dir) or 0
+    if want < ckpt:
+        raise RunMismatch(f"{run_dir} is already trained to step {ckpt}, beyond the requested train.steps={want}")
+    if status == "finished" and want == done:
+        return "skip"
+    return "resume"
+
+
+def clear_partial_run(run_dir: str) -> None:
+    """Remove what an interrupted run without a checkpoint left behind (a fresh start appends to nothing)."""
+    for f in PARTIAL_FILES:
+        p = os.path.join(run_dir, f)
+        if os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.exists(p):
+            os.remove(p)
 
 
 def _last_eval(run_dir: str) -> str:

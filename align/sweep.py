@@ -1,0 +1,286 @@
+"""``python -m align.sweep experiments/<name>.yaml [overrides] [--jobs N] [--dry-run] [--out DIR]``.
+
+A sweep file::
+
+    name: digits_comparison
+    out: sweeps/digits_comparison      # optional (default sweeps/<name>), relative to the working directory
+    common: [model=digits]             # overrides of every run
+    grids:                             # each mapping is a Cartesian product; the sweep is their union
+      - algo: [vggflow, refl]
+        seed: [0, 1, 2]
+      - {algo: [adjoint_matching], algo.beta: [3, 10], seed: [0, 1, 2]}
+
+Every run gets the directory ``<out>/<its grid overrides, sorted, joined by ','>`` (e.g.
+``algo=vggflow,seed=0``): exactly the directory Hydra's multirun gives the same job with
+``--print-hydra``'s command (``hydra.sweep.subdir: ${hydra.job.override_dirname}``, values normalised by
+Hydra's parser, the common keys excluded from the name). Each run is a subprocess
+``python -m align.run <overrides> run_dir=<dir> train.progress=false threads=<--threads>``, up to
+``--jobs`` at once, its output appended to ``<dir>/run.log``. Before anything starts, every run's config is
+composed (a typo fails at once) and compared with what its directory already holds: finished runs are
+skipped, runs with a checkpoint resume, a directory holding another config is an error. The skip/resume
+rule itself lives in ``align.run``, so Hydra launchers (SLURM, ...) get it too.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from align.cli_checks import ConfigProblem
+from align.run import RunMismatch, last_checkpoint_step, plan_existing_run, run_status
+
+# Keys the runner sets itself, and keys Hydra's override_dirname leaves out of a job's directory name.
+RUNNER_KEYS = ("run_dir", "resume", "train.progress", "threads", "device")
+LOG_NAME = "run.log"
+
+
+class SweepError(ValueError):
+    """A problem with the sweep file or one of its runs, found before any run starts."""
+
+
+@dataclass
+class Run:
+    name: str                      # the directory name: the grid overrides, sorted, joined by ','
+    overrides: list[str]           # common overrides (minus the grid's keys) + the grid overrides
+    dir: str
+    action: str = ""               # start | resume | skip (planned)
+    outcome: str = ""              # ran | resumed | skipped | failed
+    seconds: float = 0.0
+    log_offset: int = 0            # where this attempt's output starts in <dir>/run.log
+
+
+@dataclass
+class Sweep:
+    name: str
+    out: str
+    common: list[str]
+    grids: list[dict[str, list[str]]]
+    runs: list[Run] = field(default_factory=list)
+
+
+def _render(value) -> str:
+    """A YAML value (loaded as text) as a Hydra override value."""
+    if isinstance(value, list):
+        return "[" + ",".join(_render(v) for v in value) + "]"
+    if isinstance(value, dict):
+        raise SweepError(f"grid values cannot be mappings: {value}")
+    return str(value)
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def normalise(key: str, values: list[str]) -> list[str]:
+    """``key=value`` strings as Hydra's basic sweeper writes them for each job (e.g. 5e4 → 50000.0)."""
+    try:
+        o = OverridesParser.create().parse_overrides([f"{key}={','.join(values)}"])[0]
+    except Exception as err:
+        raise SweepError(f"cannot parse grid entry {key}: {values}: {str(err).splitlines()[0]}") from None
+    if o.is_sweep_override():
+        return [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+    return [f"{o.get_key_element()}={o.get_value_element_as_str()}"]
+
+
+def load_sweep(path: str, out: str | None = None, extra: list[str] | None = None) -> Sweep:
+    """Read a sweep file (all scalars as written) and expand it into runs; ``extra`` overrides join common."""
+    with open(path, encoding="utf-8") as fh:
+        spec = yaml.load(fh, Loader=yaml.BaseLoader) or {}
+    unknown = set(spec) - {"name", "out", "common", "grids"}
+    if unknown:
+        raise SweepError(f"{path}: unknown top-level keys {sorted(unknown)} (allowed: name, out, common, grids)")
+    name = spec.get("name") or os.path.splitext(os.path.basename(path))[0]
+    common = list(spec.get("common") or []) + list(extra or [])
+    if not isinstance(spec.get("common") or [], list):
+        raise SweepError(f"{path}: common must be a list of overrides like 'model=digits'")
+    grids = spec.get("grids") or []
+    if not isinstance(grids, list) or not grids or not all(isinstance(g, dict) and g for g in grids):
+        raise SweepError(f"{path}: grids must be a non-empty list of non-empty mappings key -> list of values")
+    for o in common:
+        if _key(o) in ("run_dir", "resume") or o.startswith("hydra"):
+            raise SweepError(f"{path}: common cannot set {_key(o)} (the sweep sets each run's directory)")
+    norm = [{k: normalise(k, [_render(v) for v in (vals if isinstance(vals, list) else [vals])])
+             for k, vals in g.items()} for g in grids]
+    sweep = Sweep(name, out or spec.get("out") or os.path.join("sweeps", name), common, norm)
+    sweep.runs = expand(sweep)
+    return sweep
+
+
+def run_name(grid_overrides: list[str]) -> str:
+    """Hydra's override_dirname: the overrides sorted and joined by ','."""
+    return ",".join(sorted(grid_overrides))
+
+
+def expand(sweep: Sweep) -> list[Run]:
+    """The union of the grids' Cartesian products, in file order, without duplicates."""
+    import itertools
+
+    runs, seen = [], set()
+    for g in sweep.grids:
+        for combo in itertools.product(*g.values()):
+            name = run_name(list(combo))
+            if name in seen:
+                continue
+            seen.add(name)
+            common = [o for o in sweep.common if _key(o) not in g]
+            runs.append(Run(name, common + list(combo), os.path.abspath(os.path.join(sweep.out, name))))
+    return runs
+
+
+def plan(sweep: Sweep) -> list[str]:
+    """Compose every run's config and decide start / resume / skip; returns the problems found."""
+    from align.config import compose_config
+
+    problems = []
+    for run in sweep.runs:
+        try:
+            cfg = compose_config(run.overrides, run_dir=run.dir)
+            run.action = plan_existing_run(run.dir, OmegaConf.to_container(cfg, resolve=True))
+        except (ConfigProblem, RunMismatch) as err:
+            problems.append(f"{run.name}: {err}")
+        except Exception as err:  # a bad value Hydra or OmegaConf rejects
+            problems.append(f"{run.name}: {' '.join(str(err).split())}")
+        if len(problems) >= 10:           # a typo in common: every run has it; do not compose them all
+            break
+    return problems
+
+
+def command(run: Run, threads: int) -> list[str]:
+    given = {_key(o) for o in run.overrides}
+    runner = [o for o in ("train.progress=false", f"threads={threads}") if _key(o) not in given]
+    return [sys.executable, "-m", "align.run", *run.overrides, f"run_dir={quote(run.dir)}", *runner]
+
+
+def quote(value: str) -> str:
+    """A Hydra quoted string (run directories contain '=' and ',')."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _execute(run: Run, threads: int, slots: queue.Queue, gpus: list[str]) -> Run:
+    slot = slots.get()
+    try:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        os.makedirs(run.dir, exist_ok=True)
+        cmd = command(run, threads)
+        start = time.time()
+        with open(os.path.join(run.dir, LOG_NAME), "a", encoding="utf-8") as log:
+            run.log_offset = log.tell()
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd[1:])}\n")
+            log.flush()
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        run.seconds = time.time() - start
+        if rc != 0:
+            run.outcome = "failed"
+        else:
+            run.outcome = {"start": "ran", "resume": "resumed", "skip": "skipped"}[run.action]
+        return run
+    finally:
+        slots.put(slot)
+
+
+def _tail(path: str, offset: int, n: int = 3) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            fh.seek(offset)
+            return "".join(fh.readlines()[1:][-n:]).rstrip()
+    except OSError:
+        return ""
+
+
+def execute(sweep: Sweep, jobs: int = 1, threads: int = 1, gpus: list[str] | None = None) -> dict[str, int]:
+    """Run what is not finished, ``jobs`` at once; print one line per run and a summary; return the counts."""
+    gpus = gpus or []
+    todo = [r for r in sweep.runs if r.action != "skip"]
+    for r in sweep.runs:
+        if r.action == "skip":
+            r.outcome = "skipped"
+    total, done, start = len(sweep.runs), len(sweep.runs) - len(todo), time.time()
+    print(f"align.sweep {sweep.name}: {total} runs in {os.path.abspath(sweep.out)} "
+          f"({done} finished already, {sum(r.action == 'resume' for r in todo)} to resume), "
+          f"{min(jobs, max(len(todo), 1))} at a time", flush=True)
+    slots: queue.Queue = queue.Queue()
+    for i in range(jobs):
+        slots.put(i)
+    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(_execute, r, threads, slots, gpus) for r in todo]
+        for fut in cf.as_completed(futures):
+            r = fut.result()
+            done += 1
+            print(f"[{done}/{total}] {r.outcome:8s} {r.name} ({r.seconds:.0f} s)", flush=True)
+            if r.outcome == "failed":
+                print("    " + _tail(os.path.join(r.dir, LOG_NAME), r.log_offset).replace("\n", "\n    "), flush=True)
+    counts = {k: sum(r.outcome == k for r in sweep.runs) for k in ("ran", "resumed", "skipped", "failed")}
+    print(f"align.sweep {sweep.name}: ran {counts['ran']}, resumed {counts['resumed']}, skipped "
+          f"{counts['skipped']}, failed {counts['failed']} in {time.time() - start:.0f} s. "
+          f"Report: python -m align.report {sweep.out}", flush=True)
+    if counts["failed"]:
+        print("failed runs (logs): " + ", ".join(os.path.join(r.dir, LOG_NAME) for r in sweep.runs
+                                                 if r.outcome == "failed"), flush=True)
+    return counts
+
+
+def hydra_commands(sweep: Sweep) -> list[str]:
+    """One ``python -m align.run -m ...`` per grid whose job directories are this sweep's run directories."""
+    cmds = []
+    for g in sweep.grids:
+        common = [o for o in sweep.common if _key(o) not in g]
+        exclude = sorted(({_key(o) for o in common} | set(RUNNER_KEYS) | {"model", "reward"}) - set(g))
+        grid = [f"{k}={','.join(v.partition('=')[2] for v in vals)}" for k, vals in g.items()]
+        args = ["python", "-m", "align.run", "-m", *common, *grid, "train.progress=false",
+                f"hydra.sweep.dir={os.path.abspath(sweep.out)}",
+                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude)}]"]
+        cmds.append(shlex.join(args))
+    return cmds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m align.sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("file", help="sweep file (experiments/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="extra overrides for every run (join common:)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run (default 1)")
+    p.add_argument("--gpus", default="", help="comma-separated GPU ids, one per concurrent run (round robin)")
+    p.add_argument("--out", default=None, help="sweep directory (default: the file's out, or sweeps/<name>)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
+    p.add_argument("--print-hydra", action="store_true",
+                   help="print the equivalent Hydra multirun command(s) (add hydra/launcher=... for a cluster)")
+    a = p.parse_args(argv)
+    try:
+        sweep = load_sweep(a.file, a.out, a.overrides)
+    except (SweepError, OSError, yaml.YAMLError) as err:
+        print(f"align.sweep: {err}", file=sys.stderr)
+        return 2
+    problems = plan(sweep)
+    if problems:
+        print(f"align.sweep: {'at least ' if len(problems) >= 10 else ''}{len(problems)} of {len(sweep.runs)} "
+              "runs cannot start; nothing was run.\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    if a.print_hydra:
+        print("\n".join(hydra_commands(sweep)))
+        return 0
+    if a.dry_run:
+        for r in sweep.runs:
+            note = f" (from step {last_checkpoint_step(r.dir)})" if r.action == "resume" else ""
+            print(f"{r.action:6s} {r.name}{note}  [{run_status(r.dir)}]")
+        n = {k: sum(r.action == k for r in sweep.runs) for k in ("start", "resume", "skip")}
+        print(f"align.sweep {sweep.name}: {len(sweep.runs)} runs valid; would start {n['start']}, resume "
+              f"{n['resume']}, skip {n['skip']} (out: {os.path.abspath(sweep.out)})")
+        return 0
+    counts = execute(sweep, max(1, a.jobs), a.threads, [g for g in a.gpus.split(",") if g])
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
