@@ -1,0 +1,85 @@
+"""LAION improved aesthetic predictor (``reward=aesthetic``, model=sd3): the paper's aesthetic reward.
+
+    e(x) = CLIP_ViT-L/14(clip_preprocess(x)) / ‖·‖₂        (OpenAI CLIP, quick_gelu, 768-d)
+    r(x) = W₇(W₆(W₄(W₂(W₀ e + b₀) + b₂) + b₄) + b₆) + b₇    (768→1024→128→64→16→1)
+
+The MLP head (``sac+logos+ava1-l14-linearMSE.pth``, state-dict keys ``layers.{0,2,4,6,7}``) has
+dropouts between the linear layers (identity in eval) and no activations. Scores are about 1–10.
+Prompts are ignored. Both files are resolved in ``__init__``: config key → environment variable
+→ Hugging Face cache → FileNotFoundError saying where to get them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.interfaces import Reward
+from align.registry import register_reward
+from rewards.clip_common import AlwaysEval, ClipImageFeatures, WeightSpec, freeze, resolve_weights
+
+HEAD_SPEC = WeightSpec(
+    what="aesthetic reward: LAION aesthetic MLP head",
+    filename="sac+logos+ava1-l14-linearMSE.pth",
+    config_key="reward.head_weights",
+    env_var="ALIGN_AESTHETIC_HEAD_WEIGHTS",
+    hub_repo="camenduru/improved-aesthetic-predictor",
+    hub_files=("sac+logos+ava1-l14-linearMSE.pth",),
+    url="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth",
+)
+HEAD_DROPOUTS = (0.2, 0.2, 0.1)
+
+
+class AestheticHead(nn.Module):
+    """The LAION MLP, built from the shapes of its state dict (so tests can use a small one).
+
+    ``layers`` = Linear, Dropout(0.2), Linear, Dropout(0.2), Linear, Dropout(0.1), Linear, Linear.
+    """
+
+    def __init__(self, dims: tuple[int, ...] = (768, 1024, 128, 64, 16, 1)):
+        super().__init__()
+        if len(dims) != 6:
+            raise ValueError(f"the aesthetic head has 5 linear layers (6 dims), got dims {dims}")
+        lin = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])]
+        self.layers = nn.Sequential(lin[0], nn.Dropout(HEAD_DROPOUTS[0]), lin[1], nn.Dropout(HEAD_DROPOUTS[1]),
+                                    lin[2], nn.Dropout(HEAD_DROPOUTS[2]), lin[3], lin[4])
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "AestheticHead":
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        keys = [f"layers.{i}.weight" for i in (0, 2, 4, 6, 7)]
+        if not all(k in state for k in keys):
+            raise KeyError(f"not a LAION aesthetic head state dict: expected keys {keys}, got {sorted(state)[:8]}")
+        dims = (state[keys[0]].shape[1], *(state[k].shape[0] for k in keys))
+        head = cls(dims)
+        head.load_state_dict(state, strict=True)
+        return head
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.layers(e)
+
+
+@register_reward("aesthetic")
+class AestheticReward(AlwaysEval, Reward):
+    """r(x) = MLP(CLIP-L/14 image embedding / ‖·‖) — LAION aesthetic score, ≈ 1–10."""
+
+    name, domain = "aesthetic", "sd3"
+
+    def __init__(self, clip_model: str = "ViT-L-14", clip_weights: str | None = None,
+                 head_weights: str | None = None, quick_gelu: bool = True, dtype: str = "fp32", **_: Any):
+        super().__init__()
+        head_path = resolve_weights(HEAD_SPEC, head_weights)  # both files checked before any model is built
+        self.clip = ClipImageFeatures(clip_model, clip_weights, env_var="ALIGN_AESTHETIC_CLIP_WEIGHTS",
+                                      quick_gelu=quick_gelu, pretrained="openai",
+                                      config_key="reward.clip_weights", dtype=dtype)
+        self.head = freeze(AestheticHead.from_state_dict(torch.load(head_path, map_location="cpu",
+                                                                    weights_only=True)))
+        if self.head.layers[0].in_features != self.clip.num_features:
+            raise ValueError(f"aesthetic head expects {self.head.layers[0].in_features}-d CLIP embeddings, "
+                             f"{clip_model} gives {self.clip.num_features}-d")
+        self.eval()
+
+    def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        return self.head(self.clip(images)).squeeze(-1).float()

@@ -1,0 +1,72 @@
+"""Human Preference Score v2 / v2.1 (``reward=hpsv2``, model=sd3).
+
+    r(x, p) = ⟨ f_img(x) / ‖f_img(x)‖ , f_txt(p) / ‖f_txt(p)‖ ⟩    (cosine, no logit scale; ≈ 0.2–0.3)
+
+f_img, f_txt: open_clip ViT-H-14 (GELU, not quick_gelu) with the HPS state dict
+(``HPS_v2.1_compressed.pt`` / ``HPS_v2_compressed.pt`` from the hub repo ``xswu/HPSv2``, stored as
+``{"state_dict": ...}``; it loads into open_clip's ViT-H-14 key for key). Images: clip_preprocess;
+prompts: open_clip's tokenizer (context 77). Text features are cached per prompt string.
+
+The PyPI ``hpsv2`` package is deliberately not used: it pins protobuf<4 and pytest==7.2.0, its wheel
+lacks the BPE vocabulary its tokenizer needs, and it downloads the laion2B ViT-H-14 weights before
+loading the HPS checkpoint; none of it is needed for the score above.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from align.interfaces import Reward
+from align.registry import register_reward
+from rewards.clip_common import (DTYPES, AlwaysEval, TextFeatureCache, WeightSpec, _image_size, clip_preprocess,
+                                 create_open_clip, register_open_clip_config, resolve_weights)
+
+HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2": "HPS_v2_compressed.pt"}
+
+
+def hps_weight_spec(version: str) -> WeightSpec:
+    if version not in HPS_FILES:
+        raise ValueError(f"reward.version must be one of {sorted(HPS_FILES)}, got {version!r}")
+    f = HPS_FILES[version]
+    return WeightSpec(what=f"hpsv2 reward (HPS {version} checkpoint)", filename=f, config_key="reward.weights",
+                      env_var="ALIGN_HPSV2_WEIGHTS", hub_repo="xswu/HPSv2", hub_files=(f,),
+                      url=f"https://huggingface.co/xswu/HPSv2/resolve/main/{f}")
+
+
+@register_reward("hpsv2")
+class HPSv2Reward(AlwaysEval, Reward):
+    """r = cos(image features, text features) of the HPS-finetuned open_clip ViT-H-14."""
+
+    name, domain = "hpsv2", "sd3"
+
+    def __init__(self, version: str = "v2.1", weights: str | None = None, clip_model: str = "ViT-H-14",
+                 quick_gelu: bool = False, dtype: str = "fp32", **_: Any):
+        super().__init__()
+        import open_clip
+
+        path = resolve_weights(hps_weight_spec(str(version)), weights)
+        self.version = str(version)
+        self.model = create_open_clip(clip_model, path, quick_gelu=quick_gelu)
+        self.dtype = DTYPES[dtype]
+        self.model.to(self.dtype)
+        self.tokenizer = open_clip.get_tokenizer(register_open_clip_config(clip_model))
+        self.image_size = _image_size(self.model.visual)
+        self.text_cache = TextFeatureCache()
+        self.eval()
+
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts).to(self.model.logit_scale.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = clip_preprocess(images, size=self.image_size).to(self.dtype)
+        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"hpsv2: {len(prompts)} prompts for {images.shape[0]} images")
+        img = self.image_features(images)
+        txt = self.text_cache.get(list(prompts), self._encode_text, img.device)
+        return (img * txt).sum(-1)

@@ -1,0 +1,57 @@
+"""Tiny random stand-ins for the real CLIP reward weights, written to disk in the real formats.
+
+* open_clip models: ``rewards.clip_common.write_tiny_open_clip`` (config JSON + state dict).
+* LAION aesthetic head: a state dict with keys layers.{0,2,4,6,7}, small hidden sizes.
+* PickScore: a tiny transformers ``CLIPModel`` saved with ``save_pretrained`` and a ``CLIPTokenizer``
+  built from open_clip's bundled CLIP BPE file (the same vocabulary as the real tokenizer), also saved
+  with ``save_pretrained`` — so the reward loads them exactly like the real hub directories.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import torch
+
+
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The 49408-token CLIP BPE vocabulary and its merges, from open_clip's bundled file."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
+def write_aesthetic_head(path: str | os.PathLike, dims=(16, 24, 12, 8, 4, 1), seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, (a, b) in zip((0, 2, 4, 6, 7), zip(dims[:-1], dims[1:])):
+        sd[f"layers.{key}.weight"] = torch.randn(b, a, generator=g) / a ** 0.5
+        sd[f"layers.{key}.bias"] = torch.randn(b, generator=g) * 0.1
+    torch.save(sd, path)
+    return str(path)
+
+
+def write_tiny_hf_clip(directory: str | os.PathLike, seed: int = 0, logit_scale: float = 2.5) -> str:
+    """A tiny random transformers CLIPModel (ViT patch 32 on 224, width 32, 2 layers) + CLIPTokenizer."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    directory = Path(directory)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu"),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=224, patch_size=32, hidden_act="gelu"),
+        projection_dim=16, logit_scale_init_value=logit_scale)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(cfg)
+    model.save_pretrained(directory)
+    vocab, merges = clip_vocab_and_merges()
+    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(directory)
+    return str(directory)
