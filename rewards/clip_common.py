@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -194,6 +195,9 @@ def register_open_clip_config(model_name: str) -> str:
     return model_name
 
 
+_JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+
 def _is_torchscript(path: str) -> bool:
     """OpenAI's original ViT-L-14.pt is a TorchScript archive (needs torch.load(weights_only=False))."""
     if not zipfile.is_zipfile(path):
@@ -212,7 +216,13 @@ def create_open_clip(model_name: str, weights: str, quick_gelu: bool = False) ->
     with _quiet_random_init_warning():  # the weights are loaded right below
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu, precision="fp32",
                                        device="cpu", pretrained_image=False, pretrained_text=False)
-    open_clip.load_checkpoint(model, weights, strict=True, weights_only=not _is_torchscript(weights))
+    if _is_torchscript(weights):  # OpenAI's ViT-L-14.pt: its state dict plus a few non-weight entries
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+            state = torch.jit.load(weights, map_location="cpu").state_dict()
+        model.load_state_dict({k: v for k, v in state.items() if k not in _JIT_EXTRA_KEYS}, strict=True)
+    else:
+        open_clip.load_checkpoint(model, weights, strict=True, weights_only=True)
     return freeze(model)
 
 

@@ -207,6 +207,24 @@ def test_clip_image_features(tiny):
     assert (feats[0] - feats[1]).abs().max() > 1e-4, "different images, different features"
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_open_clip_weights_from_torchscript_archive(tiny, tmp_path):
+    """OpenAI's original ViT-L-14.pt is a TorchScript archive; a traced tiny model stands in for it."""
+    import open_clip
+
+    from rewards.clip_common import create_open_clip
+
+    cfg, w = tiny["l14"]
+    model = create_open_clip(cfg, w, quick_gelu=True)
+    tok = open_clip.get_tokenizer(Path(cfg).stem)
+    traced = torch.jit.trace(model, (torch.rand(1, 3, 224, 224), tok(["a cat"])), check_trace=False)
+    traced.save(str(tmp_path / "tiny_openai.pt"))
+    x = torch.rand(2, 3, 240, 240)
+    with torch.no_grad():
+        torch.testing.assert_close(ClipImageFeatures(cfg, str(tmp_path / "tiny_openai.pt"))(x),
+                                   ClipImageFeatures(cfg, w)(x))
+
+
 # ---------------------------------------------------------------------------------------------- (4)
 def test_missing_weights_errors_name_file_key_and_env_var(tiny):
     from rewards.aesthetic import AestheticReward
