@@ -1,0 +1,420 @@
+"""``model=sd3``: Stable Diffusion 3 (medium) as the flow prior, finetuned through LoRA (paper §5, reference §1.8).
+
+The checkpoint is a diffusers directory (``model.pretrained``: a hub id, default
+``stabilityai/stable-diffusion-3-medium-diffusers``, or a local directory with the same layout). Each component
+is loaded with its library's own ``from_pretrained``:
+
+* ``transformer`` (SD3Transformer2DModel, in ``model.dtype``, bf16 by default) + peft LoRA r = 8 on
+  to_q/to_k/to_v/to_out.0 in fp32 (``FlowTransformerModel``: σ = 1 − t, u = −v, τ = 1000σ, CFG w = 5 with the
+  unconditional branch detached under grad);
+* ``text_encoder`` / ``text_encoder_2`` (CLIP-L, CLIP-G) and optionally ``text_encoder_3`` (T5-XXL,
+  ``model.t5``). Prompt embeddings are computed once per prompt of the run's prompt set (plus the empty
+  negative prompt) exactly as ``StableDiffusion3Pipeline.encode_prompt`` does, cached on the CPU, and the
+  text encoders are then freed. Without T5 the T5 part of the context is zeros, which is what the diffusers
+  pipeline feeds when ``text_encoder_3`` is None;
+* the decoder (``model.decoder``): the SD3 VAE or TAESD3 (``AutoencoderTiny``, the authors' code's choice
+  for reward gradients), fp32 and frozen;
+* ``scheduler`` config: its ``shift`` must agree with ``sampler.shift`` (the sd3 grid, t = 1 − σ).
+
+Data space: SD3 latents x ∈ R^{16 × res/8 × res/8}; ``decode(x)`` = decoder(x / scaling_factor + shift_factor)
+mapped from [−1, 1] to images in [0, 1] (clamped), fp32, differentiable.
+"""
+from __future__ import annotations
+
+import gc
+import glob
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from align.models.flow_transformer import LORA_TARGET_MODULES, LORA_WEIGHT_NAME, FlowTransformerModel
+from align.registry import register_model
+
+DEFAULT_PRETRAINED = "stabilityai/stable-diffusion-3-medium-diffusers"
+DEFAULT_TAESD3 = "madebyollin/taesd3"
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+
+
+class SD3WeightsError(FileNotFoundError):
+    """A missing or unreadable SD3 component; the message names it, where to get it and the config key."""
+
+
+# ---- locating the checkpoint ---------------------------------------------------------------------------------
+def _looks_local(spec: str) -> bool:
+    """A filesystem path rather than a hub id ``owner/name``."""
+    return (os.path.isabs(spec) or spec.startswith((".", "~")) or os.path.exists(spec)
+            or spec.count("/") != 1 or os.sep == "\\" and "\\" in spec)
+
+
+def _has_weights(folder: str) -> bool:
+    return any(glob.glob(os.path.join(folder, g)) for g in WEIGHT_GLOBS)
+
+
+def resolve_directory(spec: str, parts: dict[str, tuple[str, bool]], key: str, how_to_get: str) -> str:
+    """The local directory of ``spec`` (a local path, or a hub id resolved from the HF cache/hub), with every
+    subfolder of ``parts`` present: ``{subfolder: (config file, needs weights)}`` ("" = the root).
+
+    Hub ids go through ``huggingface_hub.snapshot_download`` limited to the needed subfolders (with
+    HF_HUB_OFFLINE=1 only the cache is used). Raises SD3WeightsError naming what is missing.
+    """
+    spec = os.path.expanduser(str(spec))
+    if _looks_local(spec):
+        if not os.path.isdir(spec):
+            raise SD3WeightsError(f"{key}={spec}: no such directory. {how_to_get}")
+        root = spec
+    else:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["model_index.json", "*.json"] + [f"{p}/*" if p else "*" for p in parts]
+        try:
+            root = snapshot_download(repo_id=spec, allow_patterns=patterns)
+        except Exception as err:  # noqa: BLE001 - offline, gated, unknown repo: all the same to the user
+            raise SD3WeightsError(f"{key}={spec}: could not get it from the Hugging Face hub or cache "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                                  f"{how_to_get}") from err
+    missing = []
+    for sub, (config, needs_weights) in parts.items():
+        folder = os.path.join(root, sub)
+        if not os.path.isdir(folder):
+            missing.append(f"{sub or '.'}/ (folder)")
+            continue
+        if config and not os.path.isfile(os.path.join(folder, config)):
+            missing.append(f"{os.path.join(sub, config)}")
+        if needs_weights and not _has_weights(folder):
+            missing.append(f"{sub or '.'}/ weights (*.safetensors or *.bin)")
+    if missing:
+        raise SD3WeightsError(f"{key}={spec}: the checkpoint directory {root} lacks {', '.join(missing)}. "
+                              f"{how_to_get}")
+    return root
+
+
+def _load(what: str, key: str, how_to_get: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - corrupt / incompatible files: say which component
+        raise SD3WeightsError(f"{key}: could not load the {what} ({type(err).__name__}: {err}). "
+                              f"{how_to_get}") from err
+
+
+# ---- prompt encoding, as StableDiffusion3Pipeline.encode_prompt ------------------------------------------------
+class SD3TextEncoders:
+    """CLIP-L + CLIP-G (+ T5) and their tokenizers; ``encode`` reproduces the diffusers pipeline's
+    ``encode_prompt`` (clip_skip None: penultimate hidden states; pooled = the projected text embeddings;
+    T5 at ``max_sequence_length`` tokens, or zeros of width ``joint_dim`` without T5).
+
+    Returns per prompt the CLIP part unpadded [77, D_L + D_G], the pooled vector [D_L + D_G] and the T5 part
+    [L_T5, joint_dim] (None for the zeros), so a cache stores no padding.
+    """
+
+    def __init__(self, tokenizers: Sequence[Any], encoders: Sequence[nn.Module], max_sequence_length: int):
+        self.tokenizers, self.encoders = list(tokenizers), list(encoders)
+        self.max_sequence_length = int(max_sequence_length)
+
+    @property
+    def has_t5(self) -> bool:
+        return len(self.encoders) == 3
+
+    def to(self, device: torch.device | str) -> "SD3TextEncoders":
+        for e in self.encoders:
+            e.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        enc1 = self.encoders[0]
+        device = next(enc1.parameters()).device
+        max_len = self.tokenizers[0].model_max_length       # the pipeline uses tokenizer 1's length for both
+        hidden, pooled = [], []
+        for tok, enc in zip(self.tokenizers[:2], self.encoders[:2]):
+            ids = tok(prompts, padding="max_length", max_length=max_len, truncation=True,
+                      return_tensors="pt").input_ids
+            out = enc(ids.to(device), output_hidden_states=True)
+            pooled.append(out[0])
+            hidden.append(out.hidden_states[-2].to(enc1.dtype))
+        t5 = None
+        if self.has_t5:
+            ids = self.tokenizers[2](prompts, padding="max_length", max_length=self.max_sequence_length,
+                                     truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+            t5 = self.encoders[2](ids.to(device))[0].to(self.encoders[2].dtype)
+        return torch.cat(hidden, dim=-1), torch.cat(pooled, dim=-1), t5
+
+
+# ---- VGG-Flow's value network ν_φ ---------------------------------------------------------------------------------
+class LatentValueUNet(nn.Module):
+    """ν_φ(x, t, c): the paper's "scaled-down SD1.5 U-Net" on SD3 latents (reference §1.8, the authors' ``small``
+    option): ``UNet2DConditionModel(in = out = 16, block_out_channels = (64, 128, 256, 256), layers_per_block = 1,
+    cross_attention_dim = joint_attention_dim)``, cross-attending to the (conditional) prompt embeddings; the
+    output conv's weight and bias are scaled by ``out_scale`` = 1e−3 so that ν ≈ 0 at the start. t is fed as
+    1000·t."""
+
+    def __init__(self, channels: int = 16, sample_size: int = 128, cross_attention_dim: int = 4096,
+                 block_out_channels: Sequence[int] = (64, 128, 256, 256), layers_per_block: int = 1,
+                 attention_head_dim: int = 8, norm_num_groups: int | None = None, out_scale: float = 1e-3):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        n = len(block_out_channels)
+        down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+        up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+        groups = norm_num_groups or min(32, min(block_out_channels))
+        self.unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=channels, out_channels=channels, down_block_types=down,
+            up_block_types=up, block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+            cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim, norm_num_groups=groups)
+        with torch.no_grad():
+            self.unet.conv_out.weight.mul_(out_scale)
+            self.unet.conv_out.bias.mul_(out_scale)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device, dtype=x.dtype).reshape(-1).expand(x.shape[0])
+        return self.unet(x, 1000.0 * t, encoder_hidden_states=cond["encoder_hidden_states"].to(x.dtype)).sample
+
+
+# ---- features for the diversity / FID metrics ------------------------------------------------------------------
+class PixelFeatures(nn.Module):
+    """A weight-free fallback feature map: the image average-pooled to ``size``×``size`` (3·size² features)."""
+
+    def __init__(self, size: int = 8):
+        super().__init__()
+        self.size = int(size)
+        self.num_features = 3 * self.size ** 2
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(images.float(), self.size).flatten(1)
+
+
+def build_features(spec: dict[str, Any] | None) -> nn.Module:
+    """``model.features``: ``{kind: clip, model_name, weights, quick_gelu}`` (CLIP image embeddings, the
+    paper's; weights: the key, else $ALIGN_CLIP_FEATURES_WEIGHTS, else the HF cache) or ``{kind: pixels}``."""
+    spec = dict(spec or {})
+    kind = spec.pop("kind", "clip")
+    if kind == "pixels":
+        return PixelFeatures(size=spec.get("size", 8))
+    if kind != "clip":
+        raise ValueError(f"model.features.kind={kind!r}: valid choices are clip, pixels")
+    try:
+        from rewards.clip_common import ClipImageFeatures
+    except ImportError as err:
+        raise ImportError("model.features.kind=clip needs rewards/clip_common.py (ClipImageFeatures); "
+                          "use model.features.kind=pixels without it") from err
+    spec.setdefault("model_name", "ViT-L-14")
+    spec.setdefault("config_key", "model.features.weights")
+    return ClipImageFeatures(**spec)
+
+
+# ---- the backend ------------------------------------------------------------------------------------------------
+@register_model("sd3")
+class SD3Model(FlowTransformerModel):
+    """SD3 latents as the paper's flow: v_θ(x, t, c) = −[u_uncond + w (u_cond − u_uncond)] at σ = 1 − t."""
+
+    name = "sd3"
+
+    def __init__(self, pretrained: str = DEFAULT_PRETRAINED, dtype: str = "bfloat16", t5: bool = True,
+                 max_sequence_length: int = 256, resolution: int = 1024, decoder: str = "taesd3",
+                 taesd3_path: str = DEFAULT_TAESD3, gradient_checkpointing: bool = False,
+                 guidance_scale: float = 5.0, lora_rank: int = 8, lora_alpha: float = 8.0,
+                 lora_target_modules: Sequence[str] = LORA_TARGET_MODULES, grid: str = "sd3",
+                 value_net: dict[str, Any] | None = None, features: dict[str, Any] | None = None,
+                 prompts: str | None = None, keep_text_encoders: bool = False, encode_device: str = "auto",
+                 decode_batch_size: int = 8, forward_batch_size: int | None = None, **_: Any):
+        if dtype not in DTYPES:
+            raise ValueError(f"model.dtype={dtype!r}: valid choices are {', '.join(DTYPES)}")
+        if decoder not in ("vae", "taesd3"):
+            raise ValueError(f"model.decoder={decoder!r}: valid choices are vae, taesd3")
+        net_dtype = DTYPES[dtype]
+        how = (f"Get it with `huggingface-cli download {DEFAULT_PRETRAINED}` (accept the SD3 license on the hub "
+               f"first) and set model.pretrained=<local directory or hub id>")
+        if t5:
+            how += "; or set model.t5=false to run without the T5 encoder (zero T5 embeddings)"
+        parts = {"scheduler": ("scheduler_config.json", False), "transformer": ("config.json", True),
+                 "vae": ("config.json", decoder == "vae"), "text_encoder": ("config.json", True),
+                 "text_encoder_2": ("config.json", True), "tokenizer": ("", False), "tokenizer_2": ("", False)}
+        if t5:
+            parts.update({"text_encoder_3": ("config.json", True), "tokenizer_3": ("", False)})
+        root = resolve_directory(pretrained, parts, "model.pretrained", how)
+        taesd_root = None
+        if decoder == "taesd3":
+            taesd_root = resolve_directory(
+                taesd3_path, {"": ("config.json", True)}, "model.taesd3_path",
+                f"Get TAESD3 with `huggingface-cli download {DEFAULT_TAESD3}` and set model.taesd3_path=<dir>, "
+                "or use model.decoder=vae (the full SD3 VAE; more memory under reward gradients)")
+
+        from diffusers import (AutoencoderKL, AutoencoderTiny, FlowMatchEulerDiscreteScheduler,
+                               SD3Transformer2DModel)
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        key = "model.pretrained"
+        transformer = _load("transformer", key, how, lambda: SD3Transformer2DModel.from_pretrained(
+            root, subfolder="transformer", dtype=net_dtype))
+        sched_cfg = FlowMatchEulerDiscreteScheduler.load_config(root, subfolder="scheduler")
+        vae_cfg = AutoencoderKL.load_config(root, subfolder="vae")
+        if decoder == "vae":
+            dec = _load("VAE", key, how, lambda: AutoencoderKL.from_pretrained(root, subfolder="vae",
+                                                                                dtype=torch.float32))
+        else:
+            dec = _load("TAESD3 decoder", "model.taesd3_path", how,
+                        lambda: AutoencoderTiny.from_pretrained(taesd_root, dtype=torch.float32))
+        toks = [_load(f"tokenizer {s}", key, how, lambda s=s: CLIPTokenizer.from_pretrained(root, subfolder=s))
+                for s in ("tokenizer", "tokenizer_2")]
+        encs = [_load(f"text encoder {s}", key, how, lambda s=s: CLIPTextModelWithProjection.from_pretrained(
+            root, subfolder=s, dtype=net_dtype)) for s in ("text_encoder", "text_encoder_2")]
+        if t5:
+            from transformers import T5EncoderModel, T5TokenizerFast
+
+            toks.append(_load("T5 tokenizer", key, how,
+                              lambda: T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_3")))
+            encs.append(_load("T5 text encoder", key, how, lambda: T5EncoderModel.from_pretrained(
+                root, subfolder="text_encoder_3", dtype=net_dtype)))
+
+        # latent geometry
+        self_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        patch = int(transformer.config.patch_size)
+        if resolution % (self_scale * patch):
+            raise ValueError(f"model.resolution={resolution} must be a multiple of {self_scale * patch} "
+                             f"(VAE factor {self_scale} × patch size {patch})")
+        side = resolution // self_scale
+        max_side = int(transformer.config.pos_embed_max_size or side // patch) * patch
+        if side > max_side:
+            raise ValueError(f"model.resolution={resolution}: latents of {side}² exceed the transformer's "
+                             f"position embedding ({max_side}²); use at most {max_side * self_scale}")
+
+        super().__init__(transformer, guidance_scale, lora_rank, lora_alpha, lora_target_modules)
+        self.data_shape = (int(transformer.config.in_channels), side, side)
+        self.resolution, self.grid, self.pretrained_dir = int(resolution), grid, root
+        self.scheduler_shift = float(sched_cfg.get("shift", 3.0))
+        self.scaling_factor = float(vae_cfg["scaling_factor"])
+        self.shift_factor = float(vae_cfg.get("shift_factor") or 0.0)
+        self.decoder_kind = decoder
+        self.decoder = dec.eval().requires_grad_(False)
+        self.decode_batch_size = int(decode_batch_size)
+        self.forward_batch_size = forward_batch_size
+        self.joint_dim = int(transformer.config.joint_attention_dim)
+        self.value_net_kwargs = dict(value_net or {})
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+            if hasattr(self.decoder, "enable_gradient_checkpointing"):
+                self.decoder.enable_gradient_checkpointing()
+        self.feature_net = build_features(features).eval().requires_grad_(False)
+
+        # prompt embeddings: the run's prompt set + the empty negative prompt, then the encoders go
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._t5_len = int(max_sequence_length)
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if encode_device == "auto" else encode_device
+        text = SD3TextEncoders(toks, [e.eval().requires_grad_(False) for e in encs], max_sequence_length)
+        self._text: SD3TextEncoders | None = text.to(dev)
+        from align.prompts import load_prompts
+
+        self.prompt_set = load_prompts(prompts, self)
+        self.cache_prompts(["", *self.prompt_set])
+        if keep_text_encoders:
+            self._text.to("cpu")
+        else:
+            self.free_text_encoders()
+
+    # -- prompts
+    def default_prompts(self) -> list[str]:
+        """The aesthetic task's prompt set: our list of common animals (``prompts=animals``)."""
+        from align.prompt_sets import load_named_set
+
+        return load_named_set("animals")
+
+    def free_text_encoders(self) -> None:
+        """Drop the text encoders (the cached prompt embeddings stay)."""
+        self._text = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def cache_prompts(self, prompts: Sequence[str], batch_size: int = 16) -> None:
+        """Encode the prompts not yet cached (CPU cache: CLIP part, pooled, T5 part or None)."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if not todo:
+            return
+        if self._text is None:
+            raise KeyError(f"sd3: no cached embedding for the prompt(s) {todo[:3]} and the text encoders were freed "
+                           "after encoding the run's prompt set; set model.keep_text_encoders=true to encode new "
+                           "prompts on the fly")
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            clip, pooled, t5 = self._text.encode(chunk)
+            for j, p in enumerate(chunk):
+                self._cache[p] = (clip[j].cpu(), pooled[j].cpu(), None if t5 is None else t5[j].cpu())
+
+    def _assemble(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """[clip ⊕ 0-pad to joint_dim ; T5 or zeros] along the sequence, as the pipeline concatenates them."""
+        self.cache_prompts(prompts)
+        seqs, pooled = [], []
+        for p in prompts:
+            clip, pool, t5 = self._cache[p]
+            clip = F.pad(clip, (0, self.joint_dim - clip.shape[-1]))
+            t5 = clip.new_zeros(self._t5_len, self.joint_dim) if t5 is None else t5
+            seqs.append(torch.cat([clip, t5], dim=0))
+            pooled.append(pool)
+        device = self.device
+        return {"encoder_hidden_states": torch.stack(seqs).to(device),
+                "pooled_projections": torch.stack(pooled).to(device)}
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self._assemble(list(prompts))
+
+    def negative_cond(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The empty prompt "" (SD3's negative prompt under CFG), repeated over the batch."""
+        one = self._assemble([""])
+        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in one.items()}
+
+    # -- the network, chunked when no graph is kept (evaluation batches)
+    def transformer_u(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = self.forward_batch_size
+        if not n or torch.is_grad_enabled() or x.shape[0] <= n:
+            return super().transformer_u(x, sigma, cond)
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        return torch.cat([super(SD3Model, self).transformer_u(x[i:i + n], sigma[i:i + n],
+                                                              {k: v[i:i + n] for k, v in cond.items()})
+                          for i in range(0, x.shape[0], n)])
+
+    # -- images
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] [B, 3, res, res], fp32, differentiable: decoder(x / scaling + shift) ∈ [−1, 1] → [0, 1]."""
+        z = x.float() / self.scaling_factor + self.shift_factor
+        n = max(1, self.decode_batch_size)
+        out = [self.decoder.decode(z[i:i + n]).sample for i in range(0, z.shape[0], n)]
+        return (torch.cat(out).float() * 0.5 + 0.5).clamp(0.0, 1.0)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``model.features`` of the decoded images [B, F] (CLIP image embeddings by default)."""
+        n = max(1, self.decode_batch_size)
+        return torch.cat([self.feature_net(self.decode(x[i:i + n])).float() for i in range(0, x.shape[0], n)])
+
+    def preview_grid(self, x: torch.Tensor, n: int = 16, size: int = 256) -> torch.Tensor:
+        """[3, H, W] grid of up to n decoded samples, each resized to ``size``² for TensorBoard / PNGs."""
+        from torchvision.utils import make_grid
+
+        with torch.no_grad():
+            img = self.decode(x[:n].detach()).cpu()
+        if img.shape[-1] != size:
+            img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return make_grid(img.clamp(0, 1), nrow=4, padding=2, pad_value=0.5)
+
+    # -- VGG-Flow's value network
+    def make_value_network(self) -> nn.Module:
+        kw = {"sample_size": self.data_shape[-1], **self.value_net_kwargs}
+        return LatentValueUNet(channels=self.data_shape[0], cross_attention_dim=self.joint_dim, **kw)
+
+    # -- export
+    def save_finetuned(self, directory: str) -> None:
+        """``<dir>/pytorch_lora_weights.safetensors`` in diffusers' SD3 format, with the LoRA config (rank, alpha,
+        targets) as adapter metadata so that ``StableDiffusion3Pipeline.load_lora_weights(dir)`` restores the
+        same scale α/r."""
+        from diffusers.loaders import SD3LoraLoaderMixin
+
+        os.makedirs(directory, exist_ok=True)
+        meta = self.transformer.peft_config["default"].to_dict()
+        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+        meta = {k: (str(v) if hasattr(v, "value") else v) for k, v in meta.items()}
+        SD3LoraLoaderMixin.save_lora_weights(directory, transformer_lora_layers=self.lora_state_dict(),
+                                             weight_name=LORA_WEIGHT_NAME, transformer_lora_adapter_metadata=meta)

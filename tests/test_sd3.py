@@ -1,0 +1,334 @@
+"""``model=sd3`` on a tiny random SD3 pipeline saved in the real diffusers layout (tests/tiny_sd3.py), on CPU.
+
+Checked against diffusers itself: prompt embeddings = ``StableDiffusion3Pipeline.encode_prompt``; one Euler
+step = ``FlowMatchEulerDiscreteScheduler.step``; our grid = the scheduler's sigmas as t = 1 − σ; a whole
+sampling run + decode = the pipeline's own ``__call__``; the exported LoRA = ``load_lora_weights``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from align.interfaces import Reward
+from align.models.flow_transformer import LORA_WEIGHT_NAME, t_to_sigma
+from align.models.sd3 import LatentValueUNet, SD3Model, SD3WeightsError
+from align.prompt_sets import NAMED_SETS, load_named_set
+from align.registry import MODELS, register_reward
+from samplers import euler_integrate, one_step_prediction, sd3_grid
+from tiny_sd3 import RESOLUTION, build_tiny_sd3, build_tiny_taesd3
+
+PROMPTS = ["a photo of a cat", "a dog in the snow"]      # outside the built-in sets: encoded in one batch
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory) -> str:
+    return build_tiny_sd3(str(tmp_path_factory.mktemp("tiny_sd3")), t5=True)
+
+
+@pytest.fixture(scope="module")
+def taesd_dir(tmp_path_factory) -> str:
+    return build_tiny_taesd3(str(tmp_path_factory.mktemp("tiny_taesd3")))
+
+
+def _model(path: str, **kw) -> SD3Model:
+    args = dict(pretrained=path, dtype="float32", resolution=RESOLUTION, decoder="vae", t5=False,
+                features={"kind": "pixels"}, prompts=None, keep_text_encoders=True)
+    args.update(kw)
+    torch.manual_seed(0)
+    return MODELS.get("sd3")(**args)
+
+
+def _pipe(path: str, t5: bool = True):
+    from diffusers import StableDiffusion3Pipeline
+
+    kw = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    return StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32, **kw)
+
+
+def _perturb_lora(model: SD3Model, scale: float = 0.2, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def _noise(model: SD3Model, n: int = 2, seed: int = 0) -> torch.Tensor:
+    return model.sample_noise(n, torch.Generator().manual_seed(seed))
+
+
+# ---- (1) loading, prompt embeddings ---------------------------------------------------------------------------
+@pytest.mark.parametrize("t5", [False, True])
+def test_loads_the_pipeline_directory_and_embeds_prompts_like_diffusers(sd3_dir, t5):
+    model = _model(sd3_dir, t5=t5, keep_text_encoders=False)
+    assert model.data_shape == (16, RESOLUTION // 8, RESOLUTION // 8)
+    assert model.scheduler_shift == 3.0 and model.guidance_scale == 5.0
+    assert model._text is None                                    # text encoders freed after caching
+    assert not any("text_encoder" in n for n, _ in model.named_modules())
+    assert set(model.prompt_set) == set(load_named_set("animals")) and len(model._cache) == len(model.prompt_set) + 1
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for n, p in model.named_parameters()
+                                                             if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+
+    model.free_text_encoders()
+    with pytest.raises(KeyError, match="keep_text_encoders"):
+        model.encode(["a prompt outside the set"])
+    model = _model(sd3_dir, t5=t5, keep_text_encoders=True)
+    ours = model.encode(PROMPTS)
+    neg = model.negative_cond(len(PROMPTS))
+    with torch.no_grad():                       # (as we encode; SDPA may pick another kernel under grad)
+        pe, npe, ppe, nppe = _pipe(sd3_dir, t5=t5).encode_prompt(PROMPTS, None, None, device="cpu",
+                                                                  do_classifier_free_guidance=True)
+    assert ours["encoder_hidden_states"].shape == (2, 77 + 256, 32)
+    assert torch.equal(ours["encoder_hidden_states"], pe) and torch.equal(ours["pooled_projections"], ppe)
+    # "" was cached at start in a batch with the prompt set, the pipeline encodes ["", ""]: batch-size rounding
+    torch.testing.assert_close(neg["encoder_hidden_states"], npe, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(neg["pooled_projections"], nppe, atol=2e-5, rtol=1e-4)
+    t5_part = ours["encoder_hidden_states"][:, 77:]
+    assert (t5_part.abs().max() > 0) == t5                         # zeros exactly when T5 is off
+
+
+# ---- (2) the convention against the real scheduler and pipeline ---------------------------------------------
+def test_grid_and_one_euler_step_match_the_scheduler(sd3_dir):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = _model(sd3_dir)
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(sd3_dir, subfolder="scheduler")
+    sched.set_timesteps(20)
+    ts_sched = 1.0 - sched.sigmas.double()
+    torch.testing.assert_close(sd3_grid(20, model.scheduler_shift), ts_sched, atol=1e-6, rtol=0)
+    assert torch.equal(sched.timesteps, 1000.0 * sched.sigmas[:-1])          # τ = 1000σ
+    cond = model.encode(PROMPTS)
+    for k in (0, 7, 19):
+        x = _noise(model, seed=k)
+        with torch.no_grad():
+            u = model.guided_u(x, sched.sigmas[k].expand(2), cond)
+        sched._step_index = None
+        ref = sched.step(u, sched.timesteps[k], x, return_dict=False)[0]
+        ours = euler_integrate(lambda xx, t: -u, x, ts_sched, start=k, end=k + 1, record=False)   # v = −u
+        assert torch.equal(ours, ref), f"step {k}: max diff {(ours - ref).abs().max():.3g}"
+
+
+def test_sampling_and_decode_reproduce_the_diffusers_pipeline(sd3_dir):
+    model = _model(sd3_dir, t5=True)
+    pipe = _pipe(sd3_dir, t5=True)
+    x0 = _noise(model)
+    steps = 6
+    kw = dict(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=5.0, height=RESOLUTION, width=RESOLUTION,
+              latents=x0.clone())
+    with torch.no_grad():
+        ref_latents = pipe(output_type="latent", **kw).images
+        ref_images = pipe(output_type="pt", **kw).images
+        cond = model.encode(PROMPTS)
+        x1 = euler_integrate(lambda x, t: model.velocity(x, t, cond), x0, sd3_grid(steps, model.scheduler_shift),
+                             record=False)
+        images = model.decode(x1)
+    err = (x1 - ref_latents).abs().max().item()
+    assert err < 1e-4 * ref_latents.abs().max().item(), err
+    assert (x1 - x0).abs().max() > 0.1                                  # the check is not vacuous
+    torch.testing.assert_close(images, ref_images, atol=1e-4, rtol=0)
+
+
+# ---- (4) LoRA export → diffusers ----------------------------------------------------------------------------------
+def test_saved_lora_loads_into_the_diffusers_pipeline_exactly(sd3_dir, tmp_path):
+    model = _model(sd3_dir, lora_alpha=16.0)                # α/r = 2: the scale must travel with the file
+    _perturb_lora(model)
+    out_dir = str(tmp_path / "finetuned")
+    model.save_finetuned(out_dir)
+    assert os.path.isfile(os.path.join(out_dir, LORA_WEIGHT_NAME))
+    pipe = _pipe(sd3_dir, t5=False)
+    x = _noise(model)
+    sigma = torch.tensor([0.7, 0.3])
+    cond = model.encode(PROMPTS)
+    kw = dict(hidden_states=x, timestep=1000.0 * sigma, encoder_hidden_states=cond["encoder_hidden_states"],
+              pooled_projections=cond["pooled_projections"], return_dict=False)
+    with torch.no_grad():
+        base = pipe.transformer(**kw)[0]
+        pipe.load_lora_weights(out_dir)
+        loaded = pipe.transformer(**kw)[0]
+        ours = model.transformer_u(x, sigma, cond)
+        ours_base = model.base_velocity(x, 1 - sigma, cond, guidance_scale=1.0)
+    diff = (loaded - ours).abs().max().item()
+    print(f"LoRA round trip: max |u_pipeline+LoRA − u_ours| = {diff:.3g}; LoRA effect {(ours - base).abs().max():.3g}")
+    assert diff <= 1e-5
+    assert (ours - base).abs().max() > 1e-2                     # the adapter changes the output
+    torch.testing.assert_close(-ours_base, base, atol=1e-5, rtol=0)
+
+    fresh = _model(sd3_dir, lora_alpha=16.0)
+    fresh.load_finetuned(out_dir)
+    with torch.no_grad():
+        assert torch.equal(fresh.transformer_u(x, sigma, cond), ours)
+
+
+# ---- (5) decode and gradients ------------------------------------------------------------------------------------
+def _tiny_reward(images: torch.Tensor) -> torch.Tensor:
+    w = torch.linspace(-1.0, 1.0, 3 * 4 * 4, dtype=images.dtype)
+    return (F.adaptive_avg_pool2d(images, 4).flatten(1) * w).sum(1)
+
+
+@pytest.mark.parametrize("decoder", ["vae", "taesd3"])
+def test_decode_is_an_image_in_unit_range_and_reward_gradients_reach_latents_and_lora(sd3_dir, taesd_dir,
+                                                                                        decoder):
+    model = _model(sd3_dir, decoder=decoder, taesd3_path=taesd_dir)
+    _perturb_lora(model, scale=0.05)
+    x = (_noise(model) * 3.0).requires_grad_(True)
+    img = model.decode(x)
+    assert img.shape == (2, 3, RESOLUTION, RESOLUTION) and img.dtype == torch.float32
+    assert img.min() >= 0 and img.max() <= 1 and img.std() > 0
+    with torch.no_grad():                               # the decoder's own decode, SD3's latent scaling
+        raw = model.decoder.decode(x / model.scaling_factor + model.shift_factor).sample
+    torch.testing.assert_close(img, (raw / 2 + 0.5).clamp(0, 1))
+    (gx,) = torch.autograd.grad(_tiny_reward(img).sum(), x)
+    assert gx.abs().sum() > 0 and torch.isfinite(gx).all()
+    # through the model: r(decode(x̂_1)) with x̂_1 = x_t + (1 − t) v_θ(x_t, t) → LoRA weights
+    cond = model.encode(PROMPTS)
+    t = torch.tensor([0.6, 0.6])
+    xt = _noise(model, seed=3)
+    r = _tiny_reward(model.decode(one_step_prediction(xt, t, model.velocity(xt, t, cond)))).sum()
+    grads = torch.autograd.grad(r, model.trainable_parameters())
+    assert sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is None for p in model.decoder.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(sd3_dir):
+    grads = []
+    for gc in (False, True):
+        model = _model(sd3_dir, gradient_checkpointing=gc)
+        _perturb_lora(model, scale=0.05)
+        x, cond = _noise(model), model.encode(PROMPTS)
+        loss = model.velocity(x, torch.tensor([0.4, 0.8]), cond).pow(2).sum()
+        grads.append(torch.autograd.grad(loss, model.trainable_parameters()))
+    assert model.transformer.gradient_checkpointing
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_value_network_is_the_scaled_down_unet(sd3_dir):
+    model = _model(sd3_dir, value_net={"block_out_channels": [8, 16], "attention_head_dim": 4})
+    net = model.make_value_network()
+    assert isinstance(net, LatentValueUNet)
+    assert net.unet.config.in_channels == 16 and net.unet.config.cross_attention_dim == 32
+    assert net.unet.config.block_out_channels == (8, 16)
+    x, cond = _noise(model), model.encode(PROMPTS)
+    out = net(x, torch.tensor([0.2, 0.9]), cond)
+    assert out.shape == x.shape and 0 < out.abs().max() < 1e-2          # conv_out ×1e−3: ν ≈ 0 at the start
+    assert out.requires_grad
+    paper = LatentValueUNet(sample_size=128, cross_attention_dim=4096)
+    assert paper.unet.config.block_out_channels == (64, 128, 256, 256) and paper.unet.config.layers_per_block == 1
+
+
+def test_clip_features_when_available(sd3_dir, tmp_path):
+    clip_common = pytest.importorskip("rewards.clip_common")
+    if not hasattr(clip_common, "write_tiny_open_clip"):
+        pytest.skip("rewards.clip_common has no tiny open_clip writer")
+    cfg, weights = clip_common.write_tiny_open_clip(tmp_path, name="tiny-sd3-features")
+    model = _model(sd3_dir, features={"kind": "clip", "model_name": cfg, "weights": weights, "quick_gelu": False})
+    feats = model.features(_noise(model, n=3))
+    assert feats.shape == (3, 16) and torch.allclose(feats.norm(dim=1), torch.ones(3), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="model.features.weights"):
+        _model(sd3_dir, features={"kind": "clip", "model_name": cfg, "weights": str(tmp_path / "nope.pt")})
+
+
+# ---- (6) errors --------------------------------------------------------------------------------------------------
+def test_missing_or_wrong_checkpoint_gives_a_clear_error(sd3_dir, tmp_path):
+    missing = str(tmp_path / "no_such_dir")
+    with pytest.raises(SD3WeightsError) as err:
+        _model(missing)
+    msg = str(err.value)
+    assert missing in msg and "model.pretrained" in msg and "huggingface-cli download" in msg
+
+    no_t5 = str(tmp_path / "no_t5")                       # a copy without the T5 encoder
+    shutil.copytree(sd3_dir, no_t5, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    with pytest.raises(SD3WeightsError) as err:
+        _model(no_t5, t5=True)
+    assert "text_encoder_3" in str(err.value) and "model.t5=false" in str(err.value)
+    assert _model(no_t5, t5=False).data_shape == (16, 4, 4)
+
+    no_weights = str(tmp_path / "no_weights")             # transformer folder without its weight file
+    shutil.copytree(sd3_dir, no_weights)
+    for f in os.listdir(os.path.join(no_weights, "transformer")):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(no_weights, "transformer", f))
+    with pytest.raises(SD3WeightsError, match="transformer/ weights"):
+        _model(no_weights)
+
+    with pytest.raises(SD3WeightsError, match="model.pretrained=nobody-here/no-such-sd3"):
+        _model("nobody-here/no-such-sd3")                   # hub id, offline: no network, no cache
+    with pytest.raises(SD3WeightsError, match="model.taesd3_path"):
+        _model(sd3_dir, decoder="taesd3", taesd3_path=str(tmp_path / "no_taesd3"))
+    with pytest.raises(ValueError, match="model.resolution"):
+        _model(sd3_dir, resolution=36)
+
+
+def test_prompt_sets_and_empty_prompt_file(sd3_dir, tmp_path, monkeypatch):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no prompts"):
+        _model(sd3_dir, prompts=f"file:{empty}")
+    for name in NAMED_SETS:
+        prompts = load_named_set(name)
+        assert len(prompts) >= 20 and len(set(prompts)) == len(prompts) and all(p.strip() == p for p in prompts)
+    assert len(load_named_set("animals")) >= 40
+    assert _model(sd3_dir, prompts="pickapic").prompt_set == load_named_set("pickapic")
+    real = tmp_path / "photo.json"
+    real.write_text('[{"prompt": "a real hpd prompt"}, "another one"]', encoding="utf-8")
+    monkeypatch.setenv("ALIGN_HPDV2_PROMPTS", str(real))
+    assert load_named_set("hpdv2") == ["a real hpd prompt", "another one"]
+    monkeypatch.setenv("ALIGN_HPDV2_PROMPTS", str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="ALIGN_HPDV2_PROMPTS"):
+        load_named_set("hpdv2")
+
+
+# ---- (3) every algorithm through the real trainer -------------------------------------------------------------
+@register_reward("sd3_test_tiny")
+class TinyImageReward(Reward):
+    """A fixed differentiable score of 4×4-pooled images (tests only)."""
+
+    name, domain = "sd3_test_tiny", "sd3"
+
+    def __init__(self, **_):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, 48), requires_grad=False)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return 1.0 + (F.adaptive_avg_pool2d(images.float(), 4).flatten(1) * self.w).sum(1)
+
+
+ALGOS = ["vggflow", "vggflow_pmp", "refl", "draft", "adjoint_matching"]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_every_algorithm_trains_two_steps_on_tiny_sd3(sd3_dir, tmp_path, algo):
+    from omegaconf import open_dict
+
+    from align.config import compose_config
+    from align.run_logging import read_metrics
+    from align.trainer import Trainer
+
+    run_dir = str(tmp_path / "run")
+    overrides = [f"algo={algo}", "model=sd3", "reward=linear", f"model.pretrained={sd3_dir}", "model.dtype=float32",
+                 f"model.resolution={RESOLUTION}", "model.decoder=vae", "model.t5=false", "model.features.kind=pixels",
+                 "model.value_net.block_out_channels=[8,16]", "model.value_net.attention_head_dim=4",
+                 "prompts=hpdv2", "sampler.steps=4", "train.steps=2", "train.batch_size=2", "train.progress=false",
+                 "eval.every=0", "eval.n_samples=4", "eval.group_size=2", "eval.final_samples=2", "device=cpu"]
+    if algo in ("vggflow", "vggflow_pmp"):
+        overrides.append("algo.subsample_bins=2")
+    cfg = compose_config(overrides, run_dir=run_dir)
+    assert cfg.model.prompts == "hpdv2" and cfg.algo.get("beta") in (None, 5e4, 5e3)
+    with open_dict(cfg):
+        cfg.reward = {"name": "sd3_test_tiny"}
+    trainer = Trainer(cfg, run_dir)
+    assert isinstance(trainer.model, SD3Model)
+    before = [p.detach().clone() for p in trainer.model.trainable_parameters()]
+    trainer.train()
+    rows = read_metrics(run_dir)
+    assert rows[-1]["step"] == 2 and "eval/reward" in rows[-1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows[1:])
+    moved = sum((p.detach() - b).abs().sum().item() for p, b in zip(trainer.model.trainable_parameters(), before))
+    assert moved > 0                                            # LoRA updated by the shared optimizer
+    final = os.path.join(run_dir, "checkpoints", "step_0000002", "finetuned", LORA_WEIGHT_NAME)
+    assert os.path.isfile(final)
