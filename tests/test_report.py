@@ -1,0 +1,173 @@
+"""align.report on synthetic run directories with known metrics: every number of the table, the best
+marking, unfinished runs, a missing metric, and that every figure is written."""
+import csv
+import json
+import math
+import os
+import re
+import statistics
+
+import pytest
+from omegaconf import OmegaConf
+
+from align.report import main, mean_std
+from align.report_plots import pareto_front
+
+STEPS = (0, 5, 10)
+# group: (algo, beta or None, reward, delta); reward rises by delta over training, FID by 10·delta.
+GROUPS = {
+    "vgg1": ("vggflow", 1.0, "r_a", 0.5),
+    "vgg2": ("vggflow", 2.0, "r_a", 1.0),
+    "refl": ("refl", None, "r_a", 2.0),
+    "vgg1b": ("vggflow", 1.0, "r_b", 0.3),
+    "reflb": ("refl", None, "r_b", 0.8),
+}
+UNFINISHED = {("refl", 2)}            # refl on r_a, seed 2: stopped at step 5 (no samples_final.pt)
+SEEDS = (0, 1, 2)
+
+
+def _metrics(delta, seed, step, reward):
+    frac = step / STEPS[-1]
+    row = {"eval/reward": 1.0 + 0.1 * seed + delta * frac + 0.03 * seed * seed * frac,
+           "eval/diversity": 0.8 - 0.2 * delta * frac + 0.01 * seed}
+    if reward == "r_a":                 # r_b has no FID: a model without a feature extractor
+        row["eval/fid"] = 10.0 * delta * frac + (0.5 * seed if step else 0.0)
+    return row
+
+
+def _write_run(root, name, algo, beta, reward, seed, delta, last_step=STEPS[-1], finished=True):
+    d = root / name / f"seed={seed}"
+    d.mkdir(parents=True)
+    algo_cfg = {"name": algo, "lr": 1e-4}
+    if beta is not None:
+        algo_cfg["beta"] = beta
+    cfg = {"seed": seed, "run_dir": str(d), "resume": None, "threads": 1, "algo": algo_cfg,
+           "model": {"name": "toy"}, "reward": {"name": reward}, "train": {"steps": STEPS[-1], "progress": False}}
+    OmegaConf.save(OmegaConf.create(cfg), d / "config.yaml")
+    with open(d / "metrics.jsonl", "w") as fh:
+        for step in range(last_step + 1):
+            row = {"step": step, "loss": 1.0}
+            if step in STEPS:
+                row.update(_metrics(delta, seed, step, reward))
+            fh.write(json.dumps(row) + "\n")
+    if finished:
+        (d / "samples_final.pt").write_bytes(b"x")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    for name, (algo, beta, reward, delta) in GROUPS.items():
+        for seed in SEEDS:
+            unfinished = (name, seed) in UNFINISHED
+            _write_run(root, name, algo, beta, reward, seed, delta, last_step=5 if unfinished else STEPS[-1],
+                       finished=not unfinished)
+    _write_run(root, "draftb", "draft", None, "r_b", 0, 1.0, last_step=7, finished=False)  # nothing finished
+    assert main([str(root)]) == 0
+    return root
+
+
+def _expected(name, key):
+    algo, beta, reward, delta = GROUPS[name]
+    vals = [_metrics(delta, s, STEPS[-1], reward)[key] for s in SEEDS if (name, s) not in UNFINISHED]
+    return statistics.mean(vals), statistics.stdev(vals), len(vals)
+
+
+def _base(reward, key):
+    vals = [_metrics(0.0, s, 0, reward)[key] for s in SEEDS]
+    return statistics.mean(vals), statistics.stdev(vals)
+
+
+ROWS = {"VGG-Flow, β=1": {"r_a": "vgg1", "r_b": "vgg1b"}, "VGG-Flow, β=2": {"r_a": "vgg2"},
+        "ReFL": {"r_a": "refl", "r_b": "reflb"}}
+COLUMNS = {"r_a": [("reward", "eval/reward", max), ("diversity", "eval/diversity", max), ("FID", "eval/fid", min)],
+           "r_b": [("reward", "eval/reward", max), ("diversity", "eval/diversity", max)]}
+
+
+def _best(facet, key, better):
+    return better(_expected(g[facet], key)[0] for g in ROWS.values() if facet in g)
+
+
+def _md_cells(path):
+    lines = [ln for ln in open(path, encoding="utf-8").read().splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    table = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        table[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return header, table
+
+
+def _numbers(text):
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", text.split("(n=")[0])]
+
+
+def test_markdown_table_numbers_and_best_marking(sweep):
+    header, table = _md_cells(sweep / "report" / "table.md")
+    assert header == ["Method", "r_a reward ↑", "r_a diversity ↑", "r_a FID ↓", "r_b reward ↑", "r_b diversity ↑"]
+    assert list(table) == ["Base", "ReFL", "DRaFT", "VGG-Flow, β=1", "VGG-Flow, β=2"]   # the paper's order
+    for label, facets in ROWS.items():
+        for facet, cols in COLUMNS.items():
+            for name, key, better in cols:
+                cell = table[label][f"{facet} {name} {'↓' if better is min else '↑'}"]
+                if facet not in facets:
+                    assert cell == "–"
+                    continue
+                mean, std, n = _expected(facets[facet], key)
+                got_mean, got_std = _numbers(cell.strip("*"))
+                assert got_mean == pytest.approx(mean, rel=1e-3, abs=1e-9)
+                assert got_std == pytest.approx(std, rel=1e-3)
+                assert cell.startswith("**") == (mean == _best(facet, key, better)), (label, facet, name, cell)
+                assert ("(n=2)" in cell) == (n == 2)
+    for facet, cols in COLUMNS.items():       # Base: the step-0 evaluation, never marked best
+        for name, key, better in cols:
+            cell = table["Base"][f"{facet} {name} {'↓' if better is min else '↑'}"]
+            mean, std = _base(facet, key)
+            assert not cell.startswith("**")
+            assert _numbers(cell) == pytest.approx([mean, std], rel=1e-3, abs=1e-9)
+    assert table["DRaFT"]["r_b reward ↑"] == "unfinished (step 7/10)"
+    assert table["DRaFT"]["r_a reward ↑"] == "–"
+    text = open(sweep / "report" / "table.md", encoding="utf-8").read()
+    assert "ddof = 1" in text and "Unfinished runs (2)" in text
+    assert str(sweep / "refl" / "seed=2") in text and str(sweep / "draftb" / "seed=0") in text
+
+
+def test_csv_table_exact(sweep):
+    with open(sweep / "report" / "table.csv", newline="") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    for label, facets in ROWS.items():
+        for facet, name_group in facets.items():
+            for name, key, better in COLUMNS[facet]:
+                mean, std, n = _expected(name_group, key)
+                r = rows[label]
+                assert float(r[f"{facet}/{name}_mean"]) == pytest.approx(mean, rel=1e-12, abs=1e-12)
+                assert float(r[f"{facet}/{name}_std"]) == pytest.approx(std, rel=1e-12)
+                assert int(r[f"{facet}/{name}_n"]) == n
+                assert int(r[f"{facet}/{name}_best"]) == int(mean == _best(facet, key, better))
+    assert rows["ReFL"]["r_a/unfinished"] == "1" and rows["DRaFT"]["r_b/unfinished"] == "1"
+    assert rows["DRaFT"]["r_b/reward_mean"] == "" and "r_b/FID_mean" not in rows["ReFL"]
+    assert float(rows["Base"]["r_a/FID_mean"]) == 0.0
+
+
+def test_every_figure_is_written(sweep):
+    out = sweep / "report"
+    for stem in ("convergence_r_a", "convergence_r_b", "pareto_r_a", "pareto_r_b", "temperature_vggflow_r_a"):
+        for ext in ("png", "pdf"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 1000, stem
+    assert not list(out.glob("temperature_refl*")) and not list(out.glob("temperature_*r_b*"))
+
+
+def test_sample_std_is_ddof_1():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([4.0]) == (4.0, None)
+
+
+def test_pareto_front_on_a_hand_made_set():
+    # reward (max) vs diversity (max): (1, 5) (2, 4) (3, 1) are non-dominated; (1.5, 3) by (2, 4);
+    # (3, 0.5) by (3, 1); (2, 4) twice: equal points do not dominate each other.
+    xs = [1.0, 1.5, 2.0, 3.0, 3.0, 2.0, math.nan]
+    ys = [5.0, 3.0, 4.0, 1.0, 0.5, 4.0, 9.0]
+    assert pareto_front(xs, ys) == [0, 2, 5, 3]
+    # reward (max) vs FID (min): (1, 1) (2, 3) (3, 10) non-dominated; (1.5, 4) by (2, 3); (0.5, 1) by (1, 1).
+    xs, ys = [1.0, 2.0, 3.0, 1.5, 0.5], [1.0, 3.0, 10.0, 4.0, 1.0]
+    assert pareto_front(xs, ys, maximize_y=False) == [0, 1, 2]
