@@ -26,7 +26,8 @@ HEAD_SPEC = WeightSpec(
     env_var="ALIGN_AESTHETIC_HEAD_WEIGHTS",
     hub_repo="camenduru/improved-aesthetic-predictor",
     hub_files=("sac+logos+ava1-l14-linearMSE.pth",),
-    url="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth",
+    url=("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+         "sac%2Blogos%2Bava1-l14-linearMSE.pth"),
 )
 HEAD_DROPOUTS = (0.2, 0.2, 0.1)
 

@@ -19,6 +19,7 @@ reward registry imports every module of ``rewards/``).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -215,14 +216,17 @@ def create_open_clip(model_name: str, weights: str, quick_gelu: bool = False) ->
     name = register_open_clip_config(model_name)
     with _quiet_random_init_warning():  # the weights are loaded right below
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu, precision="fp32",
-                                       device="cpu", pretrained_image=False, pretrained_text=False)
+                                       device="cpu")
     if _is_torchscript(weights):  # OpenAI's ViT-L-14.pt: its state dict plus a few non-weight entries
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
             state = torch.jit.load(weights, map_location="cpu").state_dict()
         model.load_state_dict({k: v for k, v in state.items() if k not in _JIT_EXTRA_KEYS}, strict=True)
     else:
-        open_clip.load_checkpoint(model, weights, strict=True, weights_only=True)
+        # handles {"state_dict": ...}, "module." prefixes and safetensors (weights_only: open_clip >= 2.27)
+        has_wo = "weights_only" in inspect.signature(open_clip.load_checkpoint).parameters
+        extra = {"weights_only": True} if has_wo else {}
+        open_clip.load_checkpoint(model, weights, strict=True, **extra)
     return freeze(model)
 
 

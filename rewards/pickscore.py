@@ -28,7 +28,8 @@ MODEL_SPEC = WeightSpec(
     hub_files=("config.json",), url="https://huggingface.co/yuvalkirstain/PickScore_v1", is_dir=True,
     required=(("config.json",), ("model.safetensors", "pytorch_model.bin")))
 PROCESSOR_SPEC = WeightSpec(
-    what="pickscore reward: CLIP-ViT-H-14 tokenizer", filename="the tokenizer files (tokenizer.json or vocab.json + merges.txt)",
+    what="pickscore reward: CLIP-ViT-H-14 tokenizer",
+    filename="the tokenizer files (tokenizer.json or vocab.json + merges.txt)",
     config_key="reward.processor", env_var="ALIGN_PICKSCORE_PROCESSOR",
     hub_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", hub_files=("tokenizer.json", "vocab.json"),
     url="https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K", is_dir=True,
@@ -49,12 +50,14 @@ class PickScoreReward(AlwaysEval, Reward):
     def __init__(self, model: str | None = None, processor: str | None = None, dtype: str = "fp32",
                  max_length: int = 77, **_: Any):
         super().__init__()
+        import transformers
         from transformers import CLIPModel, CLIPTokenizer
 
         model_dir = resolve_weights(MODEL_SPEC, model)
         tok_dir = resolve_weights(PROCESSOR_SPEC, processor)
         self.dtype = DTYPES[dtype]
-        self.model = freeze(CLIPModel.from_pretrained(model_dir, dtype=self.dtype))
+        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        self.model = freeze(CLIPModel.from_pretrained(model_dir, **{dtype_kw: self.dtype}))
         self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
         self.max_length = int(max_length)
         self.image_size = int(self.model.config.vision_config.image_size)

@@ -297,3 +297,23 @@ def test_registry_and_hydra_config(name):
            "hpsv2": ["ALIGN_HPSV2_WEIGHTS"], "pickscore": ["ALIGN_PICKSCORE_MODEL", "ALIGN_PICKSCORE_PROCESSOR"]}
     for v in env[name]:
         assert v in text, f"{name}.yaml should say that {v} overrides the weights path"
+
+
+def test_constructed_from_yaml_config(tiny):
+    """Each yaml, with only its weight keys pointed at the tiny models, builds a working reward."""
+    from align.registry import REWARDS
+
+    overrides = {
+        "aesthetic": {"clip_model": tiny["l14"][0], "clip_weights": tiny["l14"][1], "head_weights": tiny["head"]},
+        "hpsv2": {"clip_model": tiny["hps"][0], "weights": tiny["hps"][1]},
+        "pickscore": {"model": tiny["hf"], "processor": tiny["hf"]},
+    }
+    x = _images(2, 224, 224)
+    for name, over in overrides.items():
+        cfg = OmegaConf.merge(OmegaConf.load(CONF / f"{name}.yaml"), over)
+        kwargs = OmegaConf.to_container(cfg, resolve=True)
+        kwargs.pop("name")
+        reward = REWARDS.get(name)(**kwargs)
+        with torch.no_grad():
+            r = reward(x, PROMPTS[:2])
+        assert r.shape == (2,) and torch.isfinite(r).all()
