@@ -274,9 +274,10 @@ class TextFeatureCache:
                 feats = encode(todo).detach().float()
             for p, f in zip(todo, feats):
                 self._d[p] = f
-            while len(self._d) > self.max_size:
-                self._d.popitem(last=False)
-        return torch.stack([self._d[p].to(device) for p in prompts])
+        out = torch.stack([self._d[p].to(device) for p in prompts])
+        while len(self._d) > self.max_size:  # oldest first, after this batch has been served
+            self._d.popitem(last=False)
+        return out
 
     def clear(self) -> None:
         self._d.clear()

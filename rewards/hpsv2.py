@@ -27,6 +27,7 @@ HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2": "HPS_v2_compressed.pt"}
 
 
 def hps_weight_spec(version: str) -> WeightSpec:
+    version = version if version.startswith("v") else f"v{version}"  # version=2.1 from the command line
     if version not in HPS_FILES:
         raise ValueError(f"reward.version must be one of {sorted(HPS_FILES)}, got {version!r}")
     f = HPS_FILES[version]
@@ -46,8 +47,9 @@ class HPSv2Reward(AlwaysEval, Reward):
         super().__init__()
         import open_clip
 
-        path = resolve_weights(hps_weight_spec(str(version)), weights)
-        self.version = str(version)
+        spec = hps_weight_spec(str(version))
+        path = resolve_weights(spec, weights)
+        self.checkpoint = spec.filename  # HPS_v2.1_compressed.pt | HPS_v2_compressed.pt
         self.model = create_open_clip(clip_model, path, quick_gelu=quick_gelu)
         self.dtype = DTYPES[dtype]
         self.model.to(self.dtype)

@@ -241,6 +241,7 @@ def test_missing_weights_errors_name_file_key_and_env_var(tiny):
         (lambda: HPSv2Reward(version="v2.1"),
          ["HPS_v2.1_compressed.pt", "reward.weights", "ALIGN_HPSV2_WEIGHTS", "xswu/HPSv2"]),
         (lambda: HPSv2Reward(version="v2"), ["HPS_v2_compressed.pt", "ALIGN_HPSV2_WEIGHTS"]),
+        (lambda: HPSv2Reward(version=2.1), ["HPS_v2.1_compressed.pt"]),  # a bare number from the CLI
         (lambda: PickScoreReward(), ["PickScore_v1", "reward.model", "ALIGN_PICKSCORE_MODEL",
                                      "yuvalkirstain/PickScore_v1"]),
         (lambda: PickScoreReward(model=tiny["hf"]),
@@ -317,3 +318,20 @@ def test_constructed_from_yaml_config(tiny):
         with torch.no_grad():
             r = reward(x, PROMPTS[:2])
         assert r.shape == (2,) and torch.isfinite(r).all()
+
+
+def test_text_feature_cache_encodes_each_prompt_once():
+    from rewards.clip_common import TextFeatureCache
+
+    calls = []
+
+    def encode(ps):
+        calls.append(list(ps))
+        return torch.tensor([[float(len(p))] for p in ps])
+
+    cache = TextFeatureCache(max_size=2)
+    out = cache.get(["a", "bb", "a", "ccc"], encode, torch.device("cpu"))
+    assert calls == [["a", "bb", "ccc"]] and out.squeeze(1).tolist() == [1.0, 2.0, 1.0, 3.0]
+    assert len(cache) == 2  # oldest evicted after the batch was served
+    cache.get(["ccc"], encode, torch.device("cpu"))
+    assert len(calls) == 1
