@@ -157,7 +157,7 @@ def config_differences(saved: dict, requested: dict) -> list[str]:
     """``key: saved X, requested Y`` for every key that differs, except IGNORED_KEYS and train.steps."""
     a, b = _flatten(saved), _flatten(requested)
     diffs = []
-    for k in sorted(set(a) | set(b)):
+    for k in sorted(set(a) | set(b), key=lambda k: (not k.endswith(".name"), k)):   # algo/model/reward first
         if k in IGNORED_KEYS or k == "train.steps":
             continue
         va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")

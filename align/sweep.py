@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
     p.add_argument("--print-hydra", action="store_true",
                    help="print the equivalent Hydra multirun command(s) (add hydra/launcher=... for a cluster)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     try:
         sweep = load_sweep(a.file, a.out, a.overrides)
     except (SweepError, OSError, yaml.YAMLError) as err:
