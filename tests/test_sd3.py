@@ -92,6 +92,24 @@ def test_loads_the_pipeline_directory_and_embeds_prompts_like_diffusers(sd3_dir,
     assert (t5_part.abs().max() > 0) == t5                         # zeros exactly when T5 is off
 
 
+def test_hub_id_resolves_through_the_hf_cache_offline(sd3_dir, tmp_path, monkeypatch):
+    """model.pretrained=<owner/name> takes the same loading path via the HF cache (HF_HUB_OFFLINE=1 here)."""
+    import huggingface_hub.constants as hf_constants
+
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-sd3" / "snapshots" / "0123abc"
+    shutil.copytree(sd3_dir, snapshot)
+    (tmp_path / "hub" / "models--tiny-org--tiny-sd3" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny-org--tiny-sd3" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = _model("tiny-org/tiny-sd3")
+    assert os.path.samefile(model.pretrained_dir, snapshot)
+    reference = _model(sd3_dir)
+    x, cond = _noise(model), model.encode(PROMPTS)
+    with torch.no_grad():
+        assert torch.equal(model.velocity(x, torch.tensor([0.5, 0.5]), cond),
+                           reference.velocity(x, torch.tensor([0.5, 0.5]), cond))
+
+
 # ---- (2) the convention against the real scheduler and pipeline ---------------------------------------------
 def test_grid_and_one_euler_step_match_the_scheduler(sd3_dir):
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -262,6 +280,8 @@ def test_missing_or_wrong_checkpoint_gives_a_clear_error(sd3_dir, tmp_path):
         _model(sd3_dir, decoder="taesd3", taesd3_path=str(tmp_path / "no_taesd3"))
     with pytest.raises(ValueError, match="model.resolution"):
         _model(sd3_dir, resolution=36)
+    with pytest.raises(ValueError, match=r"sampler.shift=3.0"):      # the grid must be the scheduler's
+        _model(sd3_dir, sampler_shift=1.0)
 
 
 def test_prompt_sets_and_empty_prompt_file(sd3_dir, tmp_path, monkeypatch):
@@ -318,7 +338,9 @@ def test_every_algorithm_trains_two_steps_on_tiny_sd3(sd3_dir, tmp_path, algo):
     if algo in ("vggflow", "vggflow_pmp"):
         overrides.append("algo.subsample_bins=2")
     cfg = compose_config(overrides, run_dir=run_dir)
-    assert cfg.model.prompts == "hpdv2" and cfg.algo.get("beta") in (None, 5e4, 5e3)
+    assert cfg.model.prompts == "hpdv2" and cfg.model.sampler_shift == 3.0
+    if algo in ("vggflow", "adjoint_matching"):           # the per-domain β of sd3.yaml reaches the algorithm
+        assert cfg.algo.beta == {"vggflow": 5e4, "adjoint_matching": 5e3}[algo]
     with open_dict(cfg):
         cfg.reward = {"name": "sd3_test_tiny"}
     trainer = Trainer(cfg, run_dir)

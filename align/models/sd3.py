@@ -93,6 +93,21 @@ def resolve_directory(spec: str, parts: dict[str, tuple[str, bool]], key: str, h
     return root
 
 
+def check_scheduler(sched_cfg: dict[str, Any], sampler_shift: float | None) -> None:
+    """Our sd3 grid is the scheduler's static-shift schedule with τ = 1000σ: refuse anything else, and a
+    ``sampler.shift`` that differs from the checkpoint's scheduler shift."""
+    if sched_cfg.get("use_dynamic_shifting"):
+        raise ValueError("sd3: the checkpoint's scheduler uses resolution-dependent (dynamic) shifting, which the "
+                         "sd3 grid does not implement; use an SD3/SD3.5 checkpoint with a static shift")
+    if int(sched_cfg.get("num_train_timesteps", 1000)) != 1000:
+        raise ValueError(f"sd3: scheduler num_train_timesteps={sched_cfg['num_train_timesteps']}, but the "
+                         "transformer is fed τ = 1000σ")
+    shift = float(sched_cfg.get("shift", 1.0))
+    if sampler_shift is not None and abs(float(sampler_shift) - shift) > 1e-9:
+        raise ValueError(f"sampler.shift={sampler_shift} but the checkpoint's scheduler (scheduler/"
+                         f"scheduler_config.json) uses shift {shift}; set sampler.shift={shift}")
+
+
 def _load(what: str, key: str, how_to_get: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
@@ -221,12 +236,18 @@ class SD3Model(FlowTransformerModel):
                  lora_target_modules: Sequence[str] = LORA_TARGET_MODULES, grid: str = "sd3",
                  value_net: dict[str, Any] | None = None, features: dict[str, Any] | None = None,
                  prompts: str | None = None, keep_text_encoders: bool = False, encode_device: str = "auto",
-                 decode_batch_size: int = 8, forward_batch_size: int | None = None, **_: Any):
+                 decode_batch_size: int = 8, forward_batch_size: int | None = None,
+                 sampler_shift: float | None = None, **_: Any):
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype={dtype!r}: valid choices are {', '.join(DTYPES)}")
         if decoder not in ("vae", "taesd3"):
             raise ValueError(f"model.decoder={decoder!r}: valid choices are vae, taesd3")
         net_dtype = DTYPES[dtype]
+        # cheap checks first: the prompt set and the feature extractor's weights, before gigabytes load
+        from align.prompts import load_prompts
+
+        prompt_set = load_prompts(prompts, self)
+        feature_net = build_features(features).eval().requires_grad_(False)
         how = (f"Get it with `huggingface-cli download {DEFAULT_PRETRAINED}` (accept the SD3 license on the hub "
                f"first) and set model.pretrained=<local directory or hub id>")
         if t5:
@@ -238,11 +259,10 @@ class SD3Model(FlowTransformerModel):
             parts.update({"text_encoder_3": ("config.json", True), "tokenizer_3": ("", False)})
         root = resolve_directory(pretrained, parts, "model.pretrained", how)
         taesd_root = None
+        how_taesd = (f"Get TAESD3 with `huggingface-cli download {DEFAULT_TAESD3}` and set model.taesd3_path=<dir>, "
+                     "or use model.decoder=vae (the full SD3 VAE; more memory under reward gradients)")
         if decoder == "taesd3":
-            taesd_root = resolve_directory(
-                taesd3_path, {"": ("config.json", True)}, "model.taesd3_path",
-                f"Get TAESD3 with `huggingface-cli download {DEFAULT_TAESD3}` and set model.taesd3_path=<dir>, "
-                "or use model.decoder=vae (the full SD3 VAE; more memory under reward gradients)")
+            taesd_root = resolve_directory(taesd3_path, {"": ("config.json", True)}, "model.taesd3_path", how_taesd)
 
         from diffusers import (AutoencoderKL, AutoencoderTiny, FlowMatchEulerDiscreteScheduler,
                                SD3Transformer2DModel)
@@ -252,12 +272,13 @@ class SD3Model(FlowTransformerModel):
         transformer = _load("transformer", key, how, lambda: SD3Transformer2DModel.from_pretrained(
             root, subfolder="transformer", dtype=net_dtype))
         sched_cfg = FlowMatchEulerDiscreteScheduler.load_config(root, subfolder="scheduler")
+        check_scheduler(sched_cfg, sampler_shift)
         vae_cfg = AutoencoderKL.load_config(root, subfolder="vae")
         if decoder == "vae":
             dec = _load("VAE", key, how, lambda: AutoencoderKL.from_pretrained(root, subfolder="vae",
                                                                                 dtype=torch.float32))
         else:
-            dec = _load("TAESD3 decoder", "model.taesd3_path", how,
+            dec = _load("TAESD3 decoder", "model.taesd3_path", how_taesd,
                         lambda: AutoencoderTiny.from_pretrained(taesd_root, dtype=torch.float32))
         toks = [_load(f"tokenizer {s}", key, how, lambda s=s: CLIPTokenizer.from_pretrained(root, subfolder=s))
                 for s in ("tokenizer", "tokenizer_2")]
@@ -272,21 +293,21 @@ class SD3Model(FlowTransformerModel):
                 root, subfolder="text_encoder_3", dtype=net_dtype)))
 
         # latent geometry
-        self_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         patch = int(transformer.config.patch_size)
-        if resolution % (self_scale * patch):
-            raise ValueError(f"model.resolution={resolution} must be a multiple of {self_scale * patch} "
-                             f"(VAE factor {self_scale} × patch size {patch})")
-        side = resolution // self_scale
+        if resolution % (vae_factor * patch):
+            raise ValueError(f"model.resolution={resolution} must be a multiple of {vae_factor * patch} "
+                             f"(VAE factor {vae_factor} × patch size {patch})")
+        side = resolution // vae_factor
         max_side = int(transformer.config.pos_embed_max_size or side // patch) * patch
         if side > max_side:
             raise ValueError(f"model.resolution={resolution}: latents of {side}² exceed the transformer's "
-                             f"position embedding ({max_side}²); use at most {max_side * self_scale}")
+                             f"position embedding ({max_side}²); use at most {max_side * vae_factor}")
 
         super().__init__(transformer, guidance_scale, lora_rank, lora_alpha, lora_target_modules)
         self.data_shape = (int(transformer.config.in_channels), side, side)
         self.resolution, self.grid, self.pretrained_dir = int(resolution), grid, root
-        self.scheduler_shift = float(sched_cfg.get("shift", 3.0))
+        self.scheduler_shift = float(sched_cfg.get("shift", 1.0))
         self.scaling_factor = float(vae_cfg["scaling_factor"])
         self.shift_factor = float(vae_cfg.get("shift_factor") or 0.0)
         self.decoder_kind = decoder
@@ -299,17 +320,17 @@ class SD3Model(FlowTransformerModel):
             transformer.enable_gradient_checkpointing()
             if hasattr(self.decoder, "enable_gradient_checkpointing"):
                 self.decoder.enable_gradient_checkpointing()
-        self.feature_net = build_features(features).eval().requires_grad_(False)
+        self.feature_net = feature_net
 
         # prompt embeddings: the run's prompt set + the empty negative prompt, then the encoders go
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._t5_len = int(max_sequence_length)
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if encode_device == "auto" else encode_device
+        dev = encode_device
+        if dev == "auto":       # this process's GPU (accelerate / torchrun set LOCAL_RANK)
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         text = SD3TextEncoders(toks, [e.eval().requires_grad_(False) for e in encs], max_sequence_length)
         self._text: SD3TextEncoders | None = text.to(dev)
-        from align.prompts import load_prompts
-
-        self.prompt_set = load_prompts(prompts, self)
+        self.prompt_set = prompt_set
         self.cache_prompts(["", *self.prompt_set])
         if keep_text_encoders:
             self._text.to("cpu")
