@@ -3,7 +3,6 @@ marking, unfinished runs, a missing metric, and that every figure is written."""
 import csv
 import json
 import math
-import os
 import re
 import statistics
 
