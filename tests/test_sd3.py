@@ -18,7 +18,7 @@ from align.interfaces import Reward
 from align.models.flow_transformer import LORA_WEIGHT_NAME, t_to_sigma
 from align.models.sd3 import LatentValueUNet, SD3Model, SD3WeightsError
 from align.prompt_sets import NAMED_SETS, load_named_set
-from align.registry import MODELS, register_reward
+from align.registry import MODELS, REWARDS, register_reward
 from samplers import euler_integrate, one_step_prediction, sd3_grid
 from tiny_sd3 import RESOLUTION, build_tiny_sd3, build_tiny_taesd3
 
@@ -304,7 +304,6 @@ def test_prompt_sets_and_empty_prompt_file(sd3_dir, tmp_path, monkeypatch):
 
 
 # ---- (3) every algorithm through the real trainer -------------------------------------------------------------
-@register_reward("sd3_test_tiny")
 class TinyImageReward(Reward):
     """A fixed differentiable score of 4×4-pooled images (tests only)."""
 
@@ -321,8 +320,16 @@ class TinyImageReward(Reward):
 ALGOS = ["vggflow", "vggflow_pmp", "refl", "draft", "adjoint_matching"]
 
 
+@pytest.fixture
+def tiny_reward_registered():
+    """Register the test reward for one test only (the registry stays clean for other test modules)."""
+    register_reward(TinyImageReward.name)(TinyImageReward)
+    yield TinyImageReward.name
+    REWARDS._entries.pop(TinyImageReward.name, None)
+
+
 @pytest.mark.parametrize("algo", ALGOS)
-def test_every_algorithm_trains_two_steps_on_tiny_sd3(sd3_dir, tmp_path, algo):
+def test_every_algorithm_trains_two_steps_on_tiny_sd3(sd3_dir, tmp_path, algo, tiny_reward_registered):
     from omegaconf import open_dict
 
     from align.config import compose_config
@@ -342,7 +349,7 @@ def test_every_algorithm_trains_two_steps_on_tiny_sd3(sd3_dir, tmp_path, algo):
     if algo in ("vggflow", "adjoint_matching"):           # the per-domain β of sd3.yaml reaches the algorithm
         assert cfg.algo.beta == {"vggflow": 5e4, "adjoint_matching": 5e3}[algo]
     with open_dict(cfg):
-        cfg.reward = {"name": "sd3_test_tiny"}
+        cfg.reward = {"name": tiny_reward_registered}
     trainer = Trainer(cfg, run_dir)
     assert isinstance(trainer.model, SD3Model)
     before = [p.detach().clone() for p in trainer.model.trainable_parameters()]
