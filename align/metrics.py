@@ -31,7 +31,7 @@ def feature_diversity(features: torch.Tensor) -> float:
 def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
     """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^{1/2}) between two feature sets [n, F]."""
     fid = FrechetInceptionDistance(feature=_PrecomputedFeatures(feat_a.shape[1]), normalize=True,
-                                   reset_real_features=True)
+                                   reset_real_features=True, sync_on_compute=False)  # main process only
     fid.update(feat_b.float().cpu(), real=True)
     fid.update(feat_a.float().cpu(), real=False)
     return max(0.0, float(fid.compute()))   # round-off can give tiny negatives for identical sets

@@ -34,6 +34,7 @@ def _fail(message: str) -> None:
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def _job(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
+    extending = False
     if not cfg.resume and _reusable_run_dir():
         try:
             action = plan_existing_run(run_dir, OmegaConf.to_container(cfg, resolve=True))
@@ -46,10 +47,9 @@ def _job(cfg: DictConfig) -> None:
             print(f"align: {run_dir} has a checkpoint (step {last_checkpoint_step(run_dir)}), resuming", flush=True)
             with open_dict(cfg):
                 cfg.resume = run_dir
-            if os.path.exists(os.path.join(run_dir, FINISHED_FILE)):   # extending a finished run (train.steps)
-                os.remove(os.path.join(run_dir, FINISHED_FILE))
-        elif action == "start":
-            clear_partial_run(run_dir)
+            extending = os.path.exists(os.path.join(run_dir, FINISHED_FILE))   # a finished run, larger train.steps
+        elif action == "start" and _launch_rank() == 0:
+            clear_partial_run(run_dir)      # other processes decide from the same state but never delete
     elif cfg.resume:
         run_dir = os.path.abspath(str(cfg.resume))
         saved = os.path.join(run_dir, "config.yaml")
@@ -68,6 +68,8 @@ def _job(cfg: DictConfig) -> None:
         if fresh and os.path.isdir(run_dir) and not os.listdir(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)   # leave no half-written run directory
         _fail(str(err).strip("'\""))
+    if extending and trainer.is_main:   # after the Trainer's rendezvous: every process has made its decision
+        os.remove(os.path.join(run_dir, FINISHED_FILE))
     if trainer.is_main:
         print(f"align: run directory {run_dir}\n       TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tb')}"
               f"\n       sample grids: {os.path.join(run_dir, 'samples')}/step_*.png (newest: latest.png)",
@@ -114,6 +116,11 @@ _STEP_DIR = re.compile(r"step_(\d+)$")
 
 class RunMismatch(ValueError):
     """The run directory holds a run of a different config."""
+
+
+def _launch_rank() -> int:
+    """This process's global rank as set by torchrun / accelerate launch (0 when launched alone)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _reusable_run_dir() -> bool:

@@ -72,24 +72,37 @@ class Trainer:
         self.step, self.bad_in_row, self.skipped, self.elapsed = 0, 0, 0, 0.0
 
     # ---- checkpoint state -------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def state(self, rng_states: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+        """Everything a resume needs; ``rng`` holds one entry per process (each draws its own noise)."""
         return {"step": self.step, "model": self.model.finetune_state_dict(), "algo": self.algo.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "bad_in_row": self.bad_in_row, "skipped": self.skipped,
-                "elapsed": self.elapsed}
+                "optimizer": self.optimizer.state_dict(), "rng": rng_states or [self._rng_state()],
+                "bad_in_row": self.bad_in_row, "skipped": self.skipped, "elapsed": self.elapsed}
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.model.load_finetune_state_dict(state["model"])
         self.algo.load_state_dict(state["algo"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if len(state["rng"]) != world:
+            raise ValueError(f"{self.run_dir}: the checkpoint was written by {len(state['rng'])} process(es) and "
+                             f"this run has {world}; resume with the same number of processes (the noise "
+                             "streams are per process)")
+        self.generator.set_state(state["rng"][rank]["generator"])
+        torch.set_rng_state(state["rng"][rank]["torch"])
         self.bad_in_row, self.skipped, self.elapsed = state["bad_in_row"], state["skipped"], state["elapsed"]
 
     def save(self) -> None:
+        from accelerate.utils import gather_object
+
+        rng = [self._rng_state()]
+        if self.accelerator.num_processes > 1:
+            rng = gather_object(rng)          # every process's streams, in rank order
         if self.is_main:
-            save_checkpoint(self.run_dir, self.step, self.state(), int(self.cfg.train.keep_checkpoints),
+            save_checkpoint(self.run_dir, self.step, self.state(rng), int(self.cfg.train.keep_checkpoints),
                             export=self.model.save_finetuned)
         self.accelerator.wait_for_everyone()
 
