@@ -35,7 +35,7 @@ def test_model_alone_picks_its_default_reward():
     assert (cfg.model.name, cfg.reward.name, cfg.train.steps, cfg.train.batch_size) == ("gmm", "linear", 200, 32)
     cfg = compose_config([])
     assert (cfg.algo.name, cfg.model.name, cfg.reward.name) == ("vggflow", "digits", "digits_thickness")
-    assert (cfg.train.steps, cfg.train.batch_size, cfg.eval.every) == (60, 8, 20)
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.eval.every, cfg.eval.n_samples) == (60, 8, 20, 160)
     with pytest.raises(ConfigProblem, match="different default rewards"):
         check_overrides(["-m", "model=gmm,digits"], CONF_DIR)
 
