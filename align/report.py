@@ -4,8 +4,9 @@ Reads every run directory under ``sweep_dir`` (a directory with ``config.yaml`` 
 writes into ``--out`` (default ``<sweep_dir>/report``):
 
 * ``table.md``, ``table.csv`` — like the paper's Table 1: per reward, the final evaluation (the last
-  ``eval/*`` row of each finished run) as mean ± sample standard deviation (ddof = 1) over seeds; best per
-  column marked (highest reward, highest diversity, lowest FID; the Base row, the step-0 evaluation of the
+  ``eval/*`` row of each finished run: reward, diversity, diversity ÷ the run's step-0 diversity, FID) as
+  mean ± sample standard deviation (ddof = 1) over seeds; best per column marked (highest reward,
+  highest diversity, lowest FID; the Base row, the step-0 evaluation of the
   untouched model, is not a candidate). Unfinished runs (no ``samples_final.pt``) are listed, not averaged.
 * ``convergence_<reward>.png/.pdf`` — reward, diversity, FID vs update step, mean ± std band over seeds.
 * ``pareto_<reward>.png/.pdf`` — reward vs diversity and reward vs FID, one point per evaluated checkpoint
@@ -28,7 +29,8 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 
 # (metrics.jsonl key, column name, better) — the table's columns, in order.
-METRICS = (("eval/reward", "reward", "max"), ("eval/diversity", "diversity", "max"), ("eval/fid", "FID", "min"))
+METRICS = (("eval/reward", "reward", "max"), ("eval/diversity", "diversity", "max"),
+           ("eval/diversity_rel", "diversity ÷ base", "max"), ("eval/fid", "FID", "min"))
 # Config keys that do not make runs different experiments.
 NOT_GROUPING = ("seed", "run_dir", "resume", "threads", "device", "train.progress", "train.checkpoint_every",
                 "train.keep_checkpoints")
@@ -107,8 +109,22 @@ def read_run(path: str) -> RunData:
                 except json.JSONDecodeError:      # a line cut short by an interrupted run
                     break
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    add_relative_diversity(evals)
     return RunData(path, cfg, evals, os.path.exists(os.path.join(path, "samples_final.pt")),
                    int(rows[-1]["step"]) if rows else 0, int(cfg.get("train.steps", 0) or 0))
+
+
+def add_relative_diversity(evals: list[dict]) -> None:
+    """``eval/diversity_rel`` = diversity / the run's step-0 diversity (the untouched model on the same
+    evaluation noise and prompts: every backend starts at the base, e.g. LoRA B = 0). Removes the
+    seed-to-seed spread of the evaluation set, which dominates the absolute diversity's ± on small domains."""
+    start = [r for r in evals if r.get("step") == 0 and "eval/diversity" in r]
+    base = _num(start[0]["eval/diversity"]) if start else math.nan
+    if not (math.isfinite(base) and base > 0):
+        return
+    for r in evals:
+        if "eval/diversity" in r and "eval/diversity_rel" not in r:
+            r["eval/diversity_rel"] = _num(r["eval/diversity"]) / base
 
 
 def discover(sweep_dir: str, skip: str | None = None) -> list[RunData]:

@@ -18,7 +18,8 @@ from align.report import METRICS, Group, curve  # noqa: E402
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
          "ytick.labelsize": 7, "lines.linewidth": 1.2, "axes.spines.top": False, "axes.spines.right": False}
 WIDTH = 7.0
-NAMES = {"eval/reward": "reward", "eval/diversity": "diversity", "eval/fid": "FID"}
+NAMES = {"eval/reward": "reward", "eval/diversity": "diversity", "eval/diversity_rel": "diversity ÷ base",
+         "eval/fid": "FID"}
 
 
 def pareto_front(xs: list[float], ys: list[float], maximize_x: bool = True, maximize_y: bool = True) -> list[int]:

@@ -66,21 +66,29 @@ def sweep(tmp_path_factory):
     return root
 
 
+def _final(delta, seed, reward, key):
+    if key == "eval/diversity_rel":   # final diversity / the same run's step-0 diversity
+        return (_metrics(delta, seed, STEPS[-1], reward)["eval/diversity"]
+                / _metrics(delta, seed, 0, reward)["eval/diversity"])
+    return _metrics(delta, seed, STEPS[-1], reward)[key]
+
+
 def _expected(name, key):
     algo, beta, reward, delta = GROUPS[name]
-    vals = [_metrics(delta, s, STEPS[-1], reward)[key] for s in SEEDS if (name, s) not in UNFINISHED]
+    vals = [_final(delta, s, reward, key) for s in SEEDS if (name, s) not in UNFINISHED]
     return statistics.mean(vals), statistics.stdev(vals), len(vals)
 
 
 def _base(reward, key):
-    vals = [_metrics(0.0, s, 0, reward)[key] for s in SEEDS]
+    vals = [1.0 if key == "eval/diversity_rel" else _metrics(0.0, s, 0, reward)[key] for s in SEEDS]
     return statistics.mean(vals), statistics.stdev(vals)
 
 
 ROWS = {"VGG-Flow, β=1": {"r_a": "vgg1", "r_b": "vgg1b"}, "VGG-Flow, β=2": {"r_a": "vgg2"},
         "ReFL": {"r_a": "refl", "r_b": "reflb"}}
-COLUMNS = {"r_a": [("reward", "eval/reward", max), ("diversity", "eval/diversity", max), ("FID", "eval/fid", min)],
-           "r_b": [("reward", "eval/reward", max), ("diversity", "eval/diversity", max)]}
+REL = ("diversity ÷ base", "eval/diversity_rel", max)
+COLUMNS = {"r_a": [("reward", "eval/reward", max), ("diversity", "eval/diversity", max), REL, ("FID", "eval/fid", min)],
+           "r_b": [("reward", "eval/reward", max), ("diversity", "eval/diversity", max), REL]}
 
 
 def _best(facet, key, better):
@@ -103,7 +111,8 @@ def _numbers(text):
 
 def test_markdown_table_numbers_and_best_marking(sweep):
     header, table = _md_cells(sweep / "report" / "table.md")
-    assert header == ["Method", "r_a reward ↑", "r_a diversity ↑", "r_a FID ↓", "r_b reward ↑", "r_b diversity ↑"]
+    assert header == ["Method", "r_a reward ↑", "r_a diversity ↑", "r_a diversity ÷ base ↑", "r_a FID ↓",
+                      "r_b reward ↑", "r_b diversity ↑", "r_b diversity ÷ base ↑"]
     assert list(table) == ["Base", "ReFL", "DRaFT", "VGG-Flow, β=1", "VGG-Flow, β=2"]   # the paper's order
     for label, facets in ROWS.items():
         for facet, cols in COLUMNS.items():
