@@ -26,6 +26,17 @@ from align.prompts import load_prompts
 from align.run_logging import RunLogger
 
 
+def preview_order(prompts: list[str], per_prompt: int = 8) -> list[int]:
+    """Indices for a sample grid: the first ``per_prompt`` samples of each distinct prompt, prompt by prompt
+    (all samples when there is only one prompt)."""
+    if len(set(prompts)) < 2:
+        return list(range(len(prompts)))
+    seen: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        seen.setdefault(p, []).append(i)
+    return [i for idx in seen.values() for i in idx[:per_prompt]]
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite updates."""
 
@@ -208,8 +219,8 @@ class Trainer:
         if not self.is_main:
             return {}
         metrics, x1 = self.evaluator()
-        logger.images("samples", self.model.preview_grid(x1) if hasattr(self.model, "preview_grid") else None,
-                      self.step)
+        if hasattr(self.model, "preview_grid"):
+            logger.images("samples", self.model.preview_grid(x1[preview_order(self.evaluator.prompts)]), self.step)
         return metrics
 
     @torch.no_grad()

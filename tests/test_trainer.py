@@ -66,6 +66,19 @@ def test_run_directory_contract(tmp_path):
     assert os.path.isfile(os.path.join(ckpt, "state.pt"))
     assert os.listdir(os.path.join(ckpt, "finetuned"))
     assert not [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith(".tmp")]
+    pngs = sorted(os.listdir(os.path.join(run_dir, "samples")))   # eval at 0, 3, 6 (eval.every=3)
+    assert pngs == ["latest.png", "step_0000000.png", "step_0000003.png", "step_0000006.png"]
+    with open(os.path.join(run_dir, "samples", "latest.png"), "rb") as a, \
+            open(os.path.join(run_dir, "samples", "step_0000006.png"), "rb") as b:
+        assert a.read() == b.read() and os.path.getsize(os.path.join(run_dir, "samples", "latest.png")) > 1000
+
+
+def test_preview_order_takes_each_prompt_in_turn():
+    from align.trainer import preview_order
+
+    prompts = ["zero"] * 3 + ["one"] * 3 + ["zero"] * 2
+    assert preview_order(prompts, per_prompt=2) == [0, 1, 3, 4]
+    assert preview_order(["", "", ""]) == [0, 1, 2]
 
 
 def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):

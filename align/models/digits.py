@@ -242,13 +242,14 @@ class DigitsFlow(FlowTransformerModel):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier.features(self.decode(x).float())
 
-    def preview_grid(self, x: torch.Tensor, n: int = 64) -> torch.Tensor:
-        """[3, H, W] grid of up to n decoded samples, upscaled ×4 for TensorBoard."""
+    def preview_grid(self, x: torch.Tensor, n: int = 80, nrow: int = 8) -> torch.Tensor:
+        """[3, H, W] grid of up to n decoded samples, ``nrow`` per row, upscaled ×4 (the trainer passes
+        8 samples of each prompt in turn: one digit class per row)."""
         from torchvision.utils import make_grid
 
         img = self.decode(x[:n].detach().float().cpu())
         img = F.interpolate(img, scale_factor=4, mode="nearest")
-        return make_grid(img, nrow=int(min(len(img), 16)), padding=2, pad_value=0.5)
+        return make_grid(img, nrow=int(min(len(img), nrow)), padding=2, pad_value=0.5)
 
     # -- VGG-Flow's value network
     def make_value_network(self) -> nn.Module:
