@@ -16,7 +16,8 @@ from torch.nn import functional as F
 
 from align.interfaces import Reward
 from align.models.flow_transformer import LORA_WEIGHT_NAME, t_to_sigma
-from align.models.sd3 import LatentValueUNet, SD3Model, SD3WeightsError
+from align.models.sd3 import SD3Model, SD3WeightsError
+from align.models.value_unet import ValueUNet
 from align.prompt_sets import NAMED_SETS, load_named_set
 from align.registry import MODELS, REWARDS, register_reward
 from samplers import euler_integrate, one_step_prediction, sd3_grid
@@ -228,14 +229,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(sd3_dir):
 def test_value_network_is_the_scaled_down_unet(sd3_dir):
     model = _model(sd3_dir, value_net={"block_out_channels": [8, 16], "attention_head_dim": 4})
     net = model.make_value_network()
-    assert isinstance(net, LatentValueUNet)
+    assert isinstance(net, ValueUNet)
     assert net.unet.config.in_channels == 16 and net.unet.config.cross_attention_dim == 32
     assert net.unet.config.block_out_channels == (8, 16)
     x, cond = _noise(model), model.encode(PROMPTS)
     out = net(x, torch.tensor([0.2, 0.9]), cond)
     assert out.shape == x.shape and 0 < out.abs().max() < 1e-2          # conv_out ×1e−3: ν ≈ 0 at the start
     assert out.requires_grad
-    paper = LatentValueUNet(sample_size=128, cross_attention_dim=4096)
+    paper = ValueUNet(sample_size=128, cross_attention_dim=4096)
     assert paper.unet.config.block_out_channels == (64, 128, 256, 256) and paper.unet.config.layers_per_block == 1
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from align.models.flow_transformer import LORA_TARGET_MODULES, FlowTransformerModel
+from align.models.value_unet import ValueUNet
 from align.registry import register_model
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -150,33 +151,6 @@ def build_transformer(config: dict[str, Any] | None = None) -> nn.Module:
     return SD3Transformer2DModel(**(TRANSFORMER_CONFIG if config is None else config))
 
 
-# ---- the value network ν_φ(x, t, c) --------------------------------------------------------------------------
-class ValueUNet(nn.Module):
-    """A scaled-down ``UNet2DConditionModel`` (the paper's "scaled-down SD1.5 U-Net") on 8×8, with
-    cross-attention on the prompt tokens and a tiny-initialised output conv (×1e−3). t is fed as 1000·t."""
-
-    def __init__(self, channels: int = 1, cross_attention_dim: int = 32,
-                 block_out_channels: Sequence[int] = (32, 64), attention_head_dim: int = 8,
-                 out_scale: float = 1e-3):
-        super().__init__()
-        from diffusers import UNet2DConditionModel
-
-        self.unet = UNet2DConditionModel(
-            sample_size=8, in_channels=channels, out_channels=channels,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=tuple(block_out_channels), layers_per_block=1,
-            cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
-            norm_num_groups=min(8, min(block_out_channels)))
-        with torch.no_grad():
-            self.unet.conv_out.weight.mul_(out_scale)
-            self.unet.conv_out.bias.mul_(out_scale)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device, dtype=x.dtype).reshape(-1).expand(x.shape[0])
-        return self.unet(x, 1000.0 * t, encoder_hidden_states=cond["encoder_hidden_states"].to(x.dtype)).sample
-
-
 # ---- the backend ------------------------------------------------------------------------------------------
 @register_model("digits")
 class DigitsFlow(FlowTransformerModel):
@@ -253,5 +227,8 @@ class DigitsFlow(FlowTransformerModel):
 
     # -- VGG-Flow's value network
     def make_value_network(self) -> nn.Module:
-        return ValueUNet(channels=1, cross_attention_dim=self.config["transformer"]["joint_attention_dim"],
-                         **self.value_net_kwargs)
+        """The paper's scaled-down U-Net, sized for 8×8 (cross-attention on the prompt tokens, output ×1e−3)."""
+        kw = {"block_out_channels": (32, 64), "attention_head_dim": 8, **self.value_net_kwargs}
+        return ValueUNet(channels=1, sample_size=8, layers_per_block=1,
+                         cross_attention_dim=self.config["transformer"]["joint_attention_dim"],
+                         norm_num_groups=min(8, min(kw["block_out_channels"])), **kw)

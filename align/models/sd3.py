@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from align.models.flow_transformer import LORA_TARGET_MODULES, LORA_WEIGHT_NAME, FlowTransformerModel
+from align.models.value_unet import ValueUNet
 from align.registry import register_model
 
 DEFAULT_PRETRAINED = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -157,37 +158,6 @@ class SD3TextEncoders:
                                      truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
             t5 = self.encoders[2](ids.to(device))[0].to(self.encoders[2].dtype)
         return torch.cat(hidden, dim=-1), torch.cat(pooled, dim=-1), t5
-
-
-# ---- VGG-Flow's value network ν_φ ---------------------------------------------------------------------------------
-class LatentValueUNet(nn.Module):
-    """ν_φ(x, t, c): the paper's "scaled-down SD1.5 U-Net" on SD3 latents (reference §1.8, the authors' ``small``
-    option): ``UNet2DConditionModel(in = out = 16, block_out_channels = (64, 128, 256, 256), layers_per_block = 1,
-    cross_attention_dim = joint_attention_dim)``, cross-attending to the (conditional) prompt embeddings; the
-    output conv's weight and bias are scaled by ``out_scale`` = 1e−3 so that ν ≈ 0 at the start. t is fed as
-    1000·t."""
-
-    def __init__(self, channels: int = 16, sample_size: int = 128, cross_attention_dim: int = 4096,
-                 block_out_channels: Sequence[int] = (64, 128, 256, 256), layers_per_block: int = 1,
-                 attention_head_dim: int = 8, norm_num_groups: int | None = None, out_scale: float = 1e-3):
-        super().__init__()
-        from diffusers import UNet2DConditionModel
-
-        n = len(block_out_channels)
-        down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
-        up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
-        groups = norm_num_groups or min(32, min(block_out_channels))
-        self.unet = UNet2DConditionModel(
-            sample_size=sample_size, in_channels=channels, out_channels=channels, down_block_types=down,
-            up_block_types=up, block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim, norm_num_groups=groups)
-        with torch.no_grad():
-            self.unet.conv_out.weight.mul_(out_scale)
-            self.unet.conv_out.bias.mul_(out_scale)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device, dtype=x.dtype).reshape(-1).expand(x.shape[0])
-        return self.unet(x, 1000.0 * t, encoder_hidden_states=cond["encoder_hidden_states"].to(x.dtype)).sample
 
 
 # ---- features for the diversity / FID metrics ------------------------------------------------------------------
@@ -424,7 +394,7 @@ class SD3Model(FlowTransformerModel):
     # -- VGG-Flow's value network
     def make_value_network(self) -> nn.Module:
         kw = {"sample_size": self.data_shape[-1], **self.value_net_kwargs}
-        return LatentValueUNet(channels=self.data_shape[0], cross_attention_dim=self.joint_dim, **kw)
+        return ValueUNet(channels=self.data_shape[0], cross_attention_dim=self.joint_dim, **kw)
 
     # -- export
     def save_finetuned(self, directory: str) -> None:
