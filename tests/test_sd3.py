@@ -362,3 +362,16 @@ def test_every_algorithm_trains_two_steps_on_tiny_sd3(sd3_dir, tmp_path, algo, t
     assert moved > 0                                            # LoRA updated by the shared optimizer
     final = os.path.join(run_dir, "checkpoints", "step_0000002", "finetuned", LORA_WEIGHT_NAME)
     assert os.path.isfile(final)
+
+
+def test_inception_features_need_their_weights_file(tmp_path, monkeypatch):
+    from align.models.sd3 import INCEPTION_WEIGHTS, build_features
+
+    monkeypatch.delenv("ALIGN_INCEPTION_WEIGHTS", raising=False)
+    for weights in (None, str(tmp_path / "nope.pth")):
+        with pytest.raises(FileNotFoundError) as err:
+            build_features({"kind": "inception", "weights": weights})
+        msg = str(err.value)
+        assert INCEPTION_WEIGHTS in msg and "model.features.weights" in msg and "ALIGN_INCEPTION_WEIGHTS" in msg
+    with pytest.raises(ValueError, match="clip, inception, pixels"):
+        build_features({"kind": "dreamsim"})

@@ -173,15 +173,48 @@ class PixelFeatures(nn.Module):
         return F.adaptive_avg_pool2d(images.float(), self.size).flatten(1)
 
 
+INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS
+
+
+class InceptionFeatures(nn.Module):
+    """The 2048-d pool features of the FID Inception-v3 (torchmetrics' ``NoTrainInceptionV3``, via the optional
+    package torch-fidelity), from a local weights file; images in [0, 1] are quantised to uint8 as FID does."""
+
+    num_features = 2048
+
+    def __init__(self, weights: str | None = None):
+        super().__init__()
+        weights = weights or os.environ.get("ALIGN_INCEPTION_WEIGHTS")
+        if not weights or not os.path.isfile(os.path.expanduser(weights)):
+            raise FileNotFoundError(
+                f"model.features.kind=inception needs the FID Inception weights {INCEPTION_WEIGHTS} (from "
+                f"{INCEPTION_URL}); point model.features.weights or $ALIGN_INCEPTION_WEIGHTS at it"
+                + (f" (not found: {weights})" if weights else ""))
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                          feature_extractor_weights_path=os.path.expanduser(weights))
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError("model.features.kind=inception needs the optional package torch-fidelity "
+                                      "(pip install torch-fidelity); or use model.features.kind=clip") from err
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images.clamp(0, 1) * 255).round().to(torch.uint8)).reshape(images.shape[0], -1).float()
+
+
 def build_features(spec: dict[str, Any] | None) -> nn.Module:
     """``model.features``: ``{kind: clip, model_name, weights, quick_gelu}`` (CLIP image embeddings, the
-    paper's; weights: the key, else $ALIGN_CLIP_FEATURES_WEIGHTS, else the HF cache) or ``{kind: pixels}``."""
+    paper's; weights: the key, else $ALIGN_CLIP_FEATURES_WEIGHTS, else the HF cache), ``{kind: inception,
+    weights}`` (FID's Inception-v3; needs torch-fidelity) or ``{kind: pixels}``."""
     spec = dict(spec or {})
     kind = spec.pop("kind", "clip")
     if kind == "pixels":
         return PixelFeatures(size=spec.get("size", 8))
+    if kind == "inception":
+        return InceptionFeatures(spec.get("weights"))
     if kind != "clip":
-        raise ValueError(f"model.features.kind={kind!r}: valid choices are clip, pixels")
+        raise ValueError(f"model.features.kind={kind!r}: valid choices are clip, inception, pixels")
     try:
         from rewards.clip_common import ClipImageFeatures
     except ImportError as err:
