@@ -81,6 +81,14 @@ class Trainer:
         self.evaluator = Evaluator(self.model, self.reward, self.ts, self.prompt_set, int(cfg.eval.n_samples),
                                    int(cfg.eval.group_size), seed)
         self.step, self.bad_in_row, self.skipped, self.elapsed = 0, 0, 0, 0.0
+        # Load the checkpoint here, not in train(): a checkpoint that cannot be resumed (e.g. written by another
+        # number of processes) is then a clear error before any work starts.
+        self.resume_step = None
+        if cfg.resume:
+            loaded = load_latest(run_dir)
+            if loaded is not None:
+                self.resume_step, state = loaded
+                self.load_state(state)
 
     # ---- checkpoint state -------------------------------------------------------------------------------
     def state(self, rng_states: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
@@ -173,12 +181,7 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------------
     def train(self) -> None:
         cfg = self.cfg
-        resume_step = None
-        if cfg.resume:
-            loaded = load_latest(self.run_dir)
-            if loaded is not None:
-                resume_step, state = loaded
-                self.load_state(state)
+        resume_step = self.resume_step
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             OmegaConf.save(cfg, os.path.join(self.run_dir, "config.yaml"), resolve=True)
