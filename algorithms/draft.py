@@ -12,7 +12,16 @@ DRaFT-LV (``variant: lv``, K = 1 with lower variance):
     x_N     = Euler ODE of v_θ from x_0, without grad;   σ = 1 − t_{N−1}
     x̃^(i)  = (1 − σ)·sg(x_N) + σ·ε_i,  ε_i ~ N(0, I),  i = 1..n
     x̂^(i)  = x̃^(i) + (1 − t_{N−1})·v_θ(x̃^(i), t_{N−1})            (grad through θ)
-    L(θ)    = (1/n) Σ_i mean_b ℓ(r(decode(x̂^(i))))
+    L(θ)    = (1/n) Σ_i mean_b ℓ(r(decode(x̂^(i))))        (``lv_reduce: mean``, default)
+            =       Σ_i mean_b ℓ(r(decode(x̂^(i))))        (``lv_reduce: sum``)
+  Mean or sum over the n copies: the DRaFT paper's own DRaFT-LV pseudo-code (Clark et al., ICLR 2024,
+  Algorithm 2) could not be retrieved to check it (the recollection is that it accumulates, i.e. sums, the
+  n per-copy reward gradients; reference §4 [MEM] and the public re-implementations found, e.g.
+  RuoyuWang-2077/FlowBP, average). The default stays ``mean``; ``sum`` is the same gradient times n. Under
+  AdamW the two differ only through Adam's ε, the weight decay's relative weight and the grad-norm clip.
+
+CFG: v_θ is the guided field of the model; under grad its unconditional branch is detached from θ but not
+from x (align/models/flow_transformer.py), so DRaFT-K's x-chain carries w J_cond + (1 − w) J_uncond.
 
 ℓ = −ReLU(r) by default (align/objectives.py).
 """
@@ -29,6 +38,7 @@ from align.registry import register_algorithm
 from samplers import Trajectory, euler_integrate, one_step_prediction
 
 VARIANTS = ("lv", "k")
+LV_REDUCTIONS = ("mean", "sum")
 
 
 @register_algorithm("draft")
@@ -45,6 +55,8 @@ class DRaFT(Algorithm):
             raise ValueError(f"algo.k={cfg.k} must be between 1 and sampler.steps={N}")
         if cfg.variant == "lv" and int(cfg.n) < 1:
             raise ValueError(f"algo.n={cfg.n} must be >= 1 (re-noised copies per sample)")
+        if cfg.get("lv_reduce", "mean") not in LV_REDUCTIONS:
+            raise ValueError(f"unknown algo.lv_reduce={cfg.lv_reduce!r}; valid choices: {', '.join(LV_REDUCTIONS)}")
 
     def draw_k(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """K [n]: the configured k, or K ~ Uniform{1..k} per trajectory when ``k_random``."""
@@ -92,7 +104,9 @@ class DRaFT(Algorithm):
         cond = index_cond(traj.cond, rows)
         t = torch.full((n * B,), t_last, dtype=x_N.dtype, device=x_N.device)
         x_hat = one_step_prediction(x_tilde, t, self.model.velocity(x_tilde, t, cond))
-        # The mean over all n·B rows is (1/n) Σ_i of the per-copy batch means.
+        # The mean over all n·B rows is (1/n) Σ_i of the per-copy batch means; ``sum`` multiplies it by n.
         loss, logs = reward_loss(self.model, self.reward, x_hat, [traj.prompts[i] for i in rows.tolist()], self.cfg)
+        if self.cfg.get("lv_reduce", "mean") == "sum":
+            loss = loss * n
         logs["renoise_sigma"] = sigma
         return loss, logs

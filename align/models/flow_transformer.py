@@ -8,7 +8,9 @@ t = 1 − σ and v = dx/dt = −u. This module owns that translation, one functi
 
 ``FlowTransformerModel`` adds the rest of the SD3 recipe (reference §0, §1.8):
   * classifier-free guidance inside ``velocity``: v = v_uncond + w (v_cond − v_uncond); when grad is enabled
-    the unconditional branch is detached (computed under ``no_grad``);
+    the unconditional branch is detached from θ (the LoRA weights), as in the authors' training code, but
+    not from x: ∂v/∂x = w J_cond + (1 − w) J_uncond, which VGG-Flow-PMP's costate and DRaFT-K's x-chain
+    need (``guided_u``);
   * peft LoRA (rank 8, α 8, gaussian init, on to_q/to_k/to_v/to_out.0) injected into the transformer;
     the LoRA parameters are the only trainable parameters;
   * ``base_velocity`` = the same network with the adapter disabled (no second copy), no parameter grads,
@@ -27,6 +29,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from align.interfaces import FlowModel
 
@@ -97,6 +100,57 @@ def adapters_disabled(transformer: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+# ---- CFG: the unconditional branch differentiable in x, detached from θ -----------------------------------
+def _adapter_flags(module: nn.Module) -> tuple[bool, ...]:
+    """Which peft layers have their adapters disabled (the recomputation must see the same network)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return tuple(bool(m.disable_adapters) for m in module.modules() if isinstance(m, BaseTunerLayer))
+
+
+@contextlib.contextmanager
+def _requires_grad_off(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class _ThetaDetached(torch.autograd.Function):
+    """y = run(x) with gradients to x only: every parameter (θ = the LoRA weights) is treated as a constant.
+
+    Forward runs without a graph, exactly like the former ``no_grad`` branch. Backward recomputes ``run`` with
+    the network's trainable parameters' ``requires_grad`` switched off, so the recomputation builds a graph to
+    x alone, and back-propagates the incoming gradient through it. Because everything happens inside this
+    backward, it is also right under gradient checkpointing, reentrant or not: a checkpoint recomputes within
+    the same window, where θ does not require grad, so θ-gradients cannot leak into the unconditional branch.
+    Cost: one extra forward of the branch per backward (as checkpointing), no activations kept in between.
+    Not twice differentiable (``once_differentiable``); the parameters must not change before the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, run, network, params):
+        ctx.run, ctx.network, ctx.params = run, network, params
+        ctx.state = ([p._version for p in params], _adapter_flags(network))
+        ctx.save_for_backward(x)
+        return run(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        if ([p._version for p in ctx.params], _adapter_flags(ctx.network)) != ctx.state:
+            raise RuntimeError("CFG unconditional branch: the LoRA weights or the adapter state changed between "
+                               "the forward and the backward pass; call backward before updating the model")
+        with torch.enable_grad(), _requires_grad_off(ctx.params):
+            xd = x.detach().requires_grad_(True)
+            torch.autograd.backward(ctx.run(xd), grad)
+        return xd.grad, None, None, None
+
+
 # ---- the backend -----------------------------------------------------------------------------------------
 class FlowTransformerModel(FlowModel):
     """A frozen SD3-architecture transformer + peft LoRA, exposed as v(x, t, cond) with CFG.
@@ -137,9 +191,12 @@ class FlowTransformerModel(FlowModel):
                  guidance_scale: float | None = None, detach_uncond: bool | None = None) -> torch.Tensor:
         """CFG in the SD3 convention: u_uncond + w (u_cond − u_uncond).
 
-        ``detach_uncond`` (default: whenever grad is enabled) computes the unconditional branch under
-        ``no_grad``, i.e. sg(u_uncond) + w (u_cond − sg(u_uncond)) as in the authors' training code.
-        With grad disabled both branches run as one batch of 2B.
+        ``detach_uncond`` (default: whenever grad is enabled) detaches the unconditional branch from the
+        network's parameters (θ), as in the authors' training code: θ-gradients are w·∂u_cond/∂θ. It stays
+        differentiable in x, so ∂u/∂x = w J_cond + (1 − w) J_uncond (``_ThetaDetached``). When x does not
+        require grad the branch runs under ``no_grad`` (no graph, nothing more than a plain forward).
+        ``detach_uncond=False`` differentiates both branches in everything. With grad disabled both branches
+        run as one batch of 2B.
         """
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         if w == 1.0:
@@ -154,17 +211,30 @@ class FlowTransformerModel(FlowModel):
             u_cond, u_uncond = u[:B], u[B:]
         else:
             u_cond = self.transformer_u(x, sigma, cond)
-            if detach:
-                with torch.no_grad():
-                    u_uncond = self.transformer_u(x, sigma, neg)
-            else:
+            if not detach:
                 u_uncond = self.transformer_u(x, sigma, neg)
+            else:
+                u_uncond = self._uncond_theta_detached(x, sigma, neg)
         return cfg_combine(u_cond, u_uncond, w)
+
+    def _uncond_theta_detached(self, x: torch.Tensor, sigma: torch.Tensor, neg: dict[str, torch.Tensor]
+                               ) -> torch.Tensor:
+        """u(x, σ, c_neg) without θ-gradients; differentiable in x when x requires grad."""
+        if not x.requires_grad:
+            with torch.no_grad():
+                return self.transformer_u(x, sigma, neg)
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        if not params:                              # nothing to detach: the plain graph is exact
+            return self.transformer_u(x, sigma, neg)
+        sigma = sigma.detach()
+        neg = {k: v.detach() for k, v in neg.items()}
+        return _ThetaDetached.apply(x, lambda z: self.transformer_u(z, sigma, neg), self.transformer, params)
 
     # -- the paper's convention
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any, guidance_scale: float | None = None
                  ) -> torch.Tensor:
-        """v_θ(x, t, c) = −u_θ^cfg(x, σ = 1 − t, c), LoRA on (unconditional branch detached under grad)."""
+        """v_θ(x, t, c) = −u_θ^cfg(x, σ = 1 − t, c), LoRA on (under grad the unconditional branch is detached from
+        θ but differentiable in x, see ``guided_u``)."""
         return u_to_v(self.guided_u(x, t_to_sigma(t), cond, guidance_scale))
 
     def base_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any, guidance_scale: float | None = None
