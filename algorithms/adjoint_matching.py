@@ -3,13 +3,28 @@
 Target: p*(x) ∝ p_base(x) exp(β r(x)), reached by stochastic optimal control of the memoryless SDE
     dX = b(X, t) dt + σ(t) dB,   b = 2 v_θ(X, t) − X/(t + h),   σ(t) = √(2 (1 − t + h)/(t + h)),
 whose base version (v_θ = v_base) has the flow's marginals and independent endpoints for h → 0.
-Algorithm 1 (lean adjoint), on the grid t_0 < … < t_N:
+Algorithm 1 (lean adjoint), on the *training* grid t_0 < … < t_N (``algo.train_grid``, below):
   1. roll out the SDE with the current v_θ, no grad (the last step is a noiseless base Euler step);
   2. lean adjoint, one VJP through v_base per step:
        ã_N = −β ∇r(decode(X_N)),   ã_k = ã_{k+1} + Δt_k ∇_x[ã_{k+1}·b_base(x, t_k)]_{x = X_k};
-  3. L(θ) = Σ_{k∈K} ‖ (2/σ_k)(v_θ − v_base)(X_k, t_k) + σ_k ã_{k+1} ‖²  (X, ã detached), K a subset of times.
+  3. L(θ) = Σ_{k∈K} ‖ (2/σ_k)(v_θ − v_base)(X_k, t_k) + σ_k ã_{k+1} ‖²  (X, ã detached), K a subset of times,
+     averaged over the samples that survive the per-sample loss clip (``algo.loss_clip``).
 Pairing X_k with ã_{k+1} is the discrete optimality condition of the step k → k+1 (reference §3, pairing note).
-Samples for evaluation come from the ODE with v_θ (the trainer's evaluator), as in AM.
+Samples for evaluation come from the ODE with v_θ on the *model's* grid (the trainer's evaluator), as in AM.
+
+Training grid (``algo.train_grid``). The discrete fixed point ṽ_k = −(σ_k²/2) ã_{k+1} is the optimum of the
+discretised SDE, not of the ODE that produces the samples; on a strongly non-uniform grid the two part ways.
+Exact check (one Gaussian N(μ, Σ), Σ = diag(.25, 2), r = cᵀx, c = (1, 1); ã is then deterministic, so the fixed
+point is a per-step constant; read out with the 20-step Euler ODE on SD3's shifted grid and compared with the
+tilt's mean shift βΣc, reference §6.2; align/exact_discrete.py): training on the sd3 20-step grid itself misses
+the shift by 9.8 % in norm (−14 % / −10 % per component); training on the uniform 20-step grid and sampling on
+the sd3 grid misses it by 0.8 % (≤ 1.3 % per component), at the same cost per update (N − 1 velocity calls in
+the rollout, N − 1 base VJPs, 2|K| calls in the loss). Hence the default ``uniform``: the SDE rollout, the lean
+adjoint and the loss all run on t_k = k/N (N = ``algo.train_steps``, default the sampler's number of steps), and
+the learned v_θ(x, t), a function of continuous t, is sampled on the model's grid. On a uniform model grid
+this is exactly the model grid (nothing changes there). ``model`` keeps the former behaviour (train on the
+sampler's grid). The returned ``Trajectory`` carries the training grid in ``ts``; its x1 is an SDE sample on
+that grid (the trainer only logs its reward).
 """
 from __future__ import annotations
 
@@ -23,18 +38,21 @@ from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_and_grad
 from align.subsampling import gather_states
-from samplers import Trajectory, memoryless_drift, memoryless_noise_level, memoryless_sde_integrate
+from samplers import (Trajectory, memoryless_drift, memoryless_noise_level, memoryless_sde_integrate,
+                      training_grid)
 
 
 def default_offset(ts: torch.Tensor) -> float:
-    """h = Δt_0 / 2, Δt_0 = t_1 − t_0.
+    """h = Δt_0 / 2, Δt_0 = t_1 − t_0 of the training grid.
 
     Since v(x, 0) = E[x_1] − x, the first SDE step maps x_0 ↦ (1 − Δt_0/h − 2Δt_0) x_0 + …: AM's h = Δt_0 zeroes
     x_0, and h < Δt_0/2 amplifies it (|1 − Δt_0/h| > 1); Δt_0/2 is the smallest offset that does neither (the
     bias of the offset schedule grows with h). Exact check on one Gaussian with r = cᵀx, lean-adjoint optimum
     sampled with the ODE, relative error of the tilt's mean shift on N = 10/20/40 uniform steps: 1.1/0.05/0.2 %
     at h = Δt_0/2, 4.1/2.6/1.5 % at h = Δt_0, 9.6/6.3/3.6 % at h = 2Δt_0. The price: X_1 carries the extra
-    noise variance Δt_0 σ(0)² ≈ 4 (about 2 at h = Δt_0), which the contracting drift forgets within a few steps.
+    noise variance Δt_0 σ(0)² ≈ 4 (about 2 at h = Δt_0), which the contracting drift forgets within a few steps:
+    on the uniform 20-step grid the uncontrolled SDE's variance is ×5.9 the base marginal's at k = 1, ×1.9 at
+    k = 2, ×1.5 at k = 3 (×2.3 / 1.6 / 1.4 at h = Δt_0), on that Gaussian with the largest ratio over axes.
     """
     return 0.5 * float(ts[1] - ts[0])
 
@@ -62,18 +80,22 @@ class AdjointMatching(Algorithm):
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
         super().__init__(cfg, model, reward, ts)
         self.beta = float(cfg.beta)
-        self.h = default_offset(ts) if cfg.h is None else float(cfg.h)
+        kind = cfg.get("train_grid", "uniform")
+        steps = cfg.get("train_steps", None)
+        self.train_ts = training_grid(kind, ts, None if steps is None else int(steps))
+        self.h = default_offset(self.train_ts) if cfg.h is None else float(cfg.h)
         if self.h <= 0:
             raise ValueError(f"algo.h must be > 0 (or null for Δt_0/2), got {cfg.h}")
         self.last, self.random = float(cfg.loss_times.last), float(cfg.loss_times.random)
-        loss_time_indices(len(ts) - 1, self.last, self.random, 1, torch.Generator())  # validate early
+        loss_time_indices(len(self.train_ts) - 1, self.last, self.random, 1, torch.Generator())  # validate early
 
     def rollout(self, x0: torch.Tensor, prompts: list[str], cond: Any, generator: torch.Generator) -> Trajectory:
-        """The memoryless SDE with the current v_θ, noise from ``generator``, all states recorded."""
+        """The memoryless SDE with the current v_θ on the training grid, noise from ``generator``, all states
+        recorded; the trajectory's ``ts`` is the training grid (not necessarily the sampler's ``self.ts``)."""
         xs = memoryless_sde_integrate(lambda x, t: self.model.velocity(x, t, cond),
-                                      lambda x, t: self.model.base_velocity(x, t, cond), x0, self.ts, self.h,
+                                      lambda x, t: self.model.base_velocity(x, t, cond), x0, self.train_ts, self.h,
                                       generator)
-        return Trajectory(xs=xs, ts=self.ts, cond=cond, prompts=prompts)
+        return Trajectory(xs=xs, ts=self.train_ts, cond=cond, prompts=prompts)
 
     # ---- the lean adjoint --------------------------------------------------------------------------------
     def lean_adjoint(self, traj: Trajectory, stop: int = 1) -> torch.Tensor:
@@ -108,12 +130,15 @@ class AdjointMatching(Algorithm):
         sq = ((2.0 / sigma) * (v_theta - v_base) + sigma * a_next.detach()).pow(2).flatten(1)   # [B·M, D]
 
         # Per-sample loss clipping (LCT), in AM's units: Σ over loss times and elements, threshold loss_clip·β².
+        # A dropped sample leaves the batch: the mean runs over the kept samples only (dropping does not shrink
+        # the step of the others); if every sample is dropped the loss is 0 (its gradient 0, no NaN).
         am_loss = sq.detach().sum(1).reshape(B, M).sum(1)
         keep = torch.ones(B, dtype=torch.bool, device=x.device)
         if self.cfg.loss_clip is not None:
             keep = am_loss <= float(self.cfg.loss_clip) * self.beta ** 2
-        per_row = sq.mean(1) * keep.repeat_interleave(M).to(sq.dtype)
-        loss = per_row.mean()
+        kept_rows = keep.repeat_interleave(M)
+        per_row = sq.mean(1) * kept_rows.to(sq.dtype)
+        loss = per_row.sum() / max(int(kept_rows.sum().item()), 1)
         logs = {"loss_am": am_loss.mean().item(), "clipped_frac": 1.0 - keep.float().mean().item(),
                 "adjoint_norm_1": per_sample_norms(a[-1]).mean().item(),
                 "adjoint_norm_1st": per_sample_norms(a[1]).mean().item()}

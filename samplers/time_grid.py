@@ -33,3 +33,20 @@ def make_grid(kind: str, n_steps: int, shift: float = 3.0) -> torch.Tensor:
     if kind == "sd3":
         return sd3_grid(n_steps, shift)
     raise ValueError(f"unknown sampler.grid={kind!r}; valid choices: uniform, sd3")
+
+
+def training_grid(kind: str, model_ts: torch.Tensor, n_steps: int | None = None) -> torch.Tensor:
+    """The grid an algorithm trains on, given the model's sampling grid ``model_ts`` (``algo.train_grid``).
+
+    ``model``: ``model_ts`` itself. ``uniform``: t_k = k/N with N = ``n_steps`` or, if None, the model grid's number
+    of steps (so the cost per update is unchanged). The learned field is a function of continuous t, so a model
+    trained on one grid can be sampled on another.
+    """
+    if kind == "model":
+        if n_steps is not None and n_steps != len(model_ts) - 1:
+            raise ValueError(f"train_grid=model uses the sampler's {len(model_ts) - 1} steps; "
+                             f"got train_steps={n_steps} (set it to null, or use train_grid=uniform)")
+        return model_ts.clone()
+    if kind == "uniform":
+        return uniform_grid(len(model_ts) - 1 if n_steps is None else int(n_steps))
+    raise ValueError(f"unknown train_grid={kind!r}; valid choices: model, uniform")
