@@ -3,15 +3,22 @@
 Relaxed control problem (Eq. 6), β = 1/λ:
     min_θ E[ (λ/2) ∫₀¹ ‖ṽ_θ(x_t, t)‖² dt − r(x_1) ],   v_θ = v_base + ṽ_θ.
 Value-gradient matching (Eq. 8): ṽ* = −β g with g = ∇_x V, where g solves the gradient-HJB (Eq. 11).
-Forward-looking parameterization (Eq. 16):
-    x̂_1 = x_t + (1 − t)·sg(v_θ(x_t, t)),   g_φ(x, t) = −η_t · clip(∇r(x̂_1)) + ν_φ(x, t).
-Losses (Eqs. 12–15), on states of the current model's ODE trajectories:
-    L_match(θ) = ‖ṽ_θ + β sg(g_φ)‖²,  L_cons(φ) = ‖∂_t g + J_gᵀ(v_base − βg) + J_{v_base}ᵀ g‖²,
-    L_bnd(φ) = ‖g_φ(x_1, 1) + ∇r(x_1)‖²,   L = L_match + L_cons + α L_bnd.
+Forward-looking parameterization (Eq. 16), with the value network's output in velocity units, N_φ = β ν_φ
+(as in the authors' code, reference §1.6):
+    x̂_1 = x_t + (1 − t)·sg(v_θ(x_t, t)),   g_φ(x, t) = −η_t · clip(∇r(x̂_1)) + N_φ(x, t)/β.
+Losses (Eqs. 12–15), on states of the current model's ODE trajectories, the φ terms multiplied by β so that
+they are velocities (β g is the velocity correction ṽ):
+    L_match(θ) = ‖ṽ_θ + β sg(g_φ)‖²,   L_cons(φ) = ‖β (∂_t g + J_gᵀ(v_base − βg) + J_{v_base}ᵀ g)‖²,
+    L_bnd(φ) = ‖β (g_φ(x_1, 1) + clip(∇r(x_1)))‖²,   L = L_match + L_cons + α L_bnd.
+With r → c·r and β → β/c every term, every gradient and so the trained model are unchanged: the model depends
+on the reward scale and β only through c·β, and α means the same at every scale (the weight of the boundary
+error against the consistency error, both in velocity units).
+The clip threshold τ is the 80th percentile of ‖∇r(x̂_1)‖ over the whole update (every micro-batch and every
+process), so gradient accumulation and several processes give the update of one big batch.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,16 +28,21 @@ from align.registry import register_algorithm
 from align.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad
 from align.subsampling import binned_time_indices, gather_states, per_sample_mse
 from align.value_gradient import consistency_residual
-from samplers import Trajectory, one_step_prediction
+from samplers import Trajectory, euler_integrate, one_step_prediction
 
 ETA = {"t2": lambda t: t ** 2, "t": lambda t: t, "const": lambda t: torch.ones_like(t),
        "none": lambda t: torch.zeros_like(t)}
 CLIP_MODES = ("batch_quantile", "previous_step", "const", "none")
 
 
+def _per_sample(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return w.reshape(-1, *([1] * (like.dim() - 1)))
+
+
 @register_algorithm("vggflow")
 class VGGFlow(Algorithm):
     name = "vggflow"
+    update_wide = True      # prepare() sees every micro-batch of an update before any loss (the clip threshold)
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
         super().__init__(cfg, model, reward, ts)
@@ -41,8 +53,11 @@ class VGGFlow(Algorithm):
         if cfg.boundary_at not in ("t1", "last_state"):
             raise ValueError(f"unknown algo.boundary_at={cfg.boundary_at!r}; valid choices: t1, last_state")
         self.beta, self.alpha, self.eta = float(cfg.beta), float(cfg.alpha), ETA[cfg.eta]
-        self.value_net = model.make_value_network() if cfg.learn_value else None
+        if self.beta <= 0:
+            raise ValueError(f"algo.beta must be > 0, got {cfg.beta}")
+        self.value_net = model.make_value_network() if cfg.learn_value else None   # outputs N_φ = β ν_φ
         self.register_buffer("prev_tau", torch.tensor(float(cfg.rgrad_clip_value)))
+        self.tau: torch.Tensor | None = None      # this update's clip threshold (set by prepare)
 
     def param_groups(self) -> list[dict[str, Any]]:
         groups = super().param_groups()
@@ -53,18 +68,54 @@ class VGGFlow(Algorithm):
             groups.append(group)
         return groups
 
+    # ---- rollout: the Euler ODE, keeping v_θ(x_k, t_k) for the forward-looking x̂_1 -----------------------
+    def rollout(self, x0: torch.Tensor, prompts: list[str], cond: Any, generator: torch.Generator) -> Trajectory:
+        vs: list[torch.Tensor] = []
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            vs.append(self.model.velocity(x, t, cond))
+            return vs[-1]
+
+        xs = euler_integrate(velocity, x0, self.ts)
+        return Trajectory(xs=xs, ts=self.ts, cond=cond, prompts=prompts, extras={"vs": torch.stack(vs)})
+
     # ---- the value-gradient field g_φ (Eq. 16) -------------------------------------------------------
     def value_gradient(self, x: torch.Tensor, t: torch.Tensor, cond: Any, prompts: list[str],
-                       tau: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """g_φ(x, t) = −η_t·clip(∇r(x̂_1)) + ν_φ(x, t); also returns the unclipped ∇r(x̂_1)."""
-        with torch.no_grad():
-            v = self.model.velocity(x, t, cond)
-        _, grad_r = reward_and_grad(self.model, self.reward, one_step_prediction(x, t, v), prompts)
-        eta = self.eta(t.float()).reshape(-1, *([1] * (x.dim() - 1)))
-        g = -eta * clip_per_sample(grad_r, tau).to(x.dtype)
+                       tau: torch.Tensor | None, grad_r: torch.Tensor | None = None) -> torch.Tensor:
+        """g_φ(x, t) = −η_t·clip(∇r(x̂_1)) + N_φ(x, t)/β. ``grad_r`` = ∇r(x̂_1) when already computed; at
+        t = 1, x̂_1 = x and no velocity is evaluated."""
+        if grad_r is None:
+            if bool((t == 1).all()):
+                x_hat = x
+            else:
+                with torch.no_grad():
+                    x_hat = one_step_prediction(x, t, self.model.velocity(x, t, cond))
+            _, grad_r = reward_and_grad(self.model, self.reward, x_hat, prompts)
+        g = -_per_sample(self.eta(t.float()), x) * clip_per_sample(grad_r, tau).to(x.dtype)
         if self.value_net is not None:
-            g = g + self.value_net(x, t, cond)
-        return g, grad_r
+            g = g + self.value_net(x, t, cond) / self.beta
+        return g
+
+    # ---- update-wide: training states, their reward gradients, the clip threshold -----------------------
+    def prepare(self, trajs: list[Trajectory], generator: torch.Generator,
+                gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """For every micro-batch: the last grid state and one state per bin (§1.7), ∇r(x̂_1) there (x̂_1 from the
+        rollout's own v_θ) and, for the boundary, ∇r(x_1). Then τ over all of them and all processes (``gather``)."""
+        norms = []
+        for traj in trajs:
+            idx = binned_time_indices(traj.n_steps, int(self.cfg.subsample_bins), traj.xs.shape[1], generator)
+            x, t, cond, prompts, k, sample = gather_states(traj, idx)
+            if "vs" in traj.extras:
+                v = traj.extras["vs"][k, sample].to(x)
+            else:
+                with torch.no_grad():
+                    v = self.model.velocity(x, t, cond)
+            _, grad_r = reward_and_grad(self.model, self.reward, one_step_prediction(x, t, v), prompts)
+            traj.extras.update(vgg_idx=idx, vgg_grad_r=grad_r)
+            if self.value_net is not None and self.cfg.boundary_at == "t1":
+                traj.extras["vgg_grad_r1"] = reward_and_grad(self.model, self.reward, traj.x1, traj.prompts)[1]
+            norms.append(per_sample_norms(grad_r))
+        self.tau = self.clip_threshold(gather(torch.cat(norms)))
 
     def clip_threshold(self, grad_norms: torch.Tensor) -> torch.Tensor | None:
         mode = self.cfg.rgrad_clip
@@ -78,57 +129,53 @@ class VGGFlow(Algorithm):
             return self.prev_tau.new_tensor(float(self.cfg.rgrad_clip_value))
         return None
 
-    # ---- one update ---------------------------------------------------------------------------------
+    # ---- one micro-batch ------------------------------------------------------------------------------
     def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg, model = self.cfg, self.model
-        N, B = traj.n_steps, traj.xs.shape[1]
+        cfg, model, beta = self.cfg, self.model, self.beta
+        if "vgg_idx" not in traj.extras:        # called outside the trainer: this batch is the whole update
+            self.prepare([traj], generator, gather=lambda n: n)
+        tau, grad_r = self.tau, traj.extras["vgg_grad_r"]
 
-        # 1. Subsample states: the last grid state x_{N−1} and one state from each of the bins (§1.7).
-        idx = binned_time_indices(N, cfg.subsample_bins, B, generator)            # [B, M]
-        x, t, cond, prompts, k, _ = gather_states(traj, idx)
+        # 1. The training states: x_{N−1} and one per bin, with ∇r(x̂_1) from prepare().
+        x, t, cond, prompts, k, _ = gather_states(traj, traj.extras["vgg_idx"])
 
-        # 2. Forward-looking value gradient with the batch's reward-gradient clip.
+        # 2. Forward-looking value gradient with the update's reward-gradient clip.
         v_theta = model.velocity(x, t, cond)                                       # grad → θ
         with torch.no_grad():
             v_base = model.base_velocity(x, t, cond)
-        _, grad_r = reward_and_grad(model, self.reward, one_step_prediction(x, t, v_theta.detach()), prompts)
-        tau = self.clip_threshold(per_sample_norms(grad_r))
-        eta = self.eta(t.float()).reshape(-1, *([1] * (x.dim() - 1)))
-        g_fl = -eta * clip_per_sample(grad_r, tau).to(x.dtype)
-        g = g_fl + self.value_net(x, t, cond) if self.value_net is not None else g_fl
+        g = self.value_gradient(x, t, cond, prompts, tau, grad_r=grad_r)
 
         # 3. Value-gradient matching (Eq. 13): ṽ_θ → −β g, g a fixed target.
-        loss_match = per_sample_mse(v_theta, (v_base - self.beta * g).detach()).mean()
+        loss_match = per_sample_mse(v_theta, (v_base - beta * g).detach()).mean()
         logs = {"loss_match": loss_match.item(), "rgrad_norm": per_sample_norms(grad_r).mean().item(),
                 "rgrad_tau": float(tau) if tau is not None else float("nan")}
-        loss = loss_match
         if self.value_net is None:
-            return loss, logs
+            return loss_match, logs
 
-        # 4. Gradient-HJB consistency (Eq. 12) by finite differences (App. C.1).
+        # 4. Gradient-HJB consistency (Eq. 12) by finite differences (App. C.1), times β (velocity units).
         def g_field(xx: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-            return self.value_gradient(xx, tt, cond, prompts, tau)[0]
+            return self.value_gradient(xx, tt, cond, prompts, tau)
 
         def v_base_field(xx: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return model.base_velocity(xx, tt, cond)
 
-        resid = consistency_residual(g_field, v_base_field, x, t, self.beta, cfg.fd_eps, cfg.fd_delta,
+        resid = consistency_residual(g_field, v_base_field, x, t, beta, cfg.fd_eps, cfg.fd_delta,
                                      cfg.fd_scheme, g_x=g, v_base_x=v_base,
                                      time_scale=float(cfg.time_derivative_scale))
-        loss_cons = float(cfg.consistency_weight) * per_sample_mse(resid).mean()
+        loss_cons = float(cfg.consistency_weight) * per_sample_mse(beta * resid).mean()
 
-        # 5. Boundary (Eq. 14): g(x_1, 1) = −∇r(x_1) with the same clipped gradient, i.e. ν_φ(x_1, 1) = 0
-        #    for η_1 = 1; the preview code instead penalises ‖ν_φ‖² at the last grid state x_{N−1}.
+        # 5. Boundary (Eq. 14): g(x_1, 1) = −∇r(x_1) with the same clipped gradient, times β; for η_1 = 1 this is
+        #    ‖N_φ(x_1, 1)‖². The preview code instead penalises ‖N_φ‖² at the last grid state x_{N−1}.
         if cfg.boundary_at == "t1":
-            xb = traj.xs[-1].detach()
-            tb = torch.ones(B, dtype=xb.dtype, device=xb.device)
-            gb, grad_rb = self.value_gradient(xb, tb, traj.cond, traj.prompts, tau)
-            loss_bnd = per_sample_mse(gb, -clip_per_sample(grad_rb, tau).to(xb.dtype)).mean()
+            xb, grad_rb = traj.x1.detach(), traj.extras["vgg_grad_r1"]
+            tb = torch.ones(xb.shape[0], dtype=xb.dtype, device=xb.device)
+            gb = self.value_gradient(xb, tb, traj.cond, traj.prompts, tau, grad_r=grad_rb)
+            loss_bnd = per_sample_mse(beta * gb, -beta * clip_per_sample(grad_rb, tau).to(xb.dtype)).mean()
         else:
-            last = k == N - 1
-            loss_bnd = per_sample_mse(self.value_net(x[last], t[last], index_cond(cond, last.nonzero().flatten()))).mean()
+            last = (k == traj.n_steps - 1).nonzero().flatten()
+            loss_bnd = per_sample_mse(self.value_net(x[last], t[last], index_cond(cond, last))).mean()
 
-        loss = loss + loss_cons + self.alpha * loss_bnd
         logs.update(loss_cons=loss_cons.item(), loss_bnd=loss_bnd.item())
-        return loss, logs
+        return loss_match + loss_cons + self.alpha * loss_bnd, logs
+

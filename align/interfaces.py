@@ -6,7 +6,7 @@ their own conventions (SD3's σ = 1 − t, u = −v) inside ``velocity``/``base_
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -110,6 +110,9 @@ class Algorithm(nn.Module, abc.ABC):
     """
 
     name: str = "algorithm"
+    # True: the trainer rolls out every micro-batch of an update before any loss and calls ``prepare`` with all
+    # of them (statistics over the whole update, e.g. VGG-Flow's clip threshold). Rollouts must then hold no graph.
+    update_wide: bool = False
 
     def __init__(self, cfg: Any, model: FlowModel, reward: Reward, ts: torch.Tensor):
         super().__init__()
@@ -126,6 +129,13 @@ class Algorithm(nn.Module, abc.ABC):
         """Default: the Euler ODE with the current v_θ on the grid, no grad, all states recorded."""
         xs = euler_integrate(lambda x, t: self.model.velocity(x, t, cond), x0, self.ts)
         return Trajectory(xs=xs, ts=self.ts, cond=cond, prompts=prompts)
+
+    def prepare(self, trajs: list[Trajectory], generator: torch.Generator,
+                gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Called once per update with all its micro-batches (when ``update_wide``), before their losses.
+
+        ``gather(tensor)`` concatenates a tensor over all processes (identity with one process).
+        """
 
     @abc.abstractmethod
     def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:

@@ -10,7 +10,7 @@ import math
 import os
 import random
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from align.checkpoint import load_latest, save_checkpoint
 from align.evaluation import Evaluator, summarize
 from align.prompts import load_prompts
 from align.run_logging import RunLogger
+from samplers import Trajectory
 
 
 def preview_order(prompts: list[str], per_prompt: int = 8) -> list[int]:
@@ -133,29 +134,41 @@ class Trainer:
         return self.algo.rollout(x0, prompts, self.model.encode(prompts), self.generator)
 
     def update(self) -> dict[str, Any]:
-        t = self.cfg.train
-        accum = int(t.grad_accum)
-        micro = int(t.batch_size) // accum
+        """One optimizer update from ``train.grad_accum`` freshly rolled-out micro-batches."""
+        micro = int(self.cfg.train.batch_size) // int(self.cfg.train.grad_accum)
+        trajs = (self._rollout_batch(micro) for _ in range(int(self.cfg.train.grad_accum)))
+        return self.learn(trajs)
+
+    def learn(self, trajs: Iterable[Trajectory]) -> dict[str, Any]:
+        """One optimizer update from the micro-batches ``trajs`` (rolled out with the current θ).
+
+        For an ``update_wide`` algorithm every micro-batch is rolled out first and ``prepare`` sees them all
+        (and, through ``gather``, every process's); otherwise one micro-batch is alive at a time.
+        """
+        if self.algo.update_wide:
+            trajs = list(trajs)
+            self.algo.prepare(trajs, self.generator, self.accelerator.gather)
         self.optimizer.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
+        sums: dict[str, float] = {}
         rewards = []
         finite = True
-        for _ in range(accum):
-            traj = self._rollout_batch(micro)
+        for traj in trajs:
             with torch.no_grad():
                 rewards.append(self.reward(self.model.decode(traj.x1).float(), traj.prompts).float())
             loss, parts = self.algo.loss(traj, self.generator)
             finite &= bool(torch.isfinite(loss))
             if finite:
-                (loss / accum).backward()
+                (loss / int(self.cfg.train.grad_accum)).backward()
             for k, v in {"loss": loss.item(), **parts}.items():
-                logs[k] = logs.get(k, 0.0) + v / accum
+                sums[k] = sums.get(k, 0.0) + v
+        logs = {k: v / len(rewards) for k, v in sums.items()}
         self._sync_gradients()
         norms = {}
         for g in self.groups:
-            norm = torch.nn.utils.clip_grad_norm_(g["params"], float(t.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(g["params"], float(self.cfg.train.grad_clip))
             norms[f"grad_norm/{g['name']}"] = float(norm)
             finite &= math.isfinite(float(norm))
+        finite = self._agree(finite)
         r = self.accelerator.gather(torch.cat(rewards).to(self.accelerator.device))
         row = {"reward_mean": r.mean().item(), "reward_std": r.std().item(), **logs, **norms}
         if finite:
@@ -167,6 +180,13 @@ class Trainer:
             self.skipped += 1
         row.update(skipped=int(not finite), skipped_total=self.skipped)
         return row
+
+    def _agree(self, finite: bool) -> bool:
+        """Step only if every process's loss and gradients are finite, so the replicas never diverge."""
+        if self.accelerator.num_processes == 1:
+            return finite
+        flag = torch.tensor([float(finite)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
 
     def _sync_gradients(self) -> None:
         """Average gradients over processes (the loss is not a module forward, so no DDP wrapper)."""

@@ -11,27 +11,31 @@ from align.registry import register_reward
 
 @register_reward("linear")
 class LinearReward(Reward):
-    """r(x) = cᵀx with c = ``reward.direction``."""
+    """r(x) = s·cᵀx with c = ``reward.direction`` and s = ``reward.scale``."""
 
     name, domain = "linear", "gmm"
 
-    def __init__(self, direction: Sequence[float], **_: Any):
+    def __init__(self, direction: Sequence[float], scale: float = 1.0, **_: Any):
         super().__init__()
         self.register_buffer("c", torch.as_tensor(direction, dtype=torch.float32).flatten())
+        self.scale = float(scale)
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         _check_dim(images, self.c.numel(), "reward.direction")
-        return images.float() @ self.c
+        return self.scale * (images.float() @ self.c)
 
 
 @register_reward("quadratic")
 class QuadraticReward(Reward):
-    """r(x) = −½ (x − m)ᵀ Q (x − m) with m = ``reward.center`` and Q = ``reward.precision`` (symmetric PSD)."""
+    """r(x) = −½ s (x − m)ᵀ Q (x − m) with m = ``reward.center``, Q = ``reward.precision`` (symmetric PSD) and
+    s = ``reward.scale``."""
 
     name, domain = "quadratic", "gmm"
 
-    def __init__(self, center: Sequence[float], precision: Sequence[Sequence[float]], **_: Any):
+    def __init__(self, center: Sequence[float], precision: Sequence[Sequence[float]], scale: float = 1.0,
+                 **_: Any):
         super().__init__()
+        self.scale = float(scale)
         m = torch.as_tensor(center, dtype=torch.float32).flatten()
         Q = torch.as_tensor(precision, dtype=torch.float32)
         if Q.shape != (m.numel(), m.numel()):
@@ -45,7 +49,7 @@ class QuadraticReward(Reward):
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         _check_dim(images, self.m.numel(), "reward.center")
         z = images.float() - self.m
-        return -0.5 * ((z @ self.Q) * z).sum(-1)
+        return -0.5 * self.scale * ((z @ self.Q) * z).sum(-1)
 
 
 def _check_dim(x: torch.Tensor, d: int, key: str) -> None:

@@ -51,7 +51,7 @@ def test_residual_detects_a_wrong_value_gradient():
 
 
 class ExactNu(nn.Module):
-    """ν*(x, t) = g*(x, t) + η_t ∇r(x̂_1): the value network that makes g_φ exact."""
+    """N*(x, t) = β ν*(x, t) = β (g*(x, t) + η_t ∇r(x̂_1)): the value network (velocity units) that makes g_φ exact."""
 
     def __init__(self, model, reward, eta):
         super().__init__()
@@ -63,7 +63,8 @@ class ExactNu(nn.Module):
         with torch.no_grad():
             xh = one_step_prediction(x, t, self.model.velocity(x, t))
         _, grad = reward_and_grad(self.model, self.reward, xh, [""] * len(x))
-        return self.g(x.double(), t.double()).to(x) + self.eta(t).unsqueeze(1) * grad.to(x) + 0 * self.dummy
+        nu = self.g(x.double(), t.double()).to(x) + self.eta(t).unsqueeze(1) * grad.to(x)
+        return BETA * nu + 0 * self.dummy
 
 
 @pytest.mark.parametrize("eta", ["t2", "t", "none"])
