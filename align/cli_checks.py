@@ -12,6 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from align.paper_settings import find_missing   # registers ${align_paper:...} (β, lr per model × reward × algo)
+
 GROUPS = ("algo", "model", "reward")
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
                 "--config-dir", "-cd", "--experimental-rerun"}
@@ -169,5 +171,8 @@ def _check_combo(conf_dir: str, combo: list[str]) -> None:
         cfg = compose(config_name="config", overrides=combo)
         OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:
+        missing = find_missing(err)
+        if missing is not None:       # no paper setting for this model × reward × algo: say which key to give
+            raise ConfigProblem(str(missing)) from None
         msg = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         raise ConfigProblem(f"bad value in the overrides {combo}: {msg}") from None

@@ -13,7 +13,9 @@ CONF_DIR = os.path.join(os.path.dirname(__file__), "conf")
 
 
 def compose_config(overrides: list[str] | None = None, run_dir: str | None = None) -> DictConfig:
-    """The resolved config ``python -m align.run <overrides>`` would use (model defaults to the reward's domain)."""
+    """The resolved config ``python -m align.run <overrides>`` would use (model defaults to the reward's domain;
+    β and lr not given are the paper's for the model × reward × algorithm, ``align/paper_settings.py``;
+    ``align.paper_settings.describe(cfg)`` is the line the runner prints about them)."""
     overrides = check_overrides(list(overrides or []), CONF_DIR)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

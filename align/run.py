@@ -3,6 +3,8 @@
 Before Hydra starts any job, every combination of the overrides is composed once, so an unknown
 algorithm, model, reward or key stops the run with a short message listing the valid choices.
 When no ``model=`` is given, the model is the domain the reward scores (``reward=aesthetic`` → SD3).
+β and the learning rate default to the paper's values for the run's model × reward × algorithm
+(``align/paper_settings.py``; anything set explicitly wins); the run prints which ones it took from there.
 
 Re-running into an existing run directory (an explicit ``run_dir=`` or a Hydra multirun job directory) is
 safe, which makes sweeps resumable (``align.sweep``, Hydra launchers): a finished run (``samples_final.pt``,
@@ -22,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from align.cli_checks import ConfigProblem, check_overrides
+from align.paper_settings import describe
 
 CONF = os.path.join(os.path.dirname(__file__), "conf")
 
@@ -61,6 +64,8 @@ def _job(cfg: DictConfig) -> None:
 
     with open_dict(cfg):
         cfg.run_dir = run_dir
+    if _launch_rank() == 0 and (line := describe(cfg)):   # β / lr filled in from align/paper_settings.py
+        print(line, flush=True)
     fresh = not os.listdir(run_dir) if os.path.isdir(run_dir) else True
     try:
         trainer = Trainer(cfg, run_dir)

@@ -1,0 +1,198 @@
+"""The paper's settings per (model, reward, algorithm): β and the learning rate, filled in automatically.
+
+The algorithm configs read their defaults from here (``align/conf/algo/*.yaml``)::
+
+    beta: ${align_paper:beta}      # vggflow, vggflow_pmp, adjoint_matching
+    lr: ${align_paper:lr}          # every algorithm; train.lr defaults to ${algo.lr}
+
+The resolver looks up the run's ``model.name``, ``reward.name`` and ``algo.name`` in TABLE below. Being an
+interpolation, the value is replaced by anything set explicitly: a command-line ``algo.beta=…`` /
+``train.lr=…``, a sweep's or Hydra multirun's override, or a resumed run's saved (resolved) config.yaml.
+``describe`` gives the line ``align.run`` prints at start (which values came from the table, from where).
+
+Sources.
+* SD3 (``model=sd3``), one row per reward: the VGG-Flow paper's Table 1 settings, as collected in
+  ``../shared/reference/algorithms.md`` §1.8 (β = 1/λ of VGG-Flow: aesthetic 5e4, HPSv2 3e7, PickScore 5e5;
+  lr: VGG-Flow 5e-4, VGG-Flow-PMP 1e-4 on aesthetic and 5e-5 on HPSv2 / PickScore, ReFL, DRaFT and Adjoint
+  Matching 1e-4) and §3 (Adjoint Matching's reward multiplier: aesthetic 5e3, HPSv2 3e5, PickScore 1e4).
+  VGG-Flow-PMP's β is VGG-Flow's (inferred: the paper lists only its lr). README "The paper's Table 1".
+* Every other (model, reward) (``digits``, ``gmm``, a model or an SD3 reward you add): the DEFAULT row, the
+  same for every reward of the domain. β is the domain's own value from its model config
+  (``model.vggflow_beta``, ``model.am_beta``: on digits and gmm tuned for rewards of order one, not from the
+  paper; on SD3 the aesthetic column's); lr is the algorithm's paper value (§1.8: 5e-4 VGG-Flow, 1e-4 the
+  others). A model config without those keys stops the run with a message asking for ``algo.beta=``.
+
+A value is a number, or a string naming the config key it is read from.
+"""
+from __future__ import annotations
+
+import re
+
+from omegaconf import DictConfig, OmegaConf
+
+RESOLVER = "align_paper"
+SOURCE = "align/paper_settings.py"
+
+# (model, reward) -> algorithm -> setting -> value
+TABLE: dict[tuple[str, str], dict[str, dict[str, float | str]]] = {
+    # ---- SD3, the paper's Table 1 (reference §1.8, §3) ---------------------------------------------------
+    ("sd3", "aesthetic"): {
+        "vggflow":          {"beta": 5.0e4, "lr": 5.0e-4},
+        "vggflow_pmp":      {"beta": 5.0e4, "lr": 1.0e-4},
+        "adjoint_matching": {"beta": 5.0e3, "lr": 1.0e-4},
+        "refl":             {"lr": 1.0e-4},
+        "draft":            {"lr": 1.0e-4},
+    },
+    ("sd3", "hpsv2"): {
+        "vggflow":          {"beta": 3.0e7, "lr": 5.0e-4},
+        "vggflow_pmp":      {"beta": 3.0e7, "lr": 5.0e-5},
+        "adjoint_matching": {"beta": 3.0e5, "lr": 1.0e-4},
+        "refl":             {"lr": 1.0e-4},
+        "draft":            {"lr": 1.0e-4},
+    },
+    ("sd3", "pickscore"): {
+        "vggflow":          {"beta": 5.0e5, "lr": 5.0e-4},
+        "vggflow_pmp":      {"beta": 5.0e5, "lr": 5.0e-5},
+        "adjoint_matching": {"beta": 1.0e4, "lr": 1.0e-4},
+        "refl":             {"lr": 1.0e-4},
+        "draft":            {"lr": 1.0e-4},
+    },
+}
+# Any other (model, reward): the domain's β (its model config), the algorithm's paper lr.
+DEFAULT: dict[str, dict[str, float | str]] = {
+    "vggflow":          {"beta": "model.vggflow_beta", "lr": 5.0e-4},
+    "vggflow_pmp":      {"beta": "model.vggflow_beta", "lr": 1.0e-4},
+    "adjoint_matching": {"beta": "model.am_beta", "lr": 1.0e-4},
+    "refl":             {"lr": 1.0e-4},
+    "draft":            {"lr": 1.0e-4},
+}
+# Where each setting is used in the config (what ``describe`` reports).
+CONFIG_KEYS = {"beta": "algo.beta", "lr": "train.lr"}
+
+
+class MissingSetting(ValueError):
+    """No table entry for this (model, reward, algorithm, setting): the user has to give the value."""
+
+
+def _names(root) -> tuple[str, str, str]:
+    return tuple(str(OmegaConf.select(root, f"{g}.name", default="?")) for g in ("model", "reward", "algo"))
+
+
+def entry(model: str, reward: str, algo: str, setting: str) -> tuple[float | str, str]:
+    """``(value or config key, where it comes from)`` for one setting; raises MissingSetting."""
+    row = TABLE.get((model, reward))
+    cell = (row if row is not None else DEFAULT).get(algo, {})
+    if setting not in cell:
+        raise MissingSetting(_missing(model, reward, algo, setting))
+    value = cell[setting]
+    if row is not None:
+        where = f"{SOURCE}: paper Table 1, reference §1.8/§3"
+    elif isinstance(value, str):
+        where = value
+    else:
+        where = "the algorithm's paper value, reference §1.8"
+    return value, where
+
+
+def _missing(model: str, reward: str, algo: str, setting: str, extra: str = "") -> str:
+    key = "algo." + setting if setting != "lr" else "train.lr"
+    rows = ", ".join(r for m, r in TABLE if m == model)
+    has = f" ({SOURCE} has {model} × {rows})" if rows else ""
+    return (f"no paper setting of {key} for model={model} × reward={reward} × algo={algo}{has}{extra}; "
+            f"give it explicitly, e.g. {key}=<value>")
+
+
+def _resolve(setting: str, *, _root_) -> float:
+    model, reward, algo = _names(_root_)
+    value, _ = entry(model, reward, algo, setting)
+    if isinstance(value, str):
+        got = OmegaConf.select(_root_, value, default=None)
+        if got is None:
+            raise MissingSetting(_missing(model, reward, algo, setting, f" and the model config has no {value}"))
+        return float(got)
+    return float(value)
+
+
+if not OmegaConf.has_resolver(RESOLVER):
+    OmegaConf.register_new_resolver(RESOLVER, _resolve)
+
+
+def find_missing(err: BaseException) -> MissingSetting | None:
+    """The MissingSetting behind an OmegaConf resolution error, if that is what it is."""
+    while err is not None:
+        if isinstance(err, MissingSetting):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+# ---- what a run took from the table ------------------------------------------------------------------------
+_PLAIN = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
+_TABLE = re.compile(r"^\$\{" + RESOLVER + r":\s*(\w+)\s*\}$")
+
+
+def _raw(container: dict, path: str):
+    node = container
+    for p in path.split("."):
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def _table_setting(container: dict, path: str) -> str | None:
+    """The setting a key reads from the table (following plain ``${a.b}`` links), or None if it is given."""
+    for _ in range(10):
+        raw = _raw(container, path)
+        if not isinstance(raw, str):
+            return None
+        if m := _TABLE.match(raw):
+            return m.group(1)
+        if m := _PLAIN.match(raw):
+            path = m.group(1)
+            continue
+        return None
+    return None
+
+
+def fmt(x: float) -> str:
+    """3e7, 5e-4, 10, 0.5: short, and valid as a command-line value."""
+    x = float(x)
+    if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-2):
+        mantissa, exp = f"{x:.6e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+    return f"{x:g}"
+
+
+def resolved_from_table(cfg: DictConfig) -> list[tuple[str, float, str]]:
+    """``(config key, value, where from)`` for each of CONFIG_KEYS whose value comes from the table."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    model, reward, algo = _names(cfg)
+    out = []
+    for key in CONFIG_KEYS.values():
+        setting = _table_setting(container, key)
+        if setting is None:
+            continue
+        _, where = entry(model, reward, algo, setting)
+        out.append((key, float(OmegaConf.select(cfg, key)), where))
+    return out
+
+
+def describe(cfg: DictConfig) -> str | None:
+    """The line ``align.run`` prints at start, e.g. ``align: paper settings for sd3 × hpsv2 × vggflow:
+    algo.beta=3e7, train.lr=5e-4 (align/paper_settings.py: paper Table 1, reference §1.8/§3)``; None when
+    nothing came from the table (everything given, or a resumed run's saved config)."""
+    found = resolved_from_table(cfg)
+    if not found:
+        return None
+    model, reward, algo = _names(cfg)
+    by_where: dict[str, list[str]] = {}
+    for key, value, where in found:
+        by_where.setdefault(where, []).append(f"{key}={fmt(value)}")
+    parts = ", ".join(f"{', '.join(keys)} ({where})" for where, keys in by_where.items())
+    given = [k for k in CONFIG_KEYS.values() if k not in {f[0] for f in found}
+             and OmegaConf.select(cfg, k, default=None) is not None]
+    tail = "; set explicitly: " + ", ".join(f"{k}={fmt(OmegaConf.select(cfg, k))}" for k in given) if given else ""
+    if (model, reward) in TABLE:
+        return f"align: paper settings for {model} × {reward} × {algo}: {parts}{tail}"
+    return f"align: domain defaults for {model} × {reward} × {algo} ({SOURCE}, DEFAULT row): {parts}{tail}"

@@ -1,0 +1,185 @@
+"""The paper's β and lr per (model, reward, algorithm) are filled in automatically (align/paper_settings.py):
+every Table-1 cell resolves to the README's table (parsed here as the independent source), anything set
+explicitly wins, digits and gmm keep their per-domain values, and the runner prints what it took."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from align.cli_checks import ConfigProblem
+from align.config import compose_config
+from align.paper_settings import describe, fmt
+
+torch.set_num_threads(1)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REWARDS = ("aesthetic", "hpsv2", "pickscore")
+ALGOS = ("vggflow", "vggflow_pmp", "refl", "draft", "adjoint_matching")
+
+
+def _readme_table() -> dict[str, dict[str, tuple[float | None, float]]]:
+    """reward -> algo -> (β or None, lr), from the markdown table under "The paper's Table 1" in README.md."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    start = text.index("**The paper's Table 1.**")
+    lines = text[start:].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[first:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    header, body = rows[0], [r for r in rows[2:]]
+    col = {name: i for i, name in enumerate(header)}
+    i_beta = next(i for n, i in col.items() if n.startswith("β") and "VGG-Flow" in n)
+    i_am = next(i for n, i in col.items() if n.startswith("β") and "AM" in n)
+    i_lr = next(i for n, i in col.items() if n.startswith("lr"))
+    lr_names = [part.strip() for part in header[i_lr].partition(":")[2].split("/")]
+    assert lr_names == ["VGG-Flow", "PMP", "ReFL, DRaFT, AM"], header[i_lr]
+    out = {}
+    for r in body:
+        reward = r[0].lower()
+        assert reward in REWARDS, r
+        assert f"table1_{reward}.yaml" in r[col["command"]]
+        beta, am = float(r[i_beta]), float(r[i_am])
+        lr_vgg, lr_pmp, lr_rest = (float(x) for x in r[i_lr].split("/"))
+        out[reward] = {"vggflow": (beta, lr_vgg), "vggflow_pmp": (beta, lr_pmp), "refl": (None, lr_rest),
+                       "draft": (None, lr_rest), "adjoint_matching": (am, lr_rest)}
+    assert sorted(out) == sorted(REWARDS)
+    return out
+
+
+README = _readme_table()
+
+
+def test_the_readme_table_parses_to_the_paper_numbers():
+    assert README["hpsv2"]["vggflow"] == (3e7, 5e-4) and README["pickscore"]["adjoint_matching"] == (1e4, 1e-4)
+    assert README["aesthetic"]["vggflow_pmp"] == (5e4, 1e-4) and README["hpsv2"]["vggflow_pmp"] == (3e7, 5e-5)
+
+
+@pytest.mark.parametrize("reward", REWARDS)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_every_table1_cell_resolves_to_the_readme_table(reward, algo):
+    beta, lr = README[reward][algo]
+    cfg = compose_config(["model=sd3", f"reward={reward}", f"algo={algo}"])     # the runner's composition
+    assert (cfg.model.name, cfg.reward.name, cfg.algo.name) == ("sd3", reward, algo)
+    assert float(cfg.train.lr) == pytest.approx(lr, rel=1e-12)
+    if beta is None:
+        assert "beta" not in cfg.algo
+    else:
+        assert float(cfg.algo.beta) == pytest.approx(beta, rel=1e-12)
+    line = describe(cfg)
+    assert line.startswith(f"align: paper settings for sd3 × {reward} × {algo}: ")
+    assert f"train.lr={fmt(lr)}" in line and (beta is None or f"algo.beta={fmt(beta)}" in line)
+
+
+@pytest.mark.parametrize("reward", REWARDS)
+def test_the_table1_sweep_files_resolve_to_the_readme_table(reward):
+    from align.sweep import load_sweep
+
+    sweep = load_sweep(os.path.join(ROOT, "experiments", "paper", f"table1_{reward}.yaml"))
+    seen = set()
+    for run in sweep.runs:
+        cfg = compose_config(run.overrides, run_dir=run.dir)
+        beta, lr = README[reward][cfg.algo.name]
+        assert cfg.reward.name == reward and float(cfg.train.lr) == pytest.approx(lr, rel=1e-12)
+        assert beta is None or float(cfg.algo.beta) == pytest.approx(beta, rel=1e-12)
+        seen.add((cfg.algo.name, int(cfg.seed)))
+    assert seen == {(a, s) for a in ALGOS for s in (0, 1, 2)}
+
+
+def test_what_is_given_explicitly_wins():
+    cfg = compose_config(["model=sd3", "reward=hpsv2", "algo=vggflow", "algo.beta=1e4", "train.lr=2e-4"])
+    assert (float(cfg.algo.beta), float(cfg.train.lr)) == (1e4, 2e-4)
+    assert describe(cfg) is None                                     # nothing came from the table
+    cfg = compose_config(["model=sd3", "reward=hpsv2", "algo=vggflow_pmp", "algo.beta=1e4"])
+    assert (float(cfg.algo.beta), float(cfg.train.lr)) == (1e4, 5e-5)
+    assert describe(cfg) == ("align: paper settings for sd3 × hpsv2 × vggflow_pmp: train.lr=5e-5 "
+                             "(align/paper_settings.py: paper Table 1, reference §1.8/§3); "
+                             "set explicitly: algo.beta=1e4")
+    cfg = compose_config(["model=sd3", "reward=pickscore", "algo=adjoint_matching", "algo.lr=3e-5"])
+    assert (float(cfg.algo.beta), float(cfg.train.lr)) == (1e4, 3e-5)
+    # a Hydra multirun / sweep override is an override like any other
+    cfg = compose_config(["model=sd3", "reward=hpsv2", "algo=adjoint_matching", "algo.beta=7"])
+    assert float(cfg.algo.beta) == 7.0
+
+
+# Today's (pre-table) per-domain values: β from the model config, lr the algorithm's paper value.
+DOMAIN = {
+    "digits": {"vggflow": (10.0, 5e-4), "vggflow_pmp": (10.0, 1e-4), "adjoint_matching": (10.0, 1e-4),
+               "refl": (None, 1e-4), "draft": (None, 1e-4)},
+    "gmm": {"vggflow": (1.0, 5e-4), "vggflow_pmp": (1.0, 1e-4), "adjoint_matching": (1.0, 1e-4),
+            "refl": (None, 1e-4), "draft": (None, 1e-4)},
+}
+
+
+@pytest.mark.parametrize("model,reward", [("digits", "digits_thickness"), ("digits", "digits_classifier"),
+                                          ("digits", "digits_symmetry"), ("gmm", "linear"), ("gmm", "quadratic")])
+def test_digits_and_gmm_keep_their_domain_values(model, reward):
+    for algo, (beta, lr) in DOMAIN[model].items():
+        cfg = compose_config([f"model={model}", f"reward={reward}", f"algo={algo}"])
+        assert float(cfg.train.lr) == lr and float(cfg.algo.lr) == lr
+        assert beta is None or float(cfg.algo.beta) == beta
+        if algo == "vggflow":
+            assert float(cfg.algo.alpha) == 10.0
+        assert describe(cfg).startswith(f"align: domain defaults for {model} × {reward} × {algo} ")
+    cfg = compose_config([f"model={model}", f"reward={reward}", "algo=adjoint_matching", "model.am_beta=4"])
+    assert float(cfg.algo.beta) == 4.0                              # the domain value is still a model key
+
+
+def test_sd3_alpha_is_unchanged_and_unknown_sd3_rewards_fall_back_to_the_domain_default():
+    cfg = compose_config(["model=sd3", "reward=hpsv2", "algo=vggflow"])
+    assert float(cfg.algo.alpha) == 1e4
+    cfg = compose_config(["model=sd3", "reward=linear", "algo=vggflow"])         # no row: sd3.yaml's β, said so
+    assert float(cfg.algo.beta) == 5e4 and "algo.beta=5e4 (model.vggflow_beta)" in describe(cfg)
+
+
+def test_a_missing_setting_is_a_one_line_error():
+    with pytest.raises(ConfigProblem) as err:
+        compose_config(["model=gmm", "reward=linear", "algo=vggflow", "~model.vggflow_beta"])
+    msg = str(err.value)
+    assert "no paper setting of algo.beta for model=gmm × reward=linear × algo=vggflow" in msg
+    assert "algo.beta=<value>" in msg and "\n" not in msg
+    cfg = compose_config(["model=gmm", "reward=linear", "algo=vggflow", "~model.vggflow_beta", "algo.beta=2"])
+    assert float(cfg.algo.beta) == 2.0
+
+
+def test_fmt_gives_short_command_line_values():
+    assert [fmt(x) for x in (3e7, 5e4, 5e-4, 5e-5, 1e-4, 10.0, 1.0, 0.5)] == \
+        ["3e7", "5e4", "5e-4", "5e-5", "1e-4", "10", "1", "0.5"]
+
+
+def _run(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "align.run", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_runner_prints_and_saves_the_resolved_settings(tmp_path):
+    tiny = ["reward=linear", "algo=adjoint_matching", "train.steps=1", "train.batch_size=4", "eval.n_samples=16",
+            "eval.final_samples=8", "train.progress=false", "sampler.steps=4"]
+    res = _run([*tiny, f"run_dir={tmp_path / 'a'}"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    line = ("align: domain defaults for gmm × linear × adjoint_matching (align/paper_settings.py, DEFAULT row): "
+            "algo.beta=1 (model.am_beta), train.lr=1e-4 (the algorithm's paper value, reference §1.8)")
+    assert res.stdout.count(line) == 1, res.stdout
+    from omegaconf import OmegaConf
+    saved = OmegaConf.load(tmp_path / "a" / "config.yaml")
+    assert saved.algo.beta == 1.0 and saved.train.lr == 1e-4 and saved.algo.lr == 1e-4   # resolved, literal
+    # given on the command line: it wins, and the line says so
+    res = _run([*tiny, "algo.beta=0.5", f"run_dir={tmp_path / 'b'}"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "train.lr=1e-4 (the algorithm's paper value, reference §1.8); set explicitly: algo.beta=0.5" in res.stdout
+    assert OmegaConf.load(tmp_path / "b" / "config.yaml").algo.beta == 0.5
+    # Hydra multirun: every job resolves and prints its own settings
+    multi = [o for o in tiny if not o.startswith("algo=")] + ["algo=adjoint_matching,refl"]
+    res = _run(["-m", *multi, f"hydra.sweep.dir={tmp_path / 'm'}"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count(line) == 1 and res.stdout.count(
+        "align: domain defaults for gmm × linear × refl (align/paper_settings.py, DEFAULT row): train.lr=1e-4") == 1
+    # no setting and none given: the CLI's one-line error, before any work
+    res = _run(["reward=linear", "~model.vggflow_beta", f"run_dir={tmp_path / 'c'}"], tmp_path)
+    assert res.returncode == 2 and res.stderr.startswith("align: no paper setting of algo.beta"), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
