@@ -1,5 +1,7 @@
-"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: train DRaFT-K on gmm through the
-Trainer, record the x_0 each process drew, and save them with the final finetuned parameters."""
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: train on gmm through the Trainer
+(DRaFT-K unless extra overrides are given), record the x_0 each process drew, and save them with the final
+finetuned parameters. ``ALIGN_TEST_NAN_RANK=r`` makes the first loss of rank r non-finite."""
+import os
 import sys
 
 import torch
@@ -7,15 +9,18 @@ import torch
 from align.config import compose_config
 from align.trainer import Trainer
 
-OVERRIDES = ["model=gmm", "reward=linear", "algo=draft", "algo.variant=k", "algo.k=2", "algo.objective=raw",
-             "model.hidden=16", "sampler.steps=6", "train.batch_size=4", "train.lr=1e-2", "train.checkpoint_every=1",
-             "eval.every=0", "eval.n_samples=16", "eval.final_samples=8", "train.progress=false", "device=cpu"]
+DRAFT = ["algo=draft", "algo.variant=k", "algo.k=2", "algo.objective=raw"]
+BASE = ["model=gmm", "reward=linear", "model.hidden=16", "sampler.steps=6", "train.batch_size=4", "train.lr=1e-2",
+        "train.checkpoint_every=1", "eval.every=0", "eval.n_samples=16", "eval.final_samples=8", "train.progress=false", "device=cpu"]
+OVERRIDES = BASE + DRAFT
 
 
-def main(run_dir: str, steps: int, out: str, resume: bool) -> None:
+def main(run_dir: str, steps: int, out: str, resume: bool, extra: list[str]) -> None:
     torch.set_num_threads(1)
-    extra = [f"train.steps={steps}"] + ([f"resume={run_dir}"] if resume else [])
-    trainer = Trainer(compose_config(OVERRIDES + extra, run_dir), run_dir)
+    extra = extra + [f"train.steps={steps}"] + ([f"resume={run_dir}"] if resume else [])
+    base = BASE if any(o.startswith("algo=") for o in extra) else OVERRIDES
+    trainer = Trainer(compose_config(base + extra, run_dir), run_dir)
+    rank = trainer.accelerator.process_index
     drawn = []
     sample_noise = trainer.model.sample_noise
 
@@ -25,11 +30,20 @@ def main(run_dir: str, steps: int, out: str, resume: bool) -> None:
         return x
 
     trainer.model.sample_noise = recording
+    if os.environ.get("ALIGN_TEST_NAN_RANK") == str(rank):
+        loss, calls = trainer.algo.loss, []
+
+        def poisoned(traj, generator):
+            value, logs = loss(traj, generator)
+            calls.append(1)
+            return (value * float("nan") if len(calls) == 1 else value), logs
+
+        trainer.algo.loss = poisoned
     trainer.train()
-    rank = trainer.accelerator.process_index
-    torch.save({"x0": drawn, "world": trainer.accelerator.num_processes,
-                "params": trainer.model.finetune_state_dict(), "step": trainer.step}, f"{out}.rank{rank}.pt")
+    torch.save({"x0": drawn, "world": trainer.accelerator.num_processes, "skipped": trainer.skipped,
+                "params": trainer.model.finetune_state_dict(), "algo": trainer.algo.state_dict(),
+                "step": trainer.step}, f"{out}.rank{rank}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "resume")
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "resume", sys.argv[5:])

@@ -12,11 +12,11 @@ from align.config import compose_config
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _torchrun(tmp_path, run_dir, steps, out, mode="fresh"):
+def _torchrun(tmp_path, run_dir, steps, out, mode="fresh", extra=(), env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE)])}
+           "PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE)]), **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "dist_worker.py"), str(run_dir), str(steps), str(out), mode]
+           os.path.join(HERE, "dist_worker.py"), str(run_dir), str(steps), str(out), mode, *extra]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -56,3 +56,37 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
         torch.testing.assert_close(resumed[r]["x0"][0], straight[r]["x0"][2])   # the third batch of each rank
         for k, v in straight[r]["params"].items():
             torch.testing.assert_close(resumed[r]["params"][k], v, rtol=0, atol=0)
+
+
+VGG = ["algo=vggflow", "reward=quadratic", "reward.center=[1.0,0.5]", "reward.precision=[[1.0,0.3],[0.3,0.6]]",
+       "algo.subsample_bins=6"]   # one state per bin: the training states do not depend on the index draws
+
+
+def test_vggflow_two_processes_with_accumulation_equal_one_big_batch(tmp_path):
+    """The reward-gradient clip threshold is the quantile over the whole update: 2 processes × 2 micro-batches of
+    2 trajectories give the update of one process with all 8 (parameters of θ and φ to 1e-6)."""
+    from dist_worker import BASE
+
+    from align.trainer import Trainer
+
+    two = _torchrun(tmp_path, tmp_path / "two", 2, tmp_path / "two_out", extra=VGG + ["train.grad_accum=2"])
+    for k, v in two[0]["params"].items():
+        assert torch.equal(v, two[1]["params"][k]), k
+    run_dir = str(tmp_path / "one")
+    one = Trainer(compose_config(BASE + VGG + ["train.steps=2", "train.batch_size=8"], run_dir), run_dir)
+    batches = [torch.cat([two[r]["x0"][2 * s + m] for r in (0, 1) for m in (0, 1)]) for s in range(2)]
+    own = one.model.sample_noise
+    one.model.sample_noise = lambda n, generator: batches.pop(0) if batches else own(n, generator)
+    one.train()
+    for k, v in one.model.finetune_state_dict().items():
+        torch.testing.assert_close(v, two[0]["params"][k], rtol=1e-5, atol=1e-6)
+    for k, v in one.algo.state_dict().items():
+        torch.testing.assert_close(v, two[0]["algo"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_finite_loss_on_one_process_skips_the_update_on_all(tmp_path):
+    """Rank 1's first loss is NaN: both ranks skip that update (skipped = 1 on each) and keep identical parameters."""
+    two = _torchrun(tmp_path, tmp_path / "nan", 3, tmp_path / "nan_out", env_extra={"ALIGN_TEST_NAN_RANK": "1"})
+    assert [w["skipped"] for w in two] == [1, 1]
+    for k, v in two[0]["params"].items():
+        assert torch.equal(v, two[1]["params"][k]), k
