@@ -99,8 +99,8 @@ class AdjointMatching(Algorithm):
 
     # ---- the lean adjoint --------------------------------------------------------------------------------
     def lean_adjoint(self, traj: Trajectory, stop: int = 1) -> torch.Tensor:
-        """ã_k for k = N..stop [N+1, B, ...]: the exact discrete adjoint of the base chain the sampler runs, so
-        the last (noiseless base Euler) step uses v_base itself rather than b_base."""
+        """ã_k for k = N..stop [N+1, B, ...] on the trajectory's (training) grid: the exact discrete adjoint of the
+        base chain the SDE rollout runs, so the last (noiseless base Euler) step uses v_base itself, not b_base."""
         model, cond, n, h = self.model, traj.cond, traj.n_steps, self.h
 
         def hamiltonian(k: int, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

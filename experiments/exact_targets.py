@@ -268,6 +268,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--opt-iters", type=int, default=300, help="L-BFGS iterations of the optimum solver")
     p.add_argument("--out", default="docs/exact_targets.md")
+    p.add_argument("--code-version", default=None,
+                   help="text for the Code: line (default: git HEAD of this tree; for an exported tree without .git)")
     p.add_argument("--runs", default=None, help="keep run directories here (default: a temp dir, deleted)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 steps, β = 1, vggflow + adjoint_matching, 200 samples")
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"Command: `{cmd}`  ",
         f"Wall time: {wall:.0f} s ({wall / 60:.1f} min) on CPU, `torch.set_num_threads(1)`.  ",
-        f"Code: {code_version()}.  ",
+        f"Code: {args.code_version or code_version()}.  ",
         f"Settings: train.steps={args.steps}, train.batch_size=32 (default), each algorithm's default learning rate "
         f"and options, sampler.steps={SAMPLER_STEPS} (the uniform Euler grid; settings ending in `-sd3`: SD3's "
         f"shifted grid, sampler.grid=sd3), eval.final_samples={args.n_final}, "
@@ -440,6 +442,8 @@ def code_version() -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git)"
+    if not head:
+        return "unknown (not a git checkout)"
     return f"git HEAD `{head}`" + (" plus uncommitted changes in the working tree" if dirty else "")
 
 
