@@ -198,7 +198,7 @@ def test_decode_is_an_image_in_unit_range_and_reward_gradients_reach_latents_and
     img = model.decode(x)
     assert img.shape == (2, 3, RESOLUTION, RESOLUTION) and img.dtype == torch.float32
     assert img.min() >= 0 and img.max() <= 1 and img.std() > 0
-    with torch.no_grad():                               # the decoder's own decode, SD3's latent scaling
+    with torch.no_grad():                               # the decoder's own decode and latent factors
         raw = model.decoder.decode(x / model.scaling_factor + model.shift_factor).sample
     torch.testing.assert_close(img, (raw / 2 + 0.5).clamp(0, 1))
     (gx,) = torch.autograd.grad(_tiny_reward(img).sum(), x)

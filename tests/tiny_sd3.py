@@ -13,7 +13,8 @@ text_encoder_2/, text_encoder_3/, tokenizer*/, scheduler/), only tiny and random
 * optionally a one-layer T5EncoderModel (d_model 32) with a small Unigram T5 tokenizer;
 * FlowMatchEulerDiscreteScheduler with shift 3 (SD3-medium's).
 
-``build_tiny_taesd3(directory)`` writes a tiny AutoencoderTiny with 16 latent channels (TAESD3's layout).
+``build_tiny_taesd3(directory)`` writes a tiny AutoencoderTiny with TAESD3's config (16 latent channels, its own
+scaling_factor 1 and shift_factor 0, not the VAE's).
 """
 from __future__ import annotations
 
@@ -122,12 +123,20 @@ def build_tiny_sd3(directory: str, t5: bool = True, seed: int = 0) -> str:
 
 
 def build_tiny_taesd3(directory: str, seed: int = 5) -> str:
-    """A tiny random AutoencoderTiny with TAESD3's latent layout (16 channels, ×8), saved to ``directory``."""
+    """A tiny random AutoencoderTiny shaped like madebyollin/taesd3's config.json, shrunk, saved to ``directory``.
+
+    As the real one: 16 latent channels, ×8 (4 levels), relu, nearest upsampling, latent_magnitude 3 /
+    latent_shift 0.5, and ``scaling_factor`` 1.0 / ``shift_factor`` 0.0 (diffusers' AutoencoderTiny defaults,
+    which TAESD3 keeps: it takes the diffusion latents themselves, "no extra scale factor"), NOT the SD3 VAE's
+    1.5305 / 0.0609. Shrunk: 8 channels per block and (1, 2, 2, 2) / (2, 2, 2, 1) blocks instead of 64 and
+    (1, 3, 3, 3) / (3, 3, 3, 1).
+    """
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(seed)
     AutoencoderTiny(in_channels=3, out_channels=3, encoder_block_out_channels=(8, 8, 8, 8),
-                    decoder_block_out_channels=(8, 8, 8, 8), num_encoder_blocks=(1, 1, 1, 1),
-                    num_decoder_blocks=(1, 1, 1, 1), latent_channels=16, scaling_factor=SCALING_FACTOR,
-                    shift_factor=SHIFT_FACTOR).save_pretrained(directory)
+                    decoder_block_out_channels=(8, 8, 8, 8), num_encoder_blocks=(1, 2, 2, 2),
+                    num_decoder_blocks=(2, 2, 2, 1), latent_channels=16, act_fn="relu", upsample_fn="nearest",
+                    upsampling_scaling_factor=2, latent_magnitude=3, latent_shift=0.5, scaling_factor=1.0,
+                    shift_factor=0.0).save_pretrained(directory)
     return directory

@@ -17,7 +17,8 @@ is loaded with its library's own ``from_pretrained``:
 * ``scheduler`` config: its ``shift`` must agree with ``sampler.shift`` (the sd3 grid, t = 1 − σ).
 
 Data space: SD3 latents x ∈ R^{16 × res/8 × res/8}; ``decode(x)`` = decoder(x / scaling_factor + shift_factor)
-mapped from [−1, 1] to images in [0, 1] (clamped), fp32, differentiable.
+mapped from [−1, 1] to images in [0, 1] (clamped), fp32, differentiable, with the factors of the decoder's own
+config (the SD3 VAE's 1.5305 / 0.0609; TAESD3's 1 / 0: it takes the diffusion latents as they are).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from align.models.flow_transformer import LORA_TARGET_MODULES, LORA_WEIGHT_NAME, FlowTransformerModel
+from align.models.flow_transformer import (LORA_TARGET_MODULES, LORA_WEIGHT_NAME, FlowTransformerModel,
+                                           enable_gradient_checkpointing)
 from align.models.value_unet import ValueUNet
 from align.registry import register_model
 
@@ -311,8 +313,9 @@ class SD3Model(FlowTransformerModel):
         self.data_shape = (int(transformer.config.in_channels), side, side)
         self.resolution, self.grid, self.pretrained_dir = int(resolution), grid, root
         self.scheduler_shift = float(sched_cfg.get("shift", 1.0))
-        self.scaling_factor = float(vae_cfg["scaling_factor"])
-        self.shift_factor = float(vae_cfg.get("shift_factor") or 0.0)
+        # the decoder's own latent factors, as the diffusers pipeline uses its vae's (TAESD3: 1 and 0)
+        self.scaling_factor = float(getattr(dec.config, "scaling_factor", None) or 1.0)
+        self.shift_factor = float(getattr(dec.config, "shift_factor", None) or 0.0)
         self.decoder_kind = decoder
         self.decoder = dec.eval().requires_grad_(False)
         self.decode_batch_size = int(decode_batch_size)
@@ -320,7 +323,7 @@ class SD3Model(FlowTransformerModel):
         self.joint_dim = int(transformer.config.joint_attention_dim)
         self.value_net_kwargs = dict(value_net or {})
         if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(transformer)     # recomputes with the forward's LoRA on/off state
             if hasattr(self.decoder, "enable_gradient_checkpointing"):
                 self.decoder.enable_gradient_checkpointing()
         self.feature_net = feature_net
@@ -403,7 +406,9 @@ class SD3Model(FlowTransformerModel):
 
     # -- images
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] [B, 3, res, res], fp32, differentiable: decoder(x / scaling + shift) ∈ [−1, 1] → [0, 1]."""
+        """Images in [0, 1] [B, 3, res, res], fp32, differentiable: decoder(x / scaling + shift) ∈ [−1, 1] → [0, 1],
+        with the decoder's own ``scaling_factor``/``shift_factor`` (SD3 VAE: 1.5305 / 0.0609; TAESD3: 1 / 0, it
+        decodes the diffusion latents themselves), as ``StableDiffusion3Pipeline`` does with the vae it holds."""
         z = x.float() / self.scaling_factor + self.shift_factor
         n = max(1, self.decode_batch_size)
         out = [self.decoder.decode(z[i:i + n]).sample for i in range(0, z.shape[0], n)]
