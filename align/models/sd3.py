@@ -2,7 +2,11 @@
 
 The checkpoint is a diffusers directory (``model.pretrained``: a hub id, default
 ``stabilityai/stable-diffusion-3-medium-diffusers``, or a local directory with the same layout). Each component
-is loaded with its library's own ``from_pretrained``:
+is loaded with its library's own ``from_pretrained``. SD3.5 (``stabilityai/stable-diffusion-3.5-medium`` /
+``-large``) has the same layout and loads unchanged: its transformer config carries the extra options
+(``dual_attention_layers``, ``qk_norm="rms_norm"``, its own sizes and ``pos_embed_max_size``), which
+``SD3Transformer2DModel.from_pretrained`` reads, and the LoRA targets match the dual-attention ``attn2``
+projections by suffix (tests/test_sd35.py):
 
 * ``transformer`` (SD3Transformer2DModel, in ``model.dtype``, bf16 by default) + peft LoRA r = 8 on
   to_q/to_k/to_v/to_out.0 in fp32 (``FlowTransformerModel``: σ = 1 − t, u = −v, τ = 1000σ, CFG w = 5 with the
@@ -37,6 +41,8 @@ from align.models.value_unet import ValueUNet
 from align.registry import register_model
 
 DEFAULT_PRETRAINED = "stabilityai/stable-diffusion-3-medium-diffusers"
+# SD3.5: the same diffusers layout and scheduler (shift 3); the transformer config adds dual attention / QK-norm
+SD35_PRETRAINED = ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")
 DEFAULT_TAESD3 = "madebyollin/taesd3"
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -253,8 +259,9 @@ class SD3Model(FlowTransformerModel):
 
         prompt_set = load_prompts(prompts, self)
         feature_net = build_features(features).eval().requires_grad_(False)
-        how = (f"Get it with `huggingface-cli download {DEFAULT_PRETRAINED}` (accept the SD3 license on the hub "
-               f"first) and set model.pretrained=<local directory or hub id>")
+        repo = pretrained if not _looks_local(os.path.expanduser(str(pretrained))) else DEFAULT_PRETRAINED
+        how = (f"Get it with `huggingface-cli download {repo}` (accept the model's license on the hub first; "
+               f"SD3.5: {' or '.join(SD35_PRETRAINED)}) and set model.pretrained=<local directory or hub id>")
         if t5:
             how += "; or set model.t5=false to run without the T5 encoder (zero T5 embeddings)"
         parts = {"scheduler": ("scheduler_config.json", False), "transformer": ("config.json", True),
