@@ -28,6 +28,7 @@ import os
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -90,6 +91,8 @@ def adapters_disabled(transformer: nn.Module) -> Iterator[None]:
     peft's toggle also rewrites ``requires_grad`` of the adapter weights; the flags are restored on exit
     so that a frozen adapter stays frozen and a trainable one stays trainable.
     """
+    if getattr(transformer, "is_gradient_checkpointing", False) and not _adapter_aware(transformer):
+        enable_gradient_checkpointing(transformer)     # enabled by someone else: recompute with the right state
     flags = [(p, p.requires_grad) for p in lora_parameters(transformer)]
     transformer.disable_adapters()
     try:
@@ -98,6 +101,52 @@ def adapters_disabled(transformer: nn.Module) -> Iterator[None]:
         transformer.enable_adapters()
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+# ---- gradient checkpointing that recomputes with the forward's adapter state ---------------------------------
+def _tuner_layers(module: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def _adapters_state(layers: Sequence[nn.Module], disabled: Sequence[bool]) -> Iterator[None]:
+    """Set each peft layer's adapters disabled / enabled as ``disabled`` says (``requires_grad`` untouched)."""
+    before = [bool(m._disable_adapters) for m in layers]
+    for m, d in zip(layers, disabled):
+        m._disable_adapters = d
+    try:
+        yield
+    finally:
+        for m, d in zip(layers, before):
+            m._disable_adapters = d
+
+
+def adapter_aware_checkpoint(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """diffusers' ``gradient_checkpointing_func``: torch's non-reentrant checkpoint of ``module`` (as diffusers'
+    default), whose recomputation in backward runs with the adapter state (LoRA enabled or disabled, per peft
+    layer) that the forward had. Without it, ``base_velocity`` (LoRA off) returns a graph whose blocks backward
+    recomputes with LoRA on: other tensors, ``CheckpointError: ... different metadata`` (or, worse, a silently
+    wrong Jacobian). Costs nothing when the state did not change."""
+    layers = _tuner_layers(module)
+    state = [bool(m._disable_adapters) for m in layers]
+
+    def run(*a: Any, **kw: Any) -> Any:
+        with _adapters_state(layers, state):
+            return module(*a, **kw)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+def _adapter_aware(transformer: nn.Module) -> bool:
+    return all(getattr(m, "_gradient_checkpointing_func", adapter_aware_checkpoint) is adapter_aware_checkpoint
+               for m in transformer.modules() if getattr(m, "gradient_checkpointing", False))
+
+
+def enable_gradient_checkpointing(transformer: nn.Module) -> None:
+    """Checkpoint the transformer's blocks with ``adapter_aware_checkpoint`` (diffusers ≥ 0.33's hook)."""
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_aware_checkpoint)
 
 
 # ---- CFG: the unconditional branch differentiable in x, detached from θ -----------------------------------
@@ -178,13 +227,18 @@ class FlowTransformerModel(FlowModel):
 
     # -- the raw network, SD3 convention
     def transformer_u(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """u(x, σ, c) = the transformer's prediction of ε − x_data at τ = 1000σ, returned in x's dtype."""
+        """u(x, σ, c) = the transformer's prediction of ε − x_data at τ = 1000σ, returned in x's dtype.
+
+        τ goes in at least fp32 whatever the network's dtype, as the diffusers pipeline passes the scheduler's fp32
+        timesteps (the time embedding computes its sinusoids in fp32): in bf16, τ above 512 would be rounded to
+        multiples of 4, so the grid's times and t ± δ of a finite difference would collide."""
         net_dtype = self.transformer.dtype
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        tau = sigma_to_timestep(sigma.to(torch.promote_types(sigma.dtype, torch.float32)))
         out = self.transformer(hidden_states=x.to(net_dtype),
                                encoder_hidden_states=cond["encoder_hidden_states"].to(net_dtype),
                                pooled_projections=cond["pooled_projections"].to(net_dtype),
-                               timestep=sigma_to_timestep(sigma).to(net_dtype), return_dict=False)[0]
+                               timestep=tau, return_dict=False)[0]
         return out.to(x.dtype)
 
     def guided_u(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
