@@ -24,7 +24,7 @@ def _kwargs(node: DictConfig, drop: tuple[str, ...] = ()) -> dict[str, Any]:
 
 # Keys of a model config that the runner reads (per-domain defaults), not the model's constructor.
 RUNNER_KEYS = ("default_reward", "train_steps", "batch_size", "eval_every", "eval_samples", "vggflow_beta", "vggflow_alpha",
-               "am_beta")
+               "am_beta", "fid_reference")
 
 
 def build_model(cfg: DictConfig) -> FlowModel:

@@ -1,4 +1,11 @@
-"""Periodic evaluation on fixed noise and prompts: reward, diversity and prior preservation (FID vs base)."""
+"""Periodic evaluation on fixed noise and prompts: reward, diversity and prior preservation (FID vs base).
+
+FID reference (``eval.fid_reference``): ``independent`` (the paper's; SD3's default) — the base model's samples
+of the same prompts from a second fixed noise set, drawn independently of the evaluation noise, so the
+untouched model's FID is the finite-sample distance between two base sample sets (> 0, the paper's Base row);
+``paired`` (digits' and gmm's default) — the base model's samples from the evaluation noise itself, so the
+untouched model scores exactly 0. Both reference sets are sampled once per run and cached.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -6,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from align.interfaces import FlowModel, Reward
-from align.metrics import feature_diversity, frechet_distance
+from align.metrics import cosine_diversity, feature_diversity, frechet_distance
 from samplers import euler_integrate
 
 
@@ -14,19 +21,27 @@ class Evaluator:
     """Samples the finetuned and base models from the same fixed x_0 and prompts with the Euler ODE.
 
     Prompts: ``n_samples // group_size`` prompts taken in turn from the prompt set, ``group_size``
-    samples each. Metrics are computed per distinct prompt and averaged over prompts.
+    samples each. Metrics are computed per distinct prompt and averaged over prompts. ``fid_reference``:
+    ``paired`` (base samples from the same noise) or ``independent`` (from a second, independent fixed noise).
     """
 
+    FID_REFERENCES = ("independent", "paired")
+
     def __init__(self, model: FlowModel, reward: Reward, ts: torch.Tensor, prompt_set: list[str],
-                 n_samples: int, group_size: int, seed: int, batch_size: int = 256):
+                 n_samples: int, group_size: int, seed: int, batch_size: int = 256, fid_reference: str = "paired"):
         if n_samples < 2 or group_size < 2:
             raise ValueError("eval.n_samples and eval.group_size must be >= 2")
+        if fid_reference not in self.FID_REFERENCES:
+            raise ValueError(f"eval.fid_reference={fid_reference!r}: valid choices are "
+                             f"{', '.join(self.FID_REFERENCES)}")
+        self.fid_reference, self.seed = fid_reference, int(seed)
         self.model, self.reward, self.ts, self.batch_size = model, reward, ts, batch_size
         n_groups = max(1, n_samples // group_size)
         self.prompts = [prompt_set[g % len(prompt_set)] for g in range(n_groups) for _ in range(group_size)]
         gen = torch.Generator().manual_seed(int(seed) + 1_000_003)
         self.noise = model.sample_noise(len(self.prompts), gen)
         self._base: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reference: torch.Tensor | None = None
 
     @torch.no_grad()
     def sample(self, velocity: Callable[..., torch.Tensor], noise: torch.Tensor | None = None,
@@ -57,19 +72,37 @@ class Evaluator:
             self._base = self._score(self.sample(self.model.base_velocity))
         return self._base
 
+    def reference_noise(self) -> torch.Tensor:
+        """The independent reference set's x_0: a second fixed draw (its own generator stream), same prompts."""
+        gen = torch.Generator().manual_seed(self.seed + 2_000_029)
+        return self.model.sample_noise(len(self.prompts), gen)
+
+    def reference_features(self) -> torch.Tensor:
+        """Features of the FID reference set (computed once): the base samples from the evaluation noise
+        (``paired``) or from ``reference_noise()`` (``independent``)."""
+        if self.fid_reference == "paired":
+            return self.base()[1]
+        if self._reference is None:
+            x1 = self.sample(self.model.base_velocity, self.reference_noise())
+            self._reference = self._score(x1)[1]
+        return self._reference
+
     def __call__(self) -> tuple[dict[str, float], torch.Tensor]:
         x1 = self.sample(self.model.velocity)
         rewards, feats = self._score(x1)
-        _, base_feats = self.base()
+        base_feats = self.reference_features()
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(self.prompts):
             groups.setdefault(p, []).append(i)
-        div, fid = [], []
+        div, cos, fid = [], [], []
         for idx in groups.values():
             div.append(feature_diversity(feats[idx]))
+            cos.append(cosine_diversity(feats[idx]))
             fid.append(frechet_distance(feats[idx], base_feats[idx]))
         metrics = {"eval/reward": rewards.mean().item(), "eval/reward_std": rewards.std().item(),
-                   "eval/diversity": sum(div) / len(div), "eval/fid": sum(fid) / len(fid)}
+                   "eval/diversity": sum(div) / len(div), "eval/fid": sum(fid) / len(fid),
+                   # the paper's units: mean pairwise cosine distance within a prompt, in units of 1e-2
+                   "eval/diversity_cos": sum(cos) / len(cos)}
         return metrics, x1
 
 

@@ -4,7 +4,8 @@ Reads every run directory under ``sweep_dir`` (a directory with ``config.yaml`` 
 writes into ``--out`` (default ``<sweep_dir>/report``):
 
 * ``table.md``, ``table.csv`` — like the paper's Table 1: per reward, the final evaluation (the last
-  ``eval/*`` row of each finished run: reward, diversity, diversity ÷ the run's step-0 diversity, FID) as
+  ``eval/*`` row of each finished run: reward, diversity, diversity ÷ the run's step-0 diversity, when logged
+  the paper's diversity unit (mean pairwise 1 − cos within a prompt, ×10⁻²: ``eval/diversity_cos``), FID) as
   mean ± sample standard deviation (ddof = 1) over seeds; best per column marked (highest reward,
   highest diversity, lowest FID; the Base row, the step-0 evaluation of the
   untouched model, is not a candidate). Unfinished runs (no ``samples_final.pt``) are listed, not averaged.
@@ -30,11 +31,14 @@ from omegaconf import OmegaConf
 
 # (metrics.jsonl key, column name, better) — the table's columns, in order.
 METRICS = (("eval/reward", "reward", "max"), ("eval/diversity", "diversity", "max"),
-           ("eval/diversity_rel", "diversity ÷ base", "max"), ("eval/fid", "FID", "min"))
+           ("eval/diversity_rel", "diversity ÷ base", "max"),
+           ("eval/diversity_cos", "diversity (1 − cos, ×10⁻²)", "max"), ("eval/fid", "FID", "min"))
 # Config keys that do not make runs different experiments.
 NOT_GROUPING = ("seed", "run_dir", "resume", "threads", "device", "train.progress", "train.checkpoint_every",
                 "train.keep_checkpoints")
 FACET_KEYS = ("model.name", "reward.name")
+# Config keys added later, and what their absence in an older run's config.yaml means.
+ABSENT_MEANS = {"eval.fid_reference": "paired", "model.fid_reference": "paired"}
 ALGO_ORDER = ("refl", "draft", "adjoint_matching", "vggflow_pmp", "vggflow")
 ALGO_NAMES = {"vggflow": "VGG-Flow", "vggflow_pmp": "VGG-Flow-PMP", "refl": "ReFL", "draft": "DRaFT",
               "adjoint_matching": "Adjoint Matching"}
@@ -100,6 +104,8 @@ def _num(v) -> float:
 
 def read_run(path: str) -> RunData:
     cfg = flatten(OmegaConf.to_container(OmegaConf.load(os.path.join(path, "config.yaml")), resolve=False))
+    for k, v in ABSENT_MEANS.items():    # runs saved before the key existed had that behaviour
+        cfg.setdefault(k, v)
     rows = []
     with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8") as fh:
         for line in fh:

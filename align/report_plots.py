@@ -19,7 +19,7 @@ STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fonts
          "ytick.labelsize": 7, "lines.linewidth": 1.2, "axes.spines.top": False, "axes.spines.right": False}
 WIDTH = 7.0
 NAMES = {"eval/reward": "reward", "eval/diversity": "diversity", "eval/diversity_rel": "diversity ÷ base",
-         "eval/fid": "FID"}
+         "eval/diversity_cos": "diversity (1 − cos, ×10⁻²)", "eval/fid": "FID"}
 
 
 def pareto_front(xs: list[float], ys: list[float], maximize_x: bool = True, maximize_y: bool = True) -> list[int]:

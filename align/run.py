@@ -117,6 +117,8 @@ PARTIAL_FILES = ("metrics.jsonl", "config.yaml", "tb", "samples", "checkpoints",
 IGNORED_KEYS = ("run_dir", "resume", "threads", "device", "train.progress", "train.checkpoint_every",
                 "train.keep_checkpoints")
 _STEP_DIR = re.compile(r"step_(\d+)$")
+# Keys added after runs were saved without them: an absent key equals the behaviour those runs had.
+ABSENT_MEANS = {"eval.fid_reference": "paired", "model.fid_reference": "paired"}
 
 
 class RunMismatch(ValueError):
@@ -172,7 +174,7 @@ def config_differences(saved: dict, requested: dict) -> list[str]:
     for k in sorted(set(a) | set(b), key=lambda k: (not k.endswith(".name"), k)):   # algo/model/reward first
         if k in IGNORED_KEYS or k == "train.steps":
             continue
-        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        va, vb = a.get(k, ABSENT_MEANS.get(k, "<absent>")), b.get(k, ABSENT_MEANS.get(k, "<absent>"))
         if va != vb and not (isinstance(va, (int, float)) and isinstance(vb, (int, float)) and float(va) == float(vb)):
             diffs.append(f"{k}: saved {va!r}, requested {vb!r}")
     return diffs

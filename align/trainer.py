@@ -80,7 +80,8 @@ class Trainer:
         # Per-process stream for noise, prompts and the algorithms' own random choices.
         self.generator = torch.Generator().manual_seed(seed * 1000 + self.accelerator.process_index)
         self.evaluator = Evaluator(self.model, self.reward, self.ts, self.prompt_set, int(cfg.eval.n_samples),
-                                   int(cfg.eval.group_size), seed)
+                                   int(cfg.eval.group_size), seed,
+                                   fid_reference=str(cfg.eval.get("fid_reference", "paired")))
         self.step, self.bad_in_row, self.skipped, self.elapsed = 0, 0, 0, 0.0
         # Load the checkpoint here, not in train(): a checkpoint that cannot be resumed (e.g. written by another
         # number of processes) is then a clear error before any work starts.

@@ -179,3 +179,30 @@ def test_pareto_front_on_a_hand_made_set():
     # reward (max) vs FID (min): (1, 1) (2, 3) (3, 10) non-dominated; (1.5, 4) by (2, 3); (0.5, 1) by (1, 1).
     xs, ys = [1.0, 2.0, 3.0, 1.5, 0.5], [1.0, 3.0, 10.0, 4.0, 1.0]
     assert pareto_front(xs, ys, maximize_y=False) == [0, 1, 2]
+
+
+def test_cosine_diversity_column_and_old_runs_group_with_paired_fid(tmp_path):
+    """eval/diversity_cos (the paper's ×10⁻² unit) gets its own column and curve when logged; a run saved before
+    eval.fid_reference existed (paired FID) is averaged with runs that say fid_reference=paired."""
+    cos = {0: [23.0, 25.0], 1: [20.0, 24.0]}          # [step-0, final] per seed
+    for seed in (0, 1):
+        d = tmp_path / f"seed={seed}"
+        d.mkdir()
+        cfg = {"seed": seed, "run_dir": str(d), "algo": {"name": "vggflow", "lr": 1e-4}, "model": {"name": "toy"},
+               "reward": {"name": "r"}, "train": {"steps": 10}, "eval": {"every": 10}}
+        if seed == 1:                                   # written after the key was added
+            cfg["eval"]["fid_reference"] = "paired"
+            cfg["model"]["fid_reference"] = "paired"
+        OmegaConf.save(OmegaConf.create(cfg), d / "config.yaml")
+        with open(d / "metrics.jsonl", "w") as fh:
+            for step, c in zip((0, 10), cos[seed]):
+                fh.write(json.dumps({"step": step, "eval/reward": 1.0 + step, "eval/diversity": 0.5,
+                                     "eval/diversity_cos": c, "eval/fid": float(step)}) + "\n")
+        (d / "samples_final.pt").write_bytes(b"x")
+    assert main([str(tmp_path)]) == 0
+    header, table = _md_cells(tmp_path / "report" / "table.md")
+    col = "r diversity (1 − cos, ×10⁻²) ↑"
+    assert col in header and list(table) == ["Base", "VGG-Flow"]      # one group, not two
+    assert _numbers(table["VGG-Flow"][col].strip("*")) == pytest.approx([24.5, statistics.stdev([25.0, 24.0])], rel=1e-3)
+    assert _numbers(table["Base"][col]) == pytest.approx([21.5, statistics.stdev([23.0, 20.0])], rel=1e-3)
+    assert (tmp_path / "report" / "convergence_r.png").stat().st_size > 1000
