@@ -213,9 +213,11 @@ def test_bf16_gradient_checkpointing_gives_the_same_gradients(sd35_dirs):
 
 
 # ---- the hub ids -------------------------------------------------------------------------------------------------
-# The file list of stabilityai/stable-diffusion-3.5-medium on the hub (diffusers folders + single-file checkpoints)
-SD35_MEDIUM_FILES = [
-    "model_index.json", "sd3.5_medium.safetensors", "SD3.5M_example_workflow.json", "LICENSE.md", "README.md",
+# Files of the SD3.5 hub repositories: the diffusers folders beside single-file checkpoints (sd3.5_medium.safetensors,
+# sd3.5_large.safetensors), ComfyUI workflows, and in -large a text_encoders/ folder of single-file encoders
+SD35_HUB_FILES = [
+    "model_index.json", "sd3.5_medium.safetensors", "sd3.5_large.safetensors", "SD3.5M_example_workflow.json",
+    "mmdit-x.png", "LICENSE.md", "README.md",
     "scheduler/scheduler_config.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
     "text_encoder/model.safetensors", "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
@@ -227,7 +229,8 @@ SD35_MEDIUM_FILES = [
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_sd35_hub_id_downloads_only_the_diffusers_folders_and_names_itself(sd35_dirs, variant, monkeypatch):
+def test_sd35_hub_id_downloads_only_the_diffusers_folders_and_names_itself(sd35_dirs, variant, monkeypatch,
+                                                                          tmp_path):
     import huggingface_hub
 
     repo = f"stabilityai/stable-diffusion-3.5-{variant}"
@@ -240,12 +243,15 @@ def test_sd35_hub_id_downloads_only_the_diffusers_folders_and_names_itself(sd35_
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     model = _model(repo, t5=True)
     assert seen["repo"] == repo and model.pretrained_dir == sd35_dirs[variant]
-    picked = [f for f in SD35_MEDIUM_FILES if any(fnmatch.fnmatch(f, p) for p in seen["patterns"])]
+    picked = [f for f in SD35_HUB_FILES if any(fnmatch.fnmatch(f, p) for p in seen["patterns"])]
     assert "transformer/diffusion_pytorch_model.safetensors" in picked and "tokenizer_3/spiece.model" in picked
     assert not any(f.endswith(".safetensors") and "/" not in f for f in picked)        # no 5 GB single file
     assert not any(f.startswith("text_encoders/") and f.endswith(".safetensors") for f in picked)
 
-    monkeypatch.undo()                    # offline, no cache: the error names the requested repository
+    monkeypatch.undo()                    # offline, an empty cache: the error names the requested repository
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
     with pytest.raises(SD3WeightsError) as err:
         _model(repo)
     msg = str(err.value)
