@@ -131,3 +131,120 @@ def test_evaluator_logs_cosine_diversity_per_prompt_group(digits):
     expected = np.mean([_numpy_cosine_diversity(a[i:i + GROUP]) for i in range(0, N, GROUP)])
     assert metrics["eval/diversity_cos"] == pytest.approx(expected, rel=1e-6)
     assert 0.0 < metrics["eval/diversity_cos"] < 200.0
+
+
+# ---- (b) DreamSim features from local files -----------------------------------------------------------------
+WIDTH, PROJ = 128, 32          # tiny ViT-B-shaped branches: 2 heads of 64 (ViT-B: 12), all real patch sizes
+
+
+def _dreamsim_vit(patch_size, depth):
+    from functools import partial
+
+    from dreamsim.feature_extraction.vision_transformer import VisionTransformer
+
+    return VisionTransformer(patch_size=patch_size, embed_dim=WIDTH, depth=depth, num_heads=WIDTH // 64,
+                             mlp_ratio=4, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+
+
+def _randomize(module, g):
+    for p in module.parameters():
+        p.data.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _write_tiny_dreamsim(root, dreamsim_type, monkeypatch, seed=0):
+    """DreamSim's cache-directory layout with tiny random branches, written and then loaded by the dreamsim
+    package's own code (its loaders patched to the tiny ViT size only; peft writes the LoRA adapter)."""
+    import dreamsim.feature_extraction.load_clip_as_dino as lcd
+    import dreamsim.feature_extraction.load_open_clip_as_dino as locd
+    from dreamsim.config import dreamsim_args
+    from dreamsim.model import PerceptualModel
+    from peft import LoraConfig, get_peft_model
+
+    from align.models.sd3 import DREAMSIM_TYPES
+
+    g = torch.Generator().manual_seed(seed)
+    branches, lora_dir = DREAMSIM_TYPES[dreamsim_type]
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for b in branches:
+        patch = int(b[-2:])
+        if b == "dino_vitb16":
+            vit = _dreamsim_vit(16, depth=12)          # DreamSim reads block 11
+            _randomize(vit, g)
+            torch.save(vit.state_dict(), root / "checkpoints" / "dino_vitbase16_pretrain.pth")
+            head = {f"module.head.{k}": torch.zeros(2, 2) for k in
+                    ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
+                     "last_layer.weight")}
+            torch.save({"student": head}, root / "dino_vitb16_pretrain.pth")   # DreamSim's DINO head (unused)
+        else:
+            vit = _dreamsim_vit(patch, depth=2)
+            vit.pos_drop = torch.nn.LayerNorm(WIDTH)    # CLIP's ln_pre, as DreamSim's conversion stores it
+            _randomize(vit, g)
+            sd = vit.state_dict()
+            sd["proj"] = torch.randn(WIDTH, PROJ, generator=g) / WIDTH ** 0.5
+            torch.save({"state_dict": sd}, root / f"{b}_pretrain.pth.tar")
+    tiny = lambda patch_size=16, **kw: _dreamsim_vit(patch_size, depth=2)   # noqa: E731
+    monkeypatch.setattr(lcd, "vit_base", tiny)
+    monkeypatch.setattr(locd, "vit_base", tiny)
+
+    def hub_load(repo, name):                       # torch.hub's facebookresearch/dino from its cached checkpoint
+        vit = _dreamsim_vit(16, depth=12)
+        vit.load_state_dict(torch.load(root / "checkpoints" / "dino_vitbase16_pretrain.pth", weights_only=True))
+        return vit
+
+    monkeypatch.setattr(torch.hub, "load", hub_load)
+    monkeypatch.setattr(torch.hub, "set_dir", lambda d: None)
+    model = PerceptualModel(**dreamsim_args["model_config"][dreamsim_type], device="cpu", load_dir=str(root),
+                            normalize_embeds=True)
+    # LoRA on attention, MLP and the patch convolution (peft's Conv2d LoRA too)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none",
+                                                  target_modules=["qkv", "attn.proj", "patch_embed.proj", "fc1", "fc2"]))
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            p.data.copy_(0.05 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(str(root / lora_dir))
+
+
+@pytest.mark.parametrize("dreamsim_type", ["open_clip_vitb32", "clip_vitb32", "dino_vitb16", "ensemble"])
+def test_dreamsim_features_equal_the_dreamsim_package_on_tiny_checkpoints(tmp_path, monkeypatch, dreamsim_type):
+    pytest.importorskip("dreamsim")
+    from dreamsim import dreamsim
+
+    from align.models.sd3 import build_features
+
+    torch.set_num_threads(1)
+    _write_tiny_dreamsim(tmp_path, dreamsim_type, monkeypatch)
+    upstream, _ = dreamsim(pretrained=True, device="cpu", cache_dir=str(tmp_path), dreamsim_type=dreamsim_type)
+    ours = build_features({"kind": "dreamsim", "weights": str(tmp_path), "dreamsim_type": dreamsim_type})
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        ref = upstream.embed(images)
+        got = ours(images)
+        # the DreamSim distance itself, pairwise, against our cosine diversity on our embeddings
+        dist = [upstream(images[i:i + 1], images[j:j + 1]).item() for i in range(4) for j in range(i + 1, 4)]
+    assert got.shape == ref.shape == (4, ours.num_features)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    from align.metrics import cosine_diversity
+
+    assert cosine_diversity(got) == pytest.approx(100 * float(np.mean(dist)), rel=1e-4)
+    # the LoRA was merged: without it the embedding differs
+    monkeypatch.setattr(type(ours), "_merge_lora", lambda self, d: None)
+    plain = build_features({"kind": "dreamsim", "weights": str(tmp_path), "dreamsim_type": dreamsim_type})
+    assert (plain(images) - got).abs().max() > 1e-3
+
+
+def test_dreamsim_missing_weights_name_the_files_the_source_and_the_key(tmp_path, monkeypatch):
+    from align.models.sd3 import build_features
+
+    monkeypatch.delenv("ALIGN_DREAMSIM_DIR", raising=False)
+    for weights in (None, str(tmp_path)):
+        with pytest.raises(FileNotFoundError) as err:
+            build_features({"kind": "dreamsim", "weights": weights})
+        msg = str(err.value)
+        for part in ("clip_vitb16_pretrain.pth.tar", "open_clip_vitb16_pretrain.pth.tar",
+                     "ensemble_lora/adapter_config.json", "checkpoints/dino_vitbase16_pretrain.pth",
+                     "dreamsim_ensemble_checkpoint.zip", "dl.fbaipublicfiles.com/dino",
+                     "model.features.weights", "ALIGN_DREAMSIM_DIR"):
+            assert part in msg, (part, msg)
+    with pytest.raises(ValueError, match="dreamsim_type"):
+        build_features({"kind": "dreamsim", "weights": str(tmp_path), "dreamsim_type": "lpips"})
