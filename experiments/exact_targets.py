@@ -366,7 +366,10 @@ def main(argv: list[str] | None = None) -> str:
     print("\n".join(summary))
     print(f"wall time {wall:.1f}s")
 
-    cmd = "python -m experiments.exact_targets" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
+    shown = [a for i, a in enumerate(argv)          # --code-version is provenance (the Code: line), not a setting
+             if a != "--code-version" and not (i and argv[i - 1] == "--code-version")
+             and not a.startswith("--code-version=")]
+    cmd = "python -m experiments.exact_targets" + ("" if not shown else " " + " ".join(shlex.quote(a) for a in shown))
     header = [
         "# Exact targets: exponential tilt vs deterministic optimum on `model=gmm`",
         "",
