@@ -373,5 +373,5 @@ def test_inception_features_need_their_weights_file(tmp_path, monkeypatch):
             build_features({"kind": "inception", "weights": weights})
         msg = str(err.value)
         assert INCEPTION_WEIGHTS in msg and "model.features.weights" in msg and "ALIGN_INCEPTION_WEIGHTS" in msg
-    with pytest.raises(ValueError, match="clip, inception, pixels"):
-        build_features({"kind": "dreamsim"})
+    with pytest.raises(ValueError, match="clip, dreamsim, inception, pixels"):
+        build_features({"kind": "lpips"})
