@@ -27,7 +27,7 @@ from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad
 from align.subsampling import binned_time_indices, gather_states, per_sample_mse
-from align.value_gradient import consistency_residual
+from align.value_gradient import consistency_residual, network_dtype, use_network_jvp
 from samplers import Trajectory, euler_integrate, one_step_prediction
 
 ETA = {"t2": lambda t: t ** 2, "t": lambda t: t, "const": lambda t: torch.ones_like(t),
@@ -56,6 +56,8 @@ class VGGFlow(Algorithm):
         if self.beta <= 0:
             raise ValueError(f"algo.beta must be > 0, got {cfg.beta}")
         self.value_net = model.make_value_network() if cfg.learn_value else None   # outputs N_φ = β ν_φ
+        # bf16/fp16 networks: forward-mode AD through the network in the residual (align/value_gradient.py)
+        self.network_jvp = use_network_jvp(cfg.get("fd_network", "auto"), network_dtype(model))
         self.register_buffer("prev_tau", torch.tensor(float(cfg.rgrad_clip_value)))
         self.tau: torch.Tensor | None = None      # this update's clip threshold (set by prepare)
 
@@ -81,13 +83,14 @@ class VGGFlow(Algorithm):
 
     # ---- the value-gradient field g_φ (Eq. 16) -------------------------------------------------------
     def value_gradient(self, x: torch.Tensor, t: torch.Tensor, cond: Any, prompts: list[str],
-                       tau: torch.Tensor | None, grad_r: torch.Tensor | None = None) -> torch.Tensor:
-        """g_φ(x, t) = −η_t·clip(∇r(x̂_1)) + N_φ(x, t)/β. ``grad_r`` = ∇r(x̂_1) when already computed; at
-        t = 1, x̂_1 = x and no velocity is evaluated."""
+                       tau: torch.Tensor | None, grad_r: torch.Tensor | None = None,
+                       x_hat: torch.Tensor | None = None) -> torch.Tensor:
+        """g_φ(x, t) = −η_t·clip(∇r(x̂_1)) + N_φ(x, t)/β. ``grad_r`` = ∇r(x̂_1) or ``x_hat`` = x̂_1 when already
+        computed; at t = 1, x̂_1 = x and no velocity is evaluated."""
         if grad_r is None:
-            if bool((t == 1).all()):
+            if x_hat is None and bool((t == 1).all()):
                 x_hat = x
-            else:
+            elif x_hat is None:
                 with torch.no_grad():
                     x_hat = one_step_prediction(x, t, self.model.velocity(x, t, cond))
             _, grad_r = reward_and_grad(self.model, self.reward, x_hat, prompts)
@@ -153,8 +156,12 @@ class VGGFlow(Algorithm):
             return loss_match, logs
 
         # 4. Gradient-HJB consistency (Eq. 12) by finite differences (App. C.1), times β (velocity units).
-        def g_field(xx: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-            return self.value_gradient(xx, tt, cond, prompts, tau)
+        def g_field(xx: torch.Tensor, tt: torch.Tensor, x_hat: torch.Tensor | None = None) -> torch.Tensor:
+            return self.value_gradient(xx, tt, cond, prompts, tau, x_hat=x_hat)
+
+        def predictor(xx: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:      # x̂_1 inside g (network_jvp)
+            with torch.no_grad():
+                return one_step_prediction(xx, tt, model.velocity(xx, tt, cond))
 
         def v_base_field(xx: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -162,7 +169,8 @@ class VGGFlow(Algorithm):
 
         resid = consistency_residual(g_field, v_base_field, x, t, beta, cfg.fd_eps, cfg.fd_delta,
                                      cfg.fd_scheme, g_x=g, v_base_x=v_base,
-                                     time_scale=float(cfg.time_derivative_scale))
+                                     time_scale=float(cfg.time_derivative_scale),
+                                     predictor=predictor, jvp=self.network_jvp)
         loss_cons = float(cfg.consistency_weight) * per_sample_mse(beta * resid).mean()
 
         # 5. Boundary (Eq. 14): g(x_1, 1) = −∇r(x_1) with the same clipped gradient, times β; for η_1 = 1 this is
