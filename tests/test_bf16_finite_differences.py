@@ -55,14 +55,14 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (a.double() - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
 
 
-def _check(a: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+def _check(a: torch.Tensor, ref: torch.Tensor, what: str, tol: float = TOL) -> None:
     """Within 5 % over the batch of states (‖a − ref‖ / ‖ref‖, as the residual enters the loss: a mean over
     states), and no state beyond 8 % (bf16 computes the network itself to ≈ 1.5 %; its derivative by forward-mode
     AD lands at 1–5 % per state)."""
     per_state, total = _rel(a, ref), ((a.double() - ref).norm() / ref.norm()).item()
     print(f"{what}: relative error over the batch {total:.4f}, per state {[round(e, 4) for e in per_state.tolist()]}")
     assert ref.abs().max() > 0.1
-    assert total < TOL and per_state.max() < 0.08, (total, per_state)
+    assert total < tol and per_state.max() < max(0.08, 1.5 * tol), (total, per_state)
 
 
 def _ref_jvp(f, a: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,8 @@ def test_bf16_transformer_gets_the_pipeline_fp32_timestep(tmp_path):
                                    return_dict=False)[0].float()
             ours = model.transformer_u(x, 1.0 - ts[k].expand(2), cond)
             worst = max(worst, ((ours - ref).abs().max() / ref.abs().max()).item())
-    assert worst < 1e-2, f"max relative difference to the pipeline's call {worst:.3g}"
+    print(f"max relative difference to the pipeline's call {worst:.3g}")
+    assert worst < 1e-3, worst                           # before: 3.3e-2 (τ rounded to bf16)
 
 
 # ---- the residual's terms ------------------------------------------------------------------------------------
@@ -199,3 +200,51 @@ def test_residual_time_derivative_of_the_vggflow_value_gradient_matches_fp64_aut
 
     ref = float(algo_cfg.time_derivative_scale) * _ref_jvp(g64, t.double(), torch.ones_like(t.double()))
     _check(ours, ref, "d_t g")
+
+
+def test_residual_terms_on_the_tiny_sd3_in_bf16_match_fp64_autograd(tmp_path, algo_cfg):
+    """The same two terms through ``model=sd3`` itself (SD3Transformer2DModel + peft LoRA + CFG w = 5, loaded in
+    bf16): J_{v_base}·d, and the residual's ∂ₜ term for g = x̂_1(x, t) (∂ₜx̂_1 = −v + (1 − t)∂ₜv), against the same
+    bf16 weights computed in float64 (the random tiny SD3's fp32→bf16 weight rounding alone moves these by a few %
+    under CFG w = 5)."""
+    from align.registry import MODELS
+
+    path = build_tiny_sd3(str(tmp_path / "tiny_sd3"), t5=False)
+    kw = dict(pretrained=path, resolution=RESOLUTION, decoder="vae", t5=False, features={"kind": "pixels"},
+              prompts=None, keep_text_encoders=True)
+    torch.manual_seed(0)
+    m16 = MODELS.get("sd3")(dtype="bf16", **kw)
+    torch.manual_seed(0)
+    m64 = MODELS.get("sd3")(dtype="bf16", **kw).double()      # the same bf16 weights, computed in float64
+    prompts = ["a photo of a cat", "a dog in the snow", "a red car"]
+    c16 = m16.encode(prompts)
+    c64 = {k: v.double() for k, v in c16.items()}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(len(prompts), *m16.data_shape, generator=gen)
+    t = torch.tensor([0.2, 0.5, 0.8])
+    d = torch.randn(x.shape, generator=gen)
+    jvp = use_network_jvp(algo_cfg.fd_network, network_dtype(m16))
+    eps, delta, scheme = float(algo_cfg.fd_eps), float(algo_cfg.fd_delta), algo_cfg.fd_scheme
+
+    def v16(xx, tt):
+        with torch.no_grad():
+            return m16.base_velocity(xx, tt, c16)
+
+    def predictor(xx, tt):
+        with torch.no_grad():
+            return one_step_prediction(xx, tt, m16.velocity(xx, tt, c16))
+
+    def g_hat(xx, tt, x_hat=None):
+        return predictor(xx, tt) if x_hat is None else x_hat
+
+    zero = lambda xx, tt: torch.zeros_like(xx)  # noqa: E731
+    const = lambda xx, tt, x_hat=None: d  # noqa: E731
+    ours_j = consistency_residual(const, v16, x, t, float(algo_cfg.beta), eps, delta, scheme, jvp=jvp)
+    ours_t = consistency_residual(g_hat, zero, x, t, 0.0, eps, delta, scheme, predictor=predictor, jvp=jvp)
+    ref_j = _ref_jvp(lambda xx: m64.base_velocity(xx, t.double(), c64), x.double(), d.double())
+    ref_t = _ref_jvp(lambda tt: one_step_prediction(x.double(), tt, u_to_v(m64.guided_u(
+        x.double(), t_to_sigma(tt), c64, detach_uncond=False))), t.double(), torch.ones(3, dtype=torch.float64))
+    # CFG w = 5 amplifies bf16 rounding (w·u_cond − (w − 1)·u_uncond): 3–5 % here, so a 10 % bound; the former
+    # finite differences at ε = 1e-3 were off by 1200–1700 %
+    _check(ours_j, ref_j, "sd3 J_vbase·d", tol=0.10)
+    _check(ours_t, ref_t, "sd3 d_t x_hat", tol=0.10)
