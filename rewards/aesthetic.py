@@ -17,7 +17,7 @@ from torch import nn
 
 from align.interfaces import Reward
 from align.registry import register_reward
-from rewards.clip_common import AlwaysEval, ClipImageFeatures, WeightSpec, freeze, resolve_weights
+from rewards.clip_common import AlwaysEval, WeightSpec, freeze, resolve_weights, shared_clip_image_features
 
 HEAD_SPEC = WeightSpec(
     what="aesthetic reward: LAION aesthetic MLP head",
@@ -72,9 +72,10 @@ class AestheticReward(AlwaysEval, Reward):
                  head_weights: str | None = None, quick_gelu: bool = True, dtype: str = "fp32", **_: Any):
         super().__init__()
         head_path = resolve_weights(HEAD_SPEC, head_weights)  # both files checked before any model is built
-        self.clip = ClipImageFeatures(clip_model, clip_weights, env_var="ALIGN_AESTHETIC_CLIP_WEIGHTS",
-                                      quick_gelu=quick_gelu, pretrained="openai",
-                                      config_key="reward.clip_weights", dtype=dtype)
+        # shared with model.features when both use the same ViT-L/14 file (one copy in memory)
+        self.clip = shared_clip_image_features(clip_model, clip_weights, env_var="ALIGN_AESTHETIC_CLIP_WEIGHTS",
+                                               quick_gelu=quick_gelu, pretrained="openai",
+                                               config_key="reward.clip_weights", dtype=dtype)
         self.head = freeze(AestheticHead.from_state_dict(torch.load(head_path, map_location="cpu",
                                                                     weights_only=True)))
         if self.head.layers[0].in_features != self.clip.num_features:

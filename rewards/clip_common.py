@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import warnings
+import weakref
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -315,6 +316,29 @@ class ClipImageFeatures(AlwaysEval, nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = clip_preprocess(images, size=self.image_size).to(self.dtype)
         return F.normalize(self.visual(x).float(), dim=-1)
+
+
+_SHARED_FEATURES: "weakref.WeakValueDictionary[tuple, ClipImageFeatures]" = weakref.WeakValueDictionary()
+
+
+def shared_clip_image_features(model_name: str = "ViT-L-14", weights: str | None = None,
+                               env_var: str = "ALIGN_CLIP_FEATURES_WEIGHTS", quick_gelu: bool = True,
+                               pretrained: str | None = "openai", config_key: str = "clip_weights",
+                               dtype: str = "fp32") -> ClipImageFeatures:
+    """``ClipImageFeatures``, one frozen instance per (model, resolved weights file, quick_gelu, dtype) alive in
+    the process: the aesthetic reward and the SD3 metrics' CLIP features (both OpenAI ViT-L/14) then hold the same
+    image tower (≈ 1.2 GB in fp32) instead of two copies. The weights are resolved first (the same
+    FileNotFoundError as ``ClipImageFeatures``)."""
+    spec = open_clip_weight_spec(model_name, pretrained, what=f"CLIP image features ({model_name})",
+                                 config_key=config_key, env_var=env_var)
+    path = resolve_weights(spec, weights)
+    key = (str(model_name), os.path.realpath(path), bool(quick_gelu), str(DTYPES[dtype]))
+    features = _SHARED_FEATURES.get(key)
+    if features is None:
+        features = ClipImageFeatures(model_name, path, env_var=env_var, quick_gelu=quick_gelu, pretrained=pretrained,
+                                     config_key=config_key, dtype=dtype)
+        _SHARED_FEATURES[key] = features
+    return features
 
 
 def _image_size(visual: nn.Module) -> int:

@@ -27,7 +27,7 @@ def sd3_dir(tmp_path_factory) -> str:
 
 
 class CkptImageReward(Reward):
-    """A fixed differentiable score of 4×4-pooled images (tests only)."""
+    """A fixed differentiable score of 4×4-pooled images, positive (DRaFT/ReFL's −ReLU(r) is active)."""
 
     name, domain = "sd3_ckpt_test_tiny", "sd3"
 
@@ -36,7 +36,7 @@ class CkptImageReward(Reward):
         self.w = nn.Parameter(torch.linspace(-1.0, 1.0, 48), requires_grad=False)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return 1.0 + (F.adaptive_avg_pool2d(images.float(), 4).flatten(1) * self.w).sum(1)
+        return 10.0 + (F.adaptive_avg_pool2d(images.float(), 4).flatten(1) * self.w).sum(1)   # > 0: ReLU active
 
 
 @pytest.fixture(scope="module")

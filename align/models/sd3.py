@@ -117,12 +117,61 @@ def check_scheduler(sched_cfg: dict[str, Any], sampler_shift: float | None) -> N
                          f"scheduler_config.json) uses shift {shift}; set sampler.shift={shift}")
 
 
+class SD3LoadError(RuntimeError):
+    """A component that failed to load inside its library for a reason other than its files (typically a
+    library version our call does not fit); the message names the component and the installed versions."""
+
+
+# Errors that say our call and the installed library disagree (an unknown keyword, a missing attribute), not that
+# a file is missing or corrupt: reported as such, never as missing weights.
+LIBRARY_ERRORS = (TypeError, AttributeError, ImportError, NameError, NotImplementedError)
+# ``from_pretrained``'s dtype keyword: ``dtype`` from diffusers 0.40 / transformers 4.56 on, ``torch_dtype``
+# before (older diffusers ignore ``dtype`` and load fp32, twice the memory; older transformers raise).
+DTYPE_KEYWORD_SINCE = {"diffusers": (0, 40), "transformers": (4, 56)}
+
+
+def library_versions() -> str:
+    import importlib
+
+    out = []
+    for name in ("torch", "diffusers", "transformers", "peft"):
+        try:
+            out.append(f"{name} {importlib.import_module(name).__version__}")
+        except Exception:  # noqa: BLE001 - a version report must not fail
+            out.append(f"{name} ?")
+    return ", ".join(out)
+
+
+def dtype_kwargs(library: str, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``{"dtype": dtype}`` or ``{"torch_dtype": dtype}``, whichever the installed ``library`` reads."""
+    import importlib
+
+    from packaging.version import Version
+
+    release = Version(importlib.import_module(library).__version__).release
+    return {"dtype" if release >= DTYPE_KEYWORD_SINCE[library] else "torch_dtype": dtype}
+
+
 def _load(what: str, key: str, how_to_get: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
-    except Exception as err:  # noqa: BLE001 - corrupt / incompatible files: say which component
+    except LIBRARY_ERRORS as err:
+        raise SD3LoadError(f"{key}: loading the {what} failed inside its library, not for a missing or corrupt "
+                           f"file ({type(err).__name__}: {err}). Installed: {library_versions()}; align needs the "
+                           f"versions in its pyproject.toml (`pip install -e .` installs them)") from err
+    except Exception as err:  # noqa: BLE001 - missing / corrupt / incompatible files: say which component
         raise SD3WeightsError(f"{key}: could not load the {what} ({type(err).__name__}: {err}). "
                               f"{how_to_get}") from err
+
+
+def enable_tf32() -> bool:
+    """TF32 matmuls on CUDA (the authors' setting; the fp32 parts: LoRA, decoder, value net, rewards); nothing
+    on a machine without CUDA. Returns whether it was enabled."""
+    if not torch.cuda.is_available():
+        return False
+    torch.set_float32_matmul_precision("high")      # = torch.backends.cuda.matmul.allow_tf32 = True, every torch
+    torch.backends.cudnn.allow_tf32 = True           # convolutions (torch's default already)
+    return True
 
 
 # ---- prompt encoding, as StableDiffusion3Pipeline.encode_prompt ------------------------------------------------
@@ -363,13 +412,13 @@ def build_features(spec: dict[str, Any] | None) -> nn.Module:
     if kind != "clip":
         raise ValueError(f"model.features.kind={kind!r}: valid choices are clip, dreamsim, inception, pixels")
     try:
-        from rewards.clip_common import ClipImageFeatures
+        from rewards.clip_common import shared_clip_image_features
     except ImportError as err:
         raise ImportError("model.features.kind=clip needs rewards/clip_common.py (ClipImageFeatures); "
                           "use model.features.kind=pixels without it") from err
     spec.setdefault("model_name", "ViT-L-14")
     spec.setdefault("config_key", "model.features.weights")
-    return ClipImageFeatures(**spec)
+    return shared_clip_image_features(**spec)     # the aesthetic reward's tower when it is the same file
 
 
 # ---- the backend ------------------------------------------------------------------------------------------------
@@ -393,6 +442,7 @@ class SD3Model(FlowTransformerModel):
         if decoder not in ("vae", "taesd3"):
             raise ValueError(f"model.decoder={decoder!r}: valid choices are vae, taesd3")
         net_dtype = DTYPES[dtype]
+        enable_tf32()
         # cheap checks first: the prompt set and the feature extractor's weights, before gigabytes load
         from align.prompts import load_prompts
 
@@ -421,27 +471,29 @@ class SD3Model(FlowTransformerModel):
 
         key = "model.pretrained"
         transformer = _load("transformer", key, how, lambda: SD3Transformer2DModel.from_pretrained(
-            root, subfolder="transformer", dtype=net_dtype))
+            root, subfolder="transformer", **dtype_kwargs("diffusers", net_dtype)))
         sched_cfg = FlowMatchEulerDiscreteScheduler.load_config(root, subfolder="scheduler")
         check_scheduler(sched_cfg, sampler_shift)
         vae_cfg = AutoencoderKL.load_config(root, subfolder="vae")
         if decoder == "vae":
-            dec = _load("VAE", key, how, lambda: AutoencoderKL.from_pretrained(root, subfolder="vae",
-                                                                                dtype=torch.float32))
+            dec = _load("VAE", key, how, lambda: AutoencoderKL.from_pretrained(
+                root, subfolder="vae", **dtype_kwargs("diffusers", torch.float32)))
         else:
             dec = _load("TAESD3 decoder", "model.taesd3_path", how_taesd,
-                        lambda: AutoencoderTiny.from_pretrained(taesd_root, dtype=torch.float32))
+                        lambda: AutoencoderTiny.from_pretrained(
+                            taesd_root, **dtype_kwargs("diffusers", torch.float32)))
         toks = [_load(f"tokenizer {s}", key, how, lambda s=s: CLIPTokenizer.from_pretrained(root, subfolder=s))
                 for s in ("tokenizer", "tokenizer_2")]
         encs = [_load(f"text encoder {s}", key, how, lambda s=s: CLIPTextModelWithProjection.from_pretrained(
-            root, subfolder=s, dtype=net_dtype)) for s in ("text_encoder", "text_encoder_2")]
+            root, subfolder=s, **dtype_kwargs("transformers", net_dtype)))
+            for s in ("text_encoder", "text_encoder_2")]
         if t5:
             from transformers import T5EncoderModel, T5TokenizerFast
 
             toks.append(_load("T5 tokenizer", key, how,
                               lambda: T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_3")))
             encs.append(_load("T5 text encoder", key, how, lambda: T5EncoderModel.from_pretrained(
-                root, subfolder="text_encoder_3", dtype=net_dtype)))
+                root, subfolder="text_encoder_3", **dtype_kwargs("transformers", net_dtype))))
 
         # latent geometry
         vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
@@ -588,8 +640,10 @@ class SD3Model(FlowTransformerModel):
         from diffusers.loaders import SD3LoraLoaderMixin
 
         os.makedirs(directory, exist_ok=True)
-        meta = self.transformer.peft_config["default"].to_dict()
-        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-        meta = {k: (str(v) if hasattr(v, "value") else v) for k, v in meta.items()}
+        # only what LoraConfig needs to rebuild the same scale α/r on the same modules: keys every peft version
+        # knows (a full to_dict() carries fields older peft's LoraConfig rejects)
+        cfg = self.transformer.peft_config["default"]
+        targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+        meta = {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha), "target_modules": targets}
         SD3LoraLoaderMixin.save_lora_weights(directory, transformer_lora_layers=self.lora_state_dict(),
                                              weight_name=LORA_WEIGHT_NAME, transformer_lora_adapter_metadata=meta)
