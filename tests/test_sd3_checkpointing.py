@@ -118,13 +118,23 @@ def test_checkpointing_in_bf16_trains_and_gives_the_same_gradients(sd3_dir, tmp_
     assert diff <= 1e-3 * norm, (case, diff, norm)
 
 
-def test_base_velocity_jacobian_under_checkpointing_is_the_lora_free_transformers(sd3_dir):
+@pytest.fixture(scope="module")
+def sd35_dir(tmp_path_factory) -> str:
+    from tiny_sd35 import build_tiny_sd35
+
+    return build_tiny_sd35(str(tmp_path_factory.mktemp("tiny_sd35_ckpt")), variant="medium", t5=False)
+
+
+@pytest.mark.parametrize("which", ["sd3", "sd35_medium"])
+def test_base_velocity_jacobian_under_checkpointing_is_the_lora_free_transformers(request, which):
     """VJP of v_base in x, checkpointing on, LoRA perturbed (so "LoRA on" would differ) = the VJP of diffusers'
-    own SD3Transformer2DModel loaded without any adapter, CFG combined as the pipeline does (w = 5)."""
+    own SD3Transformer2DModel loaded without any adapter, CFG combined as the pipeline does (w = 5). SD3.5-medium:
+    dual-attention blocks (LoRA on attn2 too) and QK-norm."""
     from diffusers import SD3Transformer2DModel
 
     from align.registry import MODELS
 
+    sd3_dir = request.getfixturevalue({"sd3": "sd3_dir", "sd35_medium": "sd35_dir"}[which])
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = MODELS.get("sd3")(pretrained=sd3_dir, dtype="float32", resolution=RESOLUTION, decoder="vae", t5=False,
