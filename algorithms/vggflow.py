@@ -50,6 +50,8 @@ class VGGFlow(Algorithm):
             raise ValueError(f"unknown algo.eta={cfg.eta!r}; valid choices: {', '.join(ETA)}")
         if cfg.rgrad_clip not in CLIP_MODES:
             raise ValueError(f"unknown algo.rgrad_clip={cfg.rgrad_clip!r}; valid choices: {', '.join(CLIP_MODES)}")
+        if cfg.get("consistency_times", "grid") not in ("grid", "within_step"):
+            raise ValueError(f"unknown algo.consistency_times={cfg.consistency_times!r}; valid choices: grid, within_step")
         if cfg.boundary_at not in ("t1", "last_state"):
             raise ValueError(f"unknown algo.boundary_at={cfg.boundary_at!r}; valid choices: t1, last_state")
         self.beta, self.alpha, self.eta = float(cfg.beta), float(cfg.alpha), ETA[cfg.eta]
@@ -167,8 +169,19 @@ class VGGFlow(Algorithm):
             with torch.no_grad():
                 return model.base_velocity(xx, tt, cond)
 
-        resid = consistency_residual(g_field, v_base_field, x, t, beta, cfg.fd_eps, cfg.fd_delta,
-                                     cfg.fd_scheme, g_x=g, v_base_x=v_base,
+        xc, tc, gc, vbc = x, t, g, v_base
+        if cfg.get("consistency_times", "grid") == "within_step":
+            # The residual at a uniform time inside each state's Euler step, on the sampler's own segment:
+            # enforcing it only at the grid times leaves ν_φ free between them (wide late steps of SD3's grid).
+            u = torch.rand(len(k), generator=generator, dtype=torch.float64)
+            h = (traj.ts[k + 1] - traj.ts[k]).cpu() * u
+            step = h.to(x)
+            xc = x + _per_sample(step, x) * v_theta.detach()
+            tc = t + step
+            gc = self.value_gradient(xc, tc, cond, prompts, tau)
+            vbc = v_base_field(xc, tc)
+        resid = consistency_residual(g_field, v_base_field, xc, tc, beta, cfg.fd_eps, cfg.fd_delta,
+                                     cfg.fd_scheme, g_x=gc, v_base_x=vbc,
                                      time_scale=float(cfg.time_derivative_scale),
                                      predictor=predictor, jvp=self.network_jvp)
         loss_cons = float(cfg.consistency_weight) * per_sample_mse(beta * resid).mean()
