@@ -11,7 +11,8 @@ from align.trainer import Trainer
 
 DRAFT = ["algo=draft", "algo.variant=k", "algo.k=2", "algo.objective=raw"]
 BASE = ["model=gmm", "reward=linear", "model.hidden=16", "sampler.steps=6", "train.batch_size=4", "train.lr=1e-2",
-        "train.checkpoint_every=1", "eval.every=0", "eval.n_samples=16", "eval.final_samples=8", "train.progress=false", "device=cpu"]
+        "train.checkpoint_every=1", "eval.every=0", "eval.n_samples=16", "eval.final_samples=8", "train.progress=false",
+        "device=cpu"]
 OVERRIDES = BASE + DRAFT
 
 
