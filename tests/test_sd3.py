@@ -22,6 +22,10 @@ from align.prompt_sets import NAMED_SETS, load_named_set
 from align.registry import MODELS, REWARDS, register_reward
 from samplers import euler_integrate, one_step_prediction, sd3_grid
 from tiny_sd3 import RESOLUTION, build_tiny_sd3, build_tiny_taesd3
+from tiny_sd3 import fixed_noise as _noise
+from tiny_sd3 import load_model as _model
+from tiny_sd3 import load_pipe as _pipe
+from tiny_sd3 import perturb_lora as _perturb_lora
 
 PROMPTS = ["a photo of a cat", "a dog in the snow"]      # outside the built-in sets: encoded in one batch
 
@@ -34,32 +38,6 @@ def sd3_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def taesd_dir(tmp_path_factory) -> str:
     return build_tiny_taesd3(str(tmp_path_factory.mktemp("tiny_taesd3")))
-
-
-def _model(path: str, **kw) -> SD3Model:
-    args = dict(pretrained=path, dtype="float32", resolution=RESOLUTION, decoder="vae", t5=False,
-                features={"kind": "pixels"}, prompts=None, keep_text_encoders=True)
-    args.update(kw)
-    torch.manual_seed(0)
-    return MODELS.get("sd3")(**args)
-
-
-def _pipe(path: str, t5: bool = True):
-    from diffusers import StableDiffusion3Pipeline
-
-    kw = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
-    return StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32, **kw)
-
-
-def _perturb_lora(model: SD3Model, scale: float = 0.2, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-
-
-def _noise(model: SD3Model, n: int = 2, seed: int = 0) -> torch.Tensor:
-    return model.sample_noise(n, torch.Generator().manual_seed(seed))
 
 
 # ---- (1) loading, prompt embeddings ---------------------------------------------------------------------------

@@ -24,6 +24,10 @@ from align.models.sd3 import SD3Model, SD3WeightsError
 from align.registry import MODELS, REWARDS, register_reward
 from samplers import euler_integrate, sd3_grid
 from tiny_sd3 import RESOLUTION
+from tiny_sd3 import fixed_noise as _noise
+from tiny_sd3 import load_model as _model
+from tiny_sd3 import load_pipe as _pipe
+from tiny_sd3 import perturb_lora as _perturb_lora
 from tiny_sd35 import SD35_PUBLISHED, SD35_SCHEDULER, TINY, build_tiny_sd35
 
 PROMPTS = ["a photo of a cat", "a dog in the snow"]
@@ -34,32 +38,6 @@ VARIANTS = ["medium", "large"]
 def sd35_dirs(tmp_path_factory) -> dict[str, str]:
     return {v: build_tiny_sd35(str(tmp_path_factory.mktemp(f"tiny_sd35_{v}")), variant=v, t5=True)
             for v in VARIANTS}
-
-
-def _model(path: str, **kw) -> SD3Model:
-    args = dict(pretrained=path, dtype="float32", resolution=RESOLUTION, decoder="vae", t5=False,
-                features={"kind": "pixels"}, prompts=None, keep_text_encoders=True)
-    args.update(kw)
-    torch.manual_seed(0)
-    return MODELS.get("sd3")(**args)
-
-
-def _pipe(path: str, t5: bool = True):
-    from diffusers import StableDiffusion3Pipeline
-
-    kw = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
-    return StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32, **kw)
-
-
-def _perturb_lora(model: SD3Model, scale: float = 0.2, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-
-
-def _noise(model: SD3Model, n: int = 2, seed: int = 0) -> torch.Tensor:
-    return model.sample_noise(n, torch.Generator().manual_seed(seed))
 
 
 def _adapted(module: nn.Module) -> set[str]:

@@ -140,3 +140,35 @@ def build_tiny_taesd3(directory: str, seed: int = 5) -> str:
                     upsampling_scaling_factor=2, latent_magnitude=3, latent_shift=0.5, scaling_factor=1.0,
                     shift_factor=0.0).save_pretrained(directory)
     return directory
+
+
+# ---- helpers shared by the SD3 and SD3.5 tests -----------------------------------------------------------------
+def load_model(path: str, **kw):
+    """Our SD3 backend on a tiny checkpoint directory (fp32, VAE decoder, pixel features, text encoders kept)."""
+    from align.registry import MODELS
+
+    args = dict(pretrained=path, dtype="float32", resolution=RESOLUTION, decoder="vae", t5=False,
+                features={"kind": "pixels"}, prompts=None, keep_text_encoders=True)
+    args.update(kw)
+    torch.manual_seed(0)
+    return MODELS.get("sd3")(**args)
+
+
+def load_pipe(path: str, t5: bool = True):
+    """diffusers' own StableDiffusion3Pipeline on the same directory (the reference the tests compare with)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    kw = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    return StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32, **kw)
+
+
+def perturb_lora(model, scale: float = 0.2, seed: int = 1) -> None:
+    """Move the LoRA weights off their zero-effect init so that the adapter changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def fixed_noise(model, n: int = 2, seed: int = 0) -> torch.Tensor:
+    return model.sample_noise(n, torch.Generator().manual_seed(seed))
