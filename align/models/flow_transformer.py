@@ -152,9 +152,7 @@ def enable_gradient_checkpointing(transformer: nn.Module) -> None:
 # ---- CFG: the unconditional branch differentiable in x, detached from θ -----------------------------------
 def _adapter_flags(module: nn.Module) -> tuple[bool, ...]:
     """Which peft layers have their adapters disabled (the recomputation must see the same network)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return tuple(bool(m.disable_adapters) for m in module.modules() if isinstance(m, BaseTunerLayer))
+    return tuple(bool(m._disable_adapters) for m in _tuner_layers(module))
 
 
 @contextlib.contextmanager
