@@ -4,7 +4,7 @@ floating point, for VGG-Flow, VGG-Flow-PMP and Adjoint Matching — at every sca
 reward gradients of 10⁻⁴) included. The reference is the same training run at c = 1: no formula is re-typed."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from align.config import compose_config
@@ -60,6 +60,8 @@ def _moved(trainer: Trainer, fresh: Trainer) -> float:
 @pytest.mark.parametrize("algo", sorted(BETA))
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(exponent=st.floats(-4.0, 4.0))
+@example(exponent=-4.0)
+@example(exponent=4.0)
 def test_reward_times_c_with_beta_over_c_trains_the_same_model_on_gmm(algo, exponent, tmp_path):
     c = 10.0 ** exponent
     beta = BETA[algo]
