@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from align.build import (build_algorithm, build_grid, build_model, build_reward, check_train_config,
                          preflight)
 from align.checkpoint import load_latest, save_checkpoint
-from align.evaluation import Evaluator, summarize
+from align.evaluation import Evaluator
 from align.prompts import load_prompts
 from align.run_logging import RunLogger
 from samplers import Trajectory

@@ -2,7 +2,6 @@
 every Table-1 cell resolves to the README's table (parsed here as the independent source), anything set
 explicitly wins, digits and gmm keep their per-domain values, and the runner prints what it took."""
 import os
-import re
 import subprocess
 import sys
 

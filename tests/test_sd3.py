@@ -11,21 +11,19 @@ import shutil
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from align.interfaces import Reward
-from align.models.flow_transformer import LORA_WEIGHT_NAME, t_to_sigma
+from align.models.flow_transformer import LORA_WEIGHT_NAME
 from align.models.sd3 import SD3Model, SD3WeightsError
 from align.models.value_unet import ValueUNet
 from align.prompt_sets import NAMED_SETS, load_named_set
-from align.registry import MODELS, REWARDS, register_reward
 from samplers import euler_integrate, one_step_prediction, sd3_grid
 from tiny_sd3 import RESOLUTION, build_tiny_sd3, build_tiny_taesd3
 from tiny_sd3 import fixed_noise as _noise
 from tiny_sd3 import load_model as _model
 from tiny_sd3 import load_pipe as _pipe
 from tiny_sd3 import perturb_lora as _perturb_lora
+from tiny_sd3 import tiny_reward_registered as _tiny_reward_registered
 
 PROMPTS = ["a photo of a cat", "a dog in the snow"]      # outside the built-in sets: encoded in one batch
 
@@ -283,28 +281,14 @@ def test_prompt_sets_and_empty_prompt_file(sd3_dir, tmp_path, monkeypatch):
 
 
 # ---- (3) every algorithm through the real trainer -------------------------------------------------------------
-class TinyImageReward(Reward):
-    """A fixed differentiable score of 4×4-pooled images (tests only)."""
-
-    name, domain = "sd3_test_tiny", "sd3"
-
-    def __init__(self, **_):
-        super().__init__()
-        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, 48), requires_grad=False)
-
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return 1.0 + (F.adaptive_avg_pool2d(images.float(), 4).flatten(1) * self.w).sum(1)
-
-
 ALGOS = ["vggflow", "vggflow_pmp", "refl", "draft", "adjoint_matching"]
 
 
 @pytest.fixture
 def tiny_reward_registered():
     """Register the test reward for one test only (the registry stays clean for other test modules)."""
-    register_reward(TinyImageReward.name)(TinyImageReward)
-    yield TinyImageReward.name
-    REWARDS._entries.pop(TinyImageReward.name, None)
+    with _tiny_reward_registered() as name:
+        yield name
 
 
 @pytest.mark.parametrize("algo", ALGOS)

@@ -16,18 +16,16 @@ import os
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from align.interfaces import Reward
 from align.models.flow_transformer import LORA_WEIGHT_NAME
 from align.models.sd3 import SD3Model, SD3WeightsError
-from align.registry import MODELS, REWARDS, register_reward
 from samplers import euler_integrate, sd3_grid
 from tiny_sd3 import RESOLUTION
 from tiny_sd3 import fixed_noise as _noise
 from tiny_sd3 import load_model as _model
 from tiny_sd3 import load_pipe as _pipe
 from tiny_sd3 import perturb_lora as _perturb_lora
+from tiny_sd3 import tiny_reward_registered as _tiny_reward_registered
 from tiny_sd35 import SD35_PUBLISHED, SD35_SCHEDULER, TINY, build_tiny_sd35
 
 PROMPTS = ["a photo of a cat", "a dog in the snow"]
@@ -238,24 +236,10 @@ def test_sd35_hub_id_downloads_only_the_diffusers_folders_and_names_itself(sd35_
 
 
 # ---- every algorithm through the real trainer ----------------------------------------------------------------
-class TinyImageReward(Reward):
-    """A fixed differentiable score of 4×4-pooled images (tests only)."""
-
-    name, domain = "sd35_test_tiny", "sd3"
-
-    def __init__(self, **_):
-        super().__init__()
-        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, 48), requires_grad=False)
-
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return 1.0 + (F.adaptive_avg_pool2d(images.float(), 4).flatten(1) * self.w).sum(1)
-
-
 @pytest.fixture
 def tiny_reward_registered():
-    register_reward(TinyImageReward.name)(TinyImageReward)
-    yield TinyImageReward.name
-    REWARDS._entries.pop(TinyImageReward.name, None)
+    with _tiny_reward_registered() as name:
+        yield name
 
 
 @pytest.mark.parametrize("algo", ["vggflow", "vggflow_pmp", "refl", "draft", "adjoint_matching"])

@@ -13,12 +13,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
 
-from align.interfaces import Reward
-from align.registry import REWARDS, register_reward
-from tiny_sd3 import RESOLUTION, build_tiny_sd3
+from tiny_sd3 import RESOLUTION, build_tiny_sd3, tiny_reward_registered
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +22,10 @@ def sd3_dir(tmp_path_factory) -> str:
     return build_tiny_sd3(str(tmp_path_factory.mktemp("tiny_sd3_ckpt")), t5=False)
 
 
-class CkptImageReward(Reward):
-    """A fixed differentiable score of 4×4-pooled images, positive (DRaFT/ReFL's −ReLU(r) is active)."""
-
-    name, domain = "sd3_ckpt_test_tiny", "sd3"
-
-    def __init__(self, **_):
-        super().__init__()
-        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, 48), requires_grad=False)
-
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return 10.0 + (F.adaptive_avg_pool2d(images.float(), 4).flatten(1) * self.w).sum(1)   # > 0: ReLU active
-
-
 @pytest.fixture(scope="module")
 def reward_name():
-    register_reward(CkptImageReward.name)(CkptImageReward)
-    yield CkptImageReward.name
-    REWARDS._entries.pop(CkptImageReward.name, None)
+    with tiny_reward_registered() as name:
+        yield name
 
 
 CASES = {"vggflow": [], "vggflow_pmp": [], "refl": [], "draft": [], "draft_k2": ["algo.variant=k", "algo.k=2"],
@@ -68,7 +50,7 @@ def _trainer(sd3_dir, tmp_path, algo: str, extra: list[str], checkpointing: bool
         overrides.append("algo.subsample_bins=2")
     cfg = compose_config(overrides, run_dir=run_dir)
     with open_dict(cfg):
-        cfg.reward = {"name": reward}
+        cfg.reward = {"name": reward, "offset": 10.0}    # r > 0: DRaFT's / ReFL's −ReLU(r) is active
     return Trainer(cfg, run_dir)
 
 

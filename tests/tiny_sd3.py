@@ -18,10 +18,15 @@ scaling_factor 1 and shift_factor 0, not the VAE's).
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 
 import torch
+from torch import nn
+from torch.nn import functional as F
+
+from align.interfaces import Reward
 
 SCALING_FACTOR = 1.5305     # SD3's VAE (vae/config.json of stable-diffusion-3-medium-diffusers)
 SHIFT_FACTOR = 0.0609
@@ -172,3 +177,30 @@ def perturb_lora(model, scale: float = 0.2, seed: int = 1) -> None:
 
 def fixed_noise(model, n: int = 2, seed: int = 0) -> torch.Tensor:
     return model.sample_noise(n, torch.Generator().manual_seed(seed))
+
+
+class TinyImageReward(Reward):
+    """A fixed differentiable score of 4×4-pooled images, offset + w·pool(x) (tests only; ``reward.offset`` > the
+    pooled term's range keeps ReFL's / DRaFT's −ReLU(r) active)."""
+
+    name, domain = "sd3_test_tiny", "sd3"
+
+    def __init__(self, offset: float = 1.0, **_):
+        super().__init__()
+        self.offset = float(offset)
+        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, 48), requires_grad=False)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.offset + (F.adaptive_avg_pool2d(images.float(), 4).flatten(1) * self.w).sum(1)
+
+
+@contextlib.contextmanager
+def tiny_reward_registered():
+    """Register TinyImageReward for the duration (the registry stays clean for other test modules)."""
+    from align.registry import REWARDS, register_reward
+
+    register_reward(TinyImageReward.name)(TinyImageReward)
+    try:
+        yield TinyImageReward.name
+    finally:
+        REWARDS._entries.pop(TinyImageReward.name, None)
