@@ -1,0 +1,127 @@
+"""The runner's root config as typed dataclasses (Hydra structured configs): the top-level keys and the
+``train``, ``sampler`` and ``eval`` sections. ``align/conf/config.yaml`` extends ``config_schema``; types and
+choices are checked by OmegaConf when a value is set; value checks that a type cannot express are each
+dataclass's ``validate()``, run by ``validated(cfg)`` (the command line does so before any work).
+
+The algorithm's, model's and reward's sections are typed by their own dataclasses, registered beside their
+classes (``align/registry.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+ROOT_SCHEMA = "config_schema"
+
+
+class Device(enum.StrEnum):
+    auto = "auto"        # cuda if available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Grid(enum.StrEnum):
+    uniform = "uniform"  # t_k = k/N
+    sd3 = "sd3"          # SD3's shifted grid, t = 1 − σ
+
+
+class FidReference(enum.StrEnum):
+    independent = "independent"  # the paper's: base samples of the same prompts from a second fixed noise set
+    paired = "paired"            # base samples from the evaluation noise itself (the untouched model scores 0)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (AdamW with the paper's defaults)."""
+    steps: int = 200                # optimizer updates (default per domain: align/conf/preset/)
+    batch_size: int = 32            # trajectories per update (per process)
+    grad_accum: int = 1             # micro-batches per update, each of batch_size / grad_accum trajectories
+    lr: float = MISSING             # AdamW learning rate (config.yaml: ${algo.lr}, the paper's, align/paper_settings.py)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1.0e-2
+    adam_eps: float = 1.0e-8
+    grad_clip: float = 1.0          # max grad norm, applied to each parameter group separately (θ and φ)
+    max_bad_steps: int = 5          # consecutive non-finite updates before the run stops (with an intact checkpoint)
+    log_every: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    progress: bool = True           # tqdm bar
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a positive multiple of "
+                             f"train.grad_accum ({self.grad_accum})")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class SamplerConfig:
+    """The Euler ODE (and SDE) sampler's time grid."""
+    steps: int = 20                 # Euler steps
+    grid: Grid = Grid.uniform       # config.yaml: ${model.grid}, the model's own
+    shift: float = 3.0              # shift of the sd3 grid
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on fixed noise and prompts, and the final samples."""
+    every: int = 50                 # evaluate every this many updates (0: only at the end)
+    n_samples: int = 256            # evaluation samples
+    group_size: int = 16            # diversity: feature variance over groups of this many samples of one prompt
+    # FID's reference set. A 16-sample per-prompt FID is biased upwards (it is not the 50k-sample FID); compare it
+    # only within one setting.
+    fid_reference: FidReference = FidReference.paired
+    final_samples: int = 1000       # samples written to samples_final.pt
+
+    def validate(self) -> None:
+        if self.final_samples < 1:
+            raise ValueError(f"eval.final_samples must be >= 1, got {self.final_samples}")
+
+
+@dataclass
+class RootConfig:
+    """``python -m align.run key=value ...``: one algorithm × model × reward, and the loop around them."""
+    algo: Any = MISSING             # typed by the algorithm's config dataclass (algorithms/<name>.py)
+    model: Any = MISSING            # typed by the model's config dataclass (align/models/<name>.py)
+    reward: Any = MISSING           # typed by the reward's config dataclass (rewards/<name>.py)
+    seed: int = 0
+    # Where this run writes config.yaml, metrics.jsonl, tb/, samples_final.pt, checkpoints/ (config.yaml: a new
+    # runs/<date>-<time>_<algo>_<model>_<reward>_s<seed>, or the resumed run's own directory).
+    run_dir: str = MISSING
+    resume: Optional[str] = None    # <run_dir>: continue that run from its last checkpoint (its own config.yaml)
+    prompts: Optional[str] = None   # null: the domain's default prompts; file:<path>: one prompt per line
+    device: Device = Device.auto
+    # torch CPU threads (1 is fastest for the small built-in models and for parallel sweeps on a shared CPU;
+    # null: torch's default, all cores)
+    threads: Optional[int] = 1
+    default_reward: Optional[str] = None  # the reward when only model= is given (the domain's preset)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+ConfigStore.instance().store(name=ROOT_SCHEMA, node=RootConfig)
+
+
+def validated(cfg: DictConfig) -> Any:
+    """``cfg`` as objects (every interpolation resolved, typed sections as their dataclasses), after each
+    dataclass's ``validate()``; raises ValueError naming the key."""
+    obj = OmegaConf.to_object(cfg)
+    _validate(obj)
+    return obj
+
+
+def _validate(obj: Any) -> None:
+    if dataclasses.is_dataclass(obj):
+        if hasattr(obj, "validate"):
+            obj.validate()
+        for f in dataclasses.fields(obj):
+            _validate(getattr(obj, f.name))
