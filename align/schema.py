@@ -51,6 +51,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     progress: bool = True           # tqdm bar
+    # experiment trackers (accelerate's tracking API): tensorboard (<run_dir>/tb) | wandb | mlflow (extras of
+    # the same names); metrics.jsonl is always written (align/trackers.py)
+    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
 
     def validate(self) -> None:
         if self.steps < 1:
