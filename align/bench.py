@@ -71,7 +71,7 @@ def bench_one(algo: str, model: str, overrides: list[str], warmup: int, updates:
     import torch
 
     from align.registry import ALGORITHMS
-    from align.trainer import Trainer
+    from align.assemble import build_trainer
 
     try:
         ALGORITHMS.get(algo)
@@ -79,7 +79,7 @@ def bench_one(algo: str, model: str, overrides: list[str], warmup: int, updates:
         return {"algo": algo, "skipped": f"not available ({type(err).__name__}: {str(err)[:120]})"}
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_config([f"algo={algo}", f"model={model}", "train.progress=false", *overrides], run_dir)
-        trainer = Trainer(cfg, run_dir)
+        trainer = build_trainer(cfg, run_dir)
         counter = VelocityCounter(trainer.model)
         rss0 = _rss_mb()
         for _ in range(warmup):

@@ -8,7 +8,7 @@ untouched model scores exactly 0. Both reference sets are sampled once per run a
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -105,6 +105,3 @@ class Evaluator:
                    "eval/diversity_cos": sum(cos) / len(cos)}
         return metrics, x1
 
-
-def summarize(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float))

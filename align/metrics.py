@@ -49,6 +49,3 @@ def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
     fid.update(feat_a.float().cpu(), real=False)
     return max(0.0, float(fid.compute()))   # round-off can give tiny negatives for identical sets
 
-
-def grouped(features: torch.Tensor, group_ids: torch.Tensor) -> list[torch.Tensor]:
-    return [features[group_ids == g] for g in torch.unique(group_ids)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from align.interfaces import FlowModel, Reward
+from align.batching import per_sample
 
 
 def reward_and_grad(model: FlowModel, reward: Reward, x: torch.Tensor, prompts: list[str]
@@ -26,4 +27,4 @@ def clip_per_sample(g: torch.Tensor, tau: torch.Tensor | float | None) -> torch.
         return g
     norms = per_sample_norms(g)
     scale = torch.clamp(torch.as_tensor(tau, dtype=g.dtype, device=g.device) / norms.clamp_min(1e-12), max=1.0)
-    return g * scale.reshape(-1, *([1] * (g.dim() - 1)))
+    return g * per_sample(scale, g)

@@ -1,12 +1,13 @@
-"""metrics.jsonl (the run-directory contract) and TensorBoard, written by the main process."""
+"""What the main process logs: ``metrics.jsonl`` (the run-directory contract), sample-grid PNGs, and the
+experiment trackers (accelerate's tracking API, ``align/trackers.py``) that mirror both."""
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Mapping
 
-from torch.utils.tensorboard import SummaryWriter
+from accelerate import Accelerator
 
 
 def _clean(v: Any) -> Any:
@@ -15,17 +16,31 @@ def _clean(v: Any) -> Any:
     return v
 
 
-class RunLogger:
-    """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard.
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+    return out
 
-    On resume from step k, rows with step > k are dropped first so the file continues exactly.
+
+class RunLogger:
+    """Appends one JSON object per line to metrics.jsonl and logs the same scalars to the trackers.
+
+    On resume from step k, rows with step > k are dropped first so the file continues exactly (TensorBoard
+    purges its events after k the same way, ``align/trackers.py``). ``config`` (the resolved run config) is
+    stored by the trackers that keep hyperparameters (wandb, mlflow; TensorBoard has config.yaml beside it).
     """
 
-    def __init__(self, run_dir: str, resume_step: int | None = None, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, run_dir: str, accelerator: Accelerator, resume_step: int | None = None,
+                 config: Mapping[str, Any] | None = None):
+        self.accelerator = accelerator
+        self.enabled = accelerator.is_main_process
+        self.run_dir = run_dir
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.tb = None
-        if not enabled:
+        if not self.enabled:
             return
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as fh:
@@ -34,40 +49,48 @@ class RunLogger:
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.writelines(rows)
             os.replace(tmp, self.path)
-        purge = None if resume_step is None else resume_step + 1
-        self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge)
+        accelerator.init_trackers("align")
+        if config is not None:
+            for tracker in accelerator.trackers:
+                if tracker.name != "tensorboard":
+                    tracker.store_init_configuration(_flat(config))
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        step = int(row["step"])
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                self.tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        self.accelerator.log(scalars, step=int(row["step"]))
 
     def images(self, tag: str, grid, step: int) -> str | None:
-        """Log an image grid [3, H, W] in [0, 1] to TensorBoard and as ``<run_dir>/<tag>/step_XXXXXXX.png``
-        (plus ``<tag>/latest.png``); returns the PNG's path."""
+        """Log an image grid [3, H, W] in [0, 1] as ``<run_dir>/<tag>/step_XXXXXXX.png`` (plus
+        ``<tag>/latest.png``) and to the trackers; returns the PNG's path."""
         if not self.enabled or grid is None:
             return None
         from torchvision.utils import save_image
 
-        self.tb.add_image(tag, grid, step)
-        folder = os.path.join(os.path.dirname(self.path), tag)
+        grid = grid.float().clamp(0, 1).cpu()
+        folder = os.path.join(self.run_dir, tag)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step_{step:07d}.png")
         for target in (path, os.path.join(folder, "latest.png")):
             tmp = target + ".tmp.png"
-            save_image(grid.float().clamp(0, 1), tmp)
+            save_image(grid, tmp)
             os.replace(tmp, target)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "mlflow":          # no image API: the PNG as an artifact
+                tracker.log_artifact(path, artifact_path=tag)
+            elif tracker.name == "tensorboard":
+                tracker.log_images({tag: grid[None]}, step=step)
+            else:
+                tracker.log_images({tag: [grid]}, step=step)
         return path
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
+        if self.enabled:
+            self.accelerator.end_training()
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:

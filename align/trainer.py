@@ -1,29 +1,29 @@
-"""The one training loop for every algorithm.
+"""The one training loop for every algorithm, built from objects (``align.assemble.build_trainer`` builds
+them from a config).
 
-Seeding, accelerate (one process or many), AdamW over the algorithm's parameter groups, per-group
-gradient-norm clipping, a NaN/Inf guard, tqdm, TensorBoard + metrics.jsonl, periodic evaluation,
-atomic checkpoints and exact resume, and ``samples_final.pt`` at the end.
+accelerate (one process or many), AdamW over the algorithm's parameter groups, per-group gradient-norm
+clipping, a NaN/Inf guard agreed across processes, tqdm, metrics.jsonl + the experiment trackers, periodic
+evaluation, atomic checkpoints and exact resume, and ``samples_final.pt`` at the end.
 """
 from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from align.build import (build_algorithm, build_grid, build_model, build_reward, check_train_config,
-                         preflight)
+from align.build import preflight
 from align.checkpoint import load_latest, save_checkpoint
 from align.evaluation import Evaluator
-from align.prompts import load_prompts
+from align.interfaces import Algorithm, FlowModel, Reward
 from align.run_logging import RunLogger
+from align.schema import EvalConfig, TrainConfig
+from align.trackers import make_trackers
 from samplers import Trajectory
 
 
@@ -42,55 +42,48 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite updates."""
 
 
-def _device(cfg: DictConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(cfg.device)
-
-
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: str):
-        check_train_config(cfg)
-        self.cfg, self.run_dir = cfg, run_dir
-        self.accelerator = Accelerator(cpu=_device(cfg) == "cpu")
-        self.is_main = self.accelerator.is_main_process
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg.threads))
-        seed = int(cfg.seed)
-        torch.manual_seed(seed)           # identical initialisation on every process
-        random.seed(seed)
-        np.random.seed(seed)
+    """The loop, built from its parts: ``model`` (a FlowModel), ``reward``, ``algorithm`` (already holding the
+    model, reward and grid), the time grid ``grid`` and the prompt set ``prompts``; ``train`` and
+    ``evaluation`` are the typed ``train`` / ``eval`` sections (``align/schema.py``). ``config`` (the resolved
+    run config, a plain dict) is written to ``<run_dir>/config.yaml`` and given to the trackers.
 
-        self.model = build_model(cfg)
-        self.reward = build_reward(cfg, self.model)
-        self.ts = build_grid(cfg)
-        self.prompt_set = load_prompts(cfg.prompts, self.model)
-        self.algo = build_algorithm(cfg, self.model, self.reward, self.ts)
-        device = self.accelerator.device
-        self.model.to(device)
-        self.reward.to(device).requires_grad_(False).eval()
-        self.algo.to(device)
+    ``resume=True`` continues from the run directory's newest checkpoint. Seeding of the parts' initialisation
+    is the caller's (``align.assemble.build_trainer`` seeds before building them); the trainer's own stream
+    (noise, prompts, the algorithms' random choices) is ``seed · 1000 + rank``.
+    """
+
+    def __init__(self, model: FlowModel, reward: Reward, algorithm: Algorithm, grid: torch.Tensor,
+                 prompts: list[str], train: TrainConfig, run_dir: str, *, evaluation: EvalConfig,
+                 seed: int = 0, device: str = "auto", resume: bool = False,
+                 config: dict[str, Any] | None = None):
+        self.train_cfg, self.eval_cfg, self.seed, self.config = train, evaluation, int(seed), config
+        self.run_dir = run_dir
+        # Read the checkpoint before anything else: one that cannot be resumed is a clear error before any work,
+        # and the trackers need its step (TensorBoard purges the events after it).
+        loaded = load_latest(run_dir) if resume else None
+        self.resume_step = None if loaded is None else loaded[0]
+        self.accelerator = Accelerator(cpu=str(device) == "cpu",
+                                       log_with=make_trackers(list(train.trackers), run_dir, self.resume_step))
+        self.is_main = self.accelerator.is_main_process
+        self.model, self.reward, self.algo, self.ts, self.prompt_set = model, reward, algorithm, grid, prompts
+        self.model.to(self.accelerator.device)
+        self.reward.to(self.accelerator.device).requires_grad_(False).eval()
+        self.algo.to(self.accelerator.device)
         preflight(self.model, self.reward, self.prompt_set)
 
-        t = cfg.train
         self.groups = self.algo.param_groups()
         self.optimizer = torch.optim.AdamW(
-            [{k: v for k, v in g.items()} for g in self.groups], lr=float(t.lr), betas=tuple(t.betas),
-            weight_decay=float(t.weight_decay), eps=float(t.adam_eps))
+            [dict(g) for g in self.groups], lr=float(train.lr), betas=tuple(train.betas),
+            weight_decay=float(train.weight_decay), eps=float(train.adam_eps))
         # Per-process stream for noise, prompts and the algorithms' own random choices.
-        self.generator = torch.Generator().manual_seed(seed * 1000 + self.accelerator.process_index)
-        self.evaluator = Evaluator(self.model, self.reward, self.ts, self.prompt_set, int(cfg.eval.n_samples),
-                                   int(cfg.eval.group_size), seed,
-                                   fid_reference=str(cfg.eval.get("fid_reference", "paired")))
+        self.generator = torch.Generator().manual_seed(self.seed * 1000 + self.accelerator.process_index)
+        self.evaluator = Evaluator(self.model, self.reward, self.ts, self.prompt_set, int(evaluation.n_samples),
+                                   int(evaluation.group_size), self.seed,
+                                   fid_reference=str(evaluation.fid_reference))
         self.step, self.bad_in_row, self.skipped, self.elapsed = 0, 0, 0, 0.0
-        # Load the checkpoint here, not in train(): a checkpoint that cannot be resumed (e.g. written by another
-        # number of processes) is then a clear error before any work starts.
-        self.resume_step = None
-        if cfg.resume:
-            loaded = load_latest(run_dir)
-            if loaded is not None:
-                self.resume_step, state = loaded
-                self.load_state(state)
+        if loaded is not None:
+            self.load_state(loaded[1])
 
     # ---- checkpoint state -------------------------------------------------------------------------------
     def state(self, rng_states: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
@@ -123,7 +116,7 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             rng = gather_object(rng)          # every process's streams, in rank order
         if self.is_main:
-            save_checkpoint(self.run_dir, self.step, self.state(rng), int(self.cfg.train.keep_checkpoints),
+            save_checkpoint(self.run_dir, self.step, self.state(rng), int(self.train_cfg.keep_checkpoints),
                             export=self.model.save_finetuned)
         self.accelerator.wait_for_everyone()
 
@@ -136,8 +129,8 @@ class Trainer:
 
     def update(self) -> dict[str, Any]:
         """One optimizer update from ``train.grad_accum`` freshly rolled-out micro-batches."""
-        micro = int(self.cfg.train.batch_size) // int(self.cfg.train.grad_accum)
-        trajs = (self._rollout_batch(micro) for _ in range(int(self.cfg.train.grad_accum)))
+        micro = int(self.train_cfg.batch_size) // int(self.train_cfg.grad_accum)
+        trajs = (self._rollout_batch(micro) for _ in range(int(self.train_cfg.grad_accum)))
         return self.learn(trajs)
 
     def learn(self, trajs: Iterable[Trajectory]) -> dict[str, Any]:
@@ -159,14 +152,14 @@ class Trainer:
             loss, parts = self.algo.loss(traj, self.generator)
             finite &= bool(torch.isfinite(loss))
             if finite:
-                (loss / int(self.cfg.train.grad_accum)).backward()
+                (loss / int(self.train_cfg.grad_accum)).backward()
             for k, v in {"loss": loss.item(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v
         logs = {k: v / len(rewards) for k, v in sums.items()}
         self._sync_gradients()
         norms = {}
         for g in self.groups:
-            norm = torch.nn.utils.clip_grad_norm_(g["params"], float(self.cfg.train.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(g["params"], float(self.train_cfg.grad_clip))
             norms[f"grad_norm/{g['name']}"] = float(norm)
             finite &= math.isfinite(float(norm))
         finite = self._agree(finite)
@@ -201,23 +194,23 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def train(self) -> None:
-        cfg = self.cfg
-        resume_step = self.resume_step
+        t = self.train_cfg
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            OmegaConf.save(cfg, os.path.join(self.run_dir, "config.yaml"), resolve=True)
-        logger = RunLogger(self.run_dir, resume_step, enabled=self.is_main)
-        steps, every = int(cfg.train.steps), int(cfg.eval.every)
+            if self.config is not None:
+                OmegaConf.save(OmegaConf.create(self.config), os.path.join(self.run_dir, "config.yaml"))
+        logger = RunLogger(self.run_dir, self.accelerator, self.resume_step, self.config)
+        steps, every = int(t.steps), int(self.eval_cfg.every)
         start_time = time.time() - self.elapsed
         if self.step == 0:
             logger.log({"step": 0, **self._evaluate(logger), "time_s": 0.0})
-        bar = tqdm(total=steps, initial=self.step, disable=not (self.is_main and cfg.train.progress),
-                   desc=f"{cfg.algo.name}/{cfg.model.name}/{cfg.reward.name}", dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=self.step, disable=not (self.is_main and t.progress),
+                   desc=f"{self.algo.name}/{self.model.name}/{self.reward.name}", dynamic_ncols=True)
         try:
             while self.step < steps:
                 row = self.update()
                 self.step += 1
-                if self.bad_in_row >= int(cfg.train.max_bad_steps):
+                if self.bad_in_row >= int(t.max_bad_steps):
                     self.elapsed = time.time() - start_time
                     self.save()
                     raise TrainingDiverged(
@@ -228,11 +221,11 @@ class Trainer:
                     row.update(self._evaluate(logger))
                 self.elapsed = time.time() - start_time
                 row["time_s"] = self.elapsed
-                if self.step % int(cfg.train.log_every) == 0 or "eval/reward" in row:
+                if self.step % int(t.log_every) == 0 or "eval/reward" in row:
                     logger.log({"step": self.step, **row})
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.3g}")
-                if self.step % int(cfg.train.checkpoint_every) == 0 or self.step == steps:
+                if self.step % int(t.checkpoint_every) == 0 or self.step == steps:
                     self.save()
         finally:
             bar.close()
@@ -243,16 +236,15 @@ class Trainer:
         if not self.is_main:
             return {}
         metrics, x1 = self.evaluator()
-        if hasattr(self.model, "preview_grid"):
-            logger.images("samples", self.model.preview_grid(x1[preview_order(self.evaluator.prompts)]), self.step)
+        logger.images("samples", self.model.preview_grid(x1[preview_order(self.evaluator.prompts)]), self.step)
         return metrics
 
     @torch.no_grad()
     def _final_samples(self) -> None:
         if not self.is_main:
             return
-        n = int(self.cfg.eval.final_samples)
-        gen = torch.Generator().manual_seed(int(self.cfg.seed) + 2_000_003)
+        n = int(self.eval_cfg.final_samples)
+        gen = torch.Generator().manual_seed(self.seed + 2_000_003)
         prompts = [self.prompt_set[i % len(self.prompt_set)] for i in range(n)]
         x0 = self.model.sample_noise(n, gen)
         x1 = self.evaluator.sample(self.model.velocity, x0, prompts)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
+from align.batching import per_sample
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -74,7 +75,7 @@ def network_jvp(f: Field, x: torch.Tensor, t: torch.Tensor, dx: torch.Tensor | N
 def _rms(d: torch.Tensor) -> torch.Tensor:
     """Per-sample root-mean-square of a direction, shaped to broadcast."""
     r = d.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
-    return r.reshape(-1, *([1] * (d.dim() - 1)))
+    return per_sample(r, d)
 
 
 def directional_derivative(f: Field, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float,

@@ -224,7 +224,7 @@ def optimum(setting: Setting, x0: torch.Tensor, beta: float, iters: int = 300) -
 def train_one(setting: Setting, algo: str, beta: float | None, steps: int, n_final: int, root: str,
               seed: int) -> dict:
     from align.config import compose_config
-    from align.trainer import Trainer
+    from align.assemble import build_trainer
     name = f"{setting.key}_{algo}" + ("" if beta is None else f"_b{beta:g}")
     run_dir = os.path.join(root, name)
     ov = [f"algo={algo}", "model=gmm"] + setting.overrides + [
@@ -236,7 +236,7 @@ def train_one(setting: Setting, algo: str, beta: float | None, steps: int, n_fin
     if algo in BETA_FREE:
         ov.append("algo.objective=raw")
     cfg = compose_config(ov, run_dir=run_dir)
-    Trainer(cfg, run_dir).train()
+    build_trainer(cfg, run_dir).train()
     return torch.load(os.path.join(run_dir, "samples_final.pt"))
 
 

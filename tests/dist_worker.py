@@ -7,7 +7,7 @@ import sys
 import torch
 
 from align.config import compose_config
-from align.trainer import Trainer
+from align.assemble import build_trainer
 
 DRAFT = ["algo=draft", "algo.variant=k", "algo.k=2", "algo.objective=raw"]
 BASE = ["model=gmm", "reward=linear", "model.hidden=16", "sampler.steps=6", "train.batch_size=4", "train.lr=1e-2",
@@ -20,7 +20,7 @@ def main(run_dir: str, steps: int, out: str, resume: bool, extra: list[str]) -> 
     torch.set_num_threads(1)
     extra = extra + [f"train.steps={steps}"] + ([f"resume={run_dir}"] if resume else [])
     base = BASE if any(o.startswith("algo=") for o in extra) else OVERRIDES
-    trainer = Trainer(compose_config(base + extra, run_dir), run_dir)
+    trainer = build_trainer(compose_config(base + extra, run_dir), run_dir)
     rank = trainer.accelerator.process_index
     drawn = []
     sample_noise = trainer.model.sample_noise

@@ -249,7 +249,7 @@ def test_loss_is_zero_at_the_discrete_optimum():
 # ---- training reaches the tilt (reference §6.2) ------------------------------------------------------------
 def _train(tmp_path, weights, means, covs, direction, steps: int, lr: float, batch: int, extra=()):
     from align.config import compose_config
-    from align.trainer import Trainer
+    from align.assemble import build_trainer
 
     cfg = compose_config([
         "algo=adjoint_matching", "model=gmm", "reward=linear", f"model.weights={weights}",
@@ -257,7 +257,7 @@ def _train(tmp_path, weights, means, covs, direction, steps: int, lr: float, bat
         f"train.lr={lr}", f"train.batch_size={batch}", "eval.every=0", "eval.n_samples=64",
         "eval.final_samples=20000", "train.progress=false", "train.log_every=50",
         "train.checkpoint_every=100000", *extra], run_dir=str(tmp_path))
-    trainer = Trainer(cfg, str(tmp_path))
+    trainer = build_trainer(cfg, str(tmp_path))
     trainer.train()
     x1 = torch.load(os.path.join(tmp_path, "samples_final.pt"))["x1"].double()
     return trainer, cfg, x1

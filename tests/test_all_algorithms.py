@@ -5,7 +5,7 @@ import pytest
 
 from align.config import CONF_DIR, compose_config
 from align.run_logging import read_metrics
-from align.trainer import Trainer
+from align.assemble import build_trainer
 
 ALGOS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "algo")) if f.endswith(".yaml"))
 
@@ -15,7 +15,7 @@ def test_algorithm_trains_through_the_shared_trainer(tmp_path, algo):
     run_dir = str(tmp_path / "run")
     cfg = compose_config([f"algo={algo}", "reward=linear", "train.steps=2", "train.batch_size=4",
                           "train.progress=false", "eval.n_samples=16", "eval.final_samples=4"], run_dir=run_dir)
-    trainer = Trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir)
     group_names = [g["name"] for g in trainer.groups]
     assert group_names[0] == "theta"
     assert len(trainer.optimizer.param_groups) == len(group_names)

@@ -25,7 +25,7 @@ def _torchrun(tmp_path, run_dir, steps, out, mode="fresh", extra=(), env_extra=N
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     from dist_worker import OVERRIDES
 
-    from align.trainer import Trainer
+    from align.assemble import build_trainer
 
     two = _torchrun(tmp_path, tmp_path / "two", 2, tmp_path / "two_out")
     assert [w["world"] for w in two] == [2, 2]
@@ -38,7 +38,7 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
 
     # one process, batch 8 = both processes' x_0 side by side, gives the same parameters
     run_dir = str(tmp_path / "one")
-    one = Trainer(compose_config(OVERRIDES + ["train.steps=2", "train.batch_size=8"], run_dir), run_dir)
+    one = build_trainer(compose_config(OVERRIDES + ["train.steps=2", "train.batch_size=8"], run_dir), run_dir)
     batches = [torch.cat([two[0]["x0"][s], two[1]["x0"][s]]) for s in range(2)]
     own = one.model.sample_noise
     one.model.sample_noise = lambda n, generator: batches.pop(0) if batches else own(n, generator)
@@ -67,13 +67,13 @@ def test_vggflow_two_processes_with_accumulation_equal_one_big_batch(tmp_path):
     2 trajectories give the update of one process with all 8 (parameters of θ and φ to 1e-6)."""
     from dist_worker import BASE
 
-    from align.trainer import Trainer
+    from align.assemble import build_trainer
 
     two = _torchrun(tmp_path, tmp_path / "two", 2, tmp_path / "two_out", extra=VGG + ["train.grad_accum=2"])
     for k, v in two[0]["params"].items():
         assert torch.equal(v, two[1]["params"][k]), k
     run_dir = str(tmp_path / "one")
-    one = Trainer(compose_config(BASE + VGG + ["train.steps=2", "train.batch_size=8"], run_dir), run_dir)
+    one = build_trainer(compose_config(BASE + VGG + ["train.steps=2", "train.batch_size=8"], run_dir), run_dir)
     batches = [torch.cat([two[r]["x0"][2 * s + m] for r in (0, 1) for m in (0, 1)]) for s in range(2)]
     own = one.model.sample_noise
     one.model.sample_noise = lambda n, generator: batches.pop(0) if batches else own(n, generator)

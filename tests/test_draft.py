@@ -195,12 +195,12 @@ def mean_reward(trainer, x0):
 
 @pytest.mark.parametrize("variant", ["lv", "k"])
 def test_draft_training_raises_reward(tmp_path, variant):
-    from align.trainer import Trainer
+    from align.assemble import build_trainer
 
     cfg = compose_config(["algo=draft", "reward=linear", f"algo.variant={variant}", "algo.k=2", "train.batch_size=64",
                           "train.lr=3e-3", "sampler.steps=10", "train.progress=false", "model.hidden=32"],
                          str(tmp_path))
-    trainer = Trainer(cfg, str(tmp_path))
+    trainer = build_trainer(cfg, str(tmp_path))
     x0 = trainer.model.sample_noise(512, torch.Generator().manual_seed(123))
     before = mean_reward(trainer, x0)
     losses = [trainer.update()["loss"] for _ in range(40)]

@@ -17,7 +17,7 @@ import torch
 
 from align.config import compose_config
 from align.exact import deterministic_optimum
-from align.trainer import Trainer
+from align.assemble import build_trainer
 
 GAUSSIAN = ["model.weights=[1.0]", "model.means=[[0.5,-0.5]]", "model.covs=[[[0.25,0.0],[0.0,2.0]]]",
             "reward=linear", "reward.direction=[1.0,1.0]", "algo.beta=0.7", "sampler.steps=20",
@@ -27,7 +27,7 @@ GAUSSIAN = ["model.weights=[1.0]", "model.means=[[0.5,-0.5]]", "model.covs=[[[0.
 def _train(tmp_path, extra):
     run_dir = str(tmp_path / "run")
     cfg = compose_config(GAUSSIAN + extra, run_dir=run_dir)
-    Trainer(cfg, run_dir).train()
+    build_trainer(cfg, run_dir).train()
     return torch.load(os.path.join(run_dir, "samples_final.pt"))
 
 

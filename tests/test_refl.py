@@ -90,11 +90,11 @@ def test_refl_gradient_is_the_single_step_from_the_detached_state(objective):
 
 
 def test_refl_training_raises_reward(tmp_path):
-    from align.trainer import Trainer
+    from align.assemble import build_trainer
 
     cfg = compose_config(["algo=refl", "reward=linear", "train.batch_size=64", "train.lr=3e-3", "sampler.steps=10",
                           "train.progress=false", "model.hidden=32"], str(tmp_path))
-    trainer = Trainer(cfg, str(tmp_path))
+    trainer = build_trainer(cfg, str(tmp_path))
     x0 = trainer.model.sample_noise(512, torch.Generator().manual_seed(123))
 
     def mean_reward():

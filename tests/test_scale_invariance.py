@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from align.config import compose_config
-from align.trainer import Trainer
+from align.assemble import build_trainer
 
 torch.set_num_threads(1)
 
@@ -21,7 +21,7 @@ BETA = {"vggflow": 1.0, "vggflow_pmp": 1.0, "adjoint_matching": 1.0}
 
 
 def _train(overrides: list[str], updates: int, tmp_path) -> Trainer:
-    trainer = Trainer(compose_config(overrides, str(tmp_path)), str(tmp_path))
+    trainer = build_trainer(compose_config(overrides, str(tmp_path)), str(tmp_path))
     for _ in range(updates):
         trainer.update()
     return trainer

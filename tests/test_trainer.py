@@ -8,7 +8,8 @@ import torch
 from align.checkpoint import list_checkpoints
 from align.config import compose_config
 from align.run_logging import read_metrics
-from align.trainer import Trainer, TrainingDiverged
+from align.assemble import build_trainer
+from align.trainer import TrainingDiverged
 
 FAST = ["model=gmm", "reward=linear", "train.steps=6", "train.batch_size=8", "train.checkpoint_every=2", "eval.every=3", "eval.n_samples=32",
         "eval.final_samples=16", "train.progress=false"]
@@ -21,7 +22,7 @@ def _rows(run_dir):
 @pytest.mark.parametrize("algo", ["vggflow"])
 def test_interrupted_and_resumed_run_writes_the_same_rows(tmp_path, algo, monkeypatch):
     full = str(tmp_path / "full")
-    Trainer(compose_config(FAST + [f"algo={algo}"], run_dir=full), full).train()
+    build_trainer(compose_config(FAST + [f"algo={algo}"], run_dir=full), full).train()
 
     part = str(tmp_path / "part")
     cfg = compose_config(FAST + [f"algo={algo}"], run_dir=part)
@@ -36,13 +37,13 @@ def test_interrupted_and_resumed_run_writes_the_same_rows(tmp_path, algo, monkey
 
     monkeypatch.setattr(Trainer, "update", crashing_update)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, part).train()
+        build_trainer(cfg, part).train()
     monkeypatch.setattr(Trainer, "update", original)
     assert list_checkpoints(part) == [2, 4]
     assert not os.path.exists(os.path.join(part, "samples_final.pt"))
 
     resumed = compose_config(FAST + [f"algo={algo}", f"resume={part}"], run_dir=part)
-    Trainer(resumed, part).train()
+    build_trainer(resumed, part).train()
     assert _rows(part) == _rows(full)
     a = torch.load(os.path.join(full, "samples_final.pt"))
     b = torch.load(os.path.join(part, "samples_final.pt"))
@@ -51,7 +52,7 @@ def test_interrupted_and_resumed_run_writes_the_same_rows(tmp_path, algo, monkey
 
 def test_run_directory_contract(tmp_path):
     run_dir = str(tmp_path / "run")
-    Trainer(compose_config(FAST, run_dir=run_dir), run_dir).train()
+    build_trainer(compose_config(FAST, run_dir=run_dir), run_dir).train()
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
     assert os.listdir(os.path.join(run_dir, "tb"))
     rows = read_metrics(run_dir)
@@ -86,7 +87,7 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monke
 
     run_dir = str(tmp_path / "run")
     cfg = compose_config(FAST + ["train.max_bad_steps=3", "train.steps=10"], run_dir=run_dir)
-    trainer = Trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir)
     before = {k: v.clone() for k, v in trainer.model.finetune_state_dict().items()}
     original = VGGFlow.loss
 
@@ -110,7 +111,7 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monke
 
 def test_metrics_are_json_lines(tmp_path):
     run_dir = str(tmp_path / "run")
-    Trainer(compose_config(FAST + ["train.steps=2"], run_dir=run_dir), run_dir).train()
+    build_trainer(compose_config(FAST + ["train.steps=2"], run_dir=run_dir), run_dir).train()
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         for line in fh:
             assert isinstance(json.loads(line), dict)

@@ -3,10 +3,9 @@ of ‖∇r(x̂_1)‖) is taken over the whole update, so 4 micro-batches of 2 tr
 one batch of the same 8 trajectories."""
 import torch
 
-from align.batching import cat_cond
 from align.config import compose_config
 from align.reward_grad import per_sample_norms
-from align.trainer import Trainer
+from align.assemble import build_trainer
 from samplers import Trajectory
 
 torch.set_num_threads(1)
@@ -18,14 +17,15 @@ OVERRIDES = ["model=gmm", "reward=quadratic", "reward.center=[1.0,0.5]", "reward
 
 
 def _cat(trajs: list[Trajectory]) -> Trajectory:
-    return Trajectory(xs=torch.cat([t.xs for t in trajs], 1), ts=trajs[0].ts, cond=cat_cond([t.cond for t in trajs]),
+    assert all(t.cond is None for t in trajs)          # gmm is unconditional
+    return Trajectory(xs=torch.cat([t.xs for t in trajs], 1), ts=trajs[0].ts, cond=None,
                       prompts=[p for t in trajs for p in t.prompts],
                       extras={"vs": torch.cat([t.extras["vs"] for t in trajs], 1)})
 
 
 def test_grad_accum_4_gives_the_update_of_one_batch(tmp_path):
-    one = Trainer(compose_config(OVERRIDES + ["train.grad_accum=1"], str(tmp_path / "a")), str(tmp_path / "a"))
-    four = Trainer(compose_config(OVERRIDES + ["train.grad_accum=4"], str(tmp_path / "b")), str(tmp_path / "b"))
+    one = build_trainer(compose_config(OVERRIDES + ["train.grad_accum=1"], str(tmp_path / "a")), str(tmp_path / "a"))
+    four = build_trainer(compose_config(OVERRIDES + ["train.grad_accum=4"], str(tmp_path / "b")), str(tmp_path / "b"))
     for _ in range(2):
         micro = [four._rollout_batch(2) for _ in range(4)]
         whole = [_cat(micro)]

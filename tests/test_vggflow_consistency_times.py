@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from align.config import compose_config
-from align.trainer import Trainer
+from align.assemble import build_trainer
 
 torch.set_num_threads(1)
 
@@ -24,7 +24,7 @@ def _train(tmp_path, times: str) -> tuple[Trainer, dict]:
           f"algo.beta={BETA}", f"algo.consistency_times={times}", "train.steps=300", "train.progress=false",
           "eval.every=0", "eval.n_samples=32", "eval.final_samples=400", "train.checkpoint_every=300", "seed=0"]
     run_dir = str(tmp_path / times)
-    trainer = Trainer(compose_config(ov, run_dir), run_dir)
+    trainer = build_trainer(compose_config(ov, run_dir), run_dir)
     trainer.train()
     return trainer, torch.load(tmp_path / times / "samples_final.pt")
 

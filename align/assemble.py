@@ -1,0 +1,34 @@
+"""``build_trainer(cfg, run_dir)``: the Trainer and its parts from a composed config (``align.config``)."""
+from __future__ import annotations
+
+import torch
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+
+from align.build import build_algorithm, build_grid, build_model, build_reward
+from align.prompts import load_prompts
+from align.schema import EvalConfig, TrainConfig, validated
+from align.trainer import Trainer
+
+
+def typed_section(schema: type, node: DictConfig):
+    """A config section as its checked dataclass (also for a resumed run's untyped config.yaml)."""
+    values = OmegaConf.to_container(node, resolve=True, enum_to_str=True)   # interpolations reach the root
+    return validated(OmegaConf.merge(OmegaConf.structured(schema), values))
+
+
+def build_trainer(cfg: DictConfig, run_dir: str) -> Trainer:
+    """Seed, build model, reward, grid, prompts (resolved once, here) and algorithm, and hand them to the
+    Trainer. Every process builds identical parts (the same seed before the first random initialisation)."""
+    train, evaluation = typed_section(TrainConfig, cfg.train), typed_section(EvalConfig, cfg.eval)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    set_seed(int(cfg.seed))
+    model = build_model(cfg)
+    reward = build_reward(cfg, model)
+    grid = build_grid(cfg)
+    prompts = load_prompts(cfg.prompts, model)
+    algorithm = build_algorithm(cfg, model, reward, grid)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return Trainer(model, reward, algorithm, grid, prompts, train, run_dir, evaluation=evaluation,
+                   seed=int(cfg.seed), device=str(cfg.device), resume=bool(cfg.resume), config=config)

@@ -1,0 +1,66 @@
+"""Experiment trackers through accelerate's tracking API: ``train.trackers=[tensorboard,wandb,mlflow]``.
+
+TensorBoard (the default, always installed) writes ``<run_dir>/tb``; on resume from step k its events after k
+are purged, so the curves continue exactly as ``metrics.jsonl`` does. The optional ones are extras
+(``pip install -e ".[wandb]"`` / ``".[mlflow]"``) and keep their own environment configuration:
+
+* wandb: project ``$WANDB_PROJECT`` (default ``align``), run name = the run directory's name, files under
+  ``<run_dir>/wandb``; ``WANDB_MODE=offline`` logs without an account (``wandb sync`` uploads later).
+* mlflow: ``$MLFLOW_TRACKING_URI`` if set, else a local SQLite store ``<run_dir>/mlflow.db`` (MLflow's
+  offline mode; its file store is retired), experiment ``$MLFLOW_EXPERIMENT_NAME`` (default ``align``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Sequence
+
+from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+# tracker -> (module it needs, the extra that installs it)
+_NEEDS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+
+
+def check_trackers(names: Sequence[str]) -> None:
+    """Refuse unknown or uninstalled trackers before any work (``train.trackers``)."""
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"train.trackers: unknown tracker {name!r}; valid choices: {', '.join(TRACKERS)}")
+        module, extra = _NEEDS.get(name, (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            raise ValueError(f"train.trackers includes {name} but the {module} package is not installed: "
+                             f'pip install -e ".[{extra}]"')
+
+
+def make_trackers(names: Sequence[str], run_dir: str, resume_step: int | None) -> list[GeneralTracker]:
+    """Tracker objects for ``accelerate.Accelerator(log_with=...)``; they start at ``init_trackers``."""
+    check_trackers(names)
+    run_name = os.path.basename(os.path.abspath(run_dir))
+    trackers: list[GeneralTracker] = []
+    for name in dict.fromkeys(names):
+        if name == "tensorboard":
+            purge = None if resume_step is None else resume_step + 1
+            trackers.append(TensorBoardTracker("tb", run_dir, purge_step=purge))
+        elif name == "wandb":
+            trackers.append(WandBTracker(os.environ.get("WANDB_PROJECT", "align"), name=run_name,
+                                         dir=os.path.abspath(run_dir)))
+        elif name == "mlflow":
+            trackers.append(_LocalMLflowTracker(run_dir, run_name))
+    return trackers
+
+
+class _LocalMLflowTracker(MLflowTracker):
+    """accelerate's MLflow tracker, pointed at ``<run_dir>/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set."""
+
+    def __init__(self, run_dir: str, run_name: str):
+        super().__init__(experiment_name="align", logging_dir=os.path.join(os.path.abspath(run_dir), "mlflow"),
+                         run_name=run_name)
+        self.run_dir = os.path.abspath(run_dir)
+
+    def start(self) -> None:
+        import mlflow
+
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri(f"sqlite:///{os.path.join(self.run_dir, 'mlflow.db')}")
+        super().start()
