@@ -28,6 +28,7 @@ def build_trainer(cfg: DictConfig, run_dir: str) -> Trainer:
     reward = build_reward(cfg, model)
     grid = build_grid(cfg)
     prompts = load_prompts(cfg.prompts, model)
+    model.prepare(prompts, str(cfg.sampler.grid), float(cfg.sampler.shift))
     algorithm = build_algorithm(cfg, model, reward, grid)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     return Trainer(model, reward, algorithm, grid, prompts, train, run_dir, evaluation=evaluation,

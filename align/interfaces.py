@@ -24,7 +24,6 @@ class FlowModel(nn.Module, abc.ABC):
 
     name: str = "flow"
     data_shape: tuple[int, ...] = ()
-    default_grid: str = "uniform"
 
     @abc.abstractmethod
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor: ...
@@ -49,6 +48,21 @@ class FlowModel(nn.Module, abc.ABC):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample features [B, F] for diversity and prior-preservation metrics."""
         return x.flatten(1)
+
+    # ---- optional hooks (the defaults are what a domain without them gets) --------------------------------
+    def prepare(self, prompts: list[str], grid: str, shift: float) -> None:
+        """Called once before training with the run's prompt set and the sampler's grid (``sampler.grid``,
+        ``sampler.shift``): check the grid against the checkpoint, encode the prompts once (SD3)."""
+
+    def preview_grid(self, x: torch.Tensor) -> torch.Tensor | None:
+        """An image grid [3, H, W] in [0, 1] of samples ``x`` for the run's sample PNGs and trackers
+        (None: the domain has no picture)."""
+        return None
+
+    def make_value_network(self) -> nn.Module:
+        """VGG-Flow's value-gradient network ν_φ(x, t, cond) sized for this domain, output shaped like x."""
+        raise NotImplementedError(f"model={self.name} defines no value network, which VGG-Flow needs "
+                                  "(FlowModel.make_value_network); use algo.learn_value=false or add one")
 
     @property
     def device(self) -> torch.device:

@@ -13,8 +13,9 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class Trajectory:
     """States x_k at grid times t_k, k = start..end.
 
-    xs: [K+1, B, ...] (detached unless integrated with grad), ts: [K+1] float64 grid times,
-    cond: the model's conditioning for this batch, prompts: the B prompts, noise: x_0 of the rollout.
+    xs: [K+1, B, ...] (detached unless integrated with grad; x_0 = xs[0] is the rollout's noise), ts: [K+1]
+    float64 grid times, cond: the model's conditioning for this batch, prompts: the B prompts, extras: what an
+    algorithm's rollout keeps for its loss (e.g. VGG-Flow's v_θ(x_k, t_k) as ``extras["vs"]``).
     """
 
     xs: torch.Tensor
