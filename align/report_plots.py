@@ -13,13 +13,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from align.report import METRICS, Group, curve  # noqa: E402
+from align.report_data import METRICS, Group, curve  # noqa: E402
 
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
          "ytick.labelsize": 7, "lines.linewidth": 1.2, "axes.spines.top": False, "axes.spines.right": False}
 WIDTH = 7.0
-NAMES = {"eval/reward": "reward", "eval/diversity": "diversity", "eval/diversity_rel": "diversity ÷ base",
-         "eval/diversity_cos": "diversity (1 − cos, ×10⁻²)", "eval/fid": "FID"}
+NAMES = {key: name for key, name, _ in METRICS}
 
 
 def pareto_front(xs: list[float], ys: list[float], maximize_x: bool = True, maximize_y: bool = True) -> list[int]:

@@ -18,7 +18,7 @@ Hydra's parser, the common keys excluded from the name). Each run is a subproces
 ``--jobs`` at once, its output appended to ``<dir>/run.log``. Before anything starts, every run's config is
 composed (a typo fails at once) and compared with what its directory already holds: finished runs are
 skipped, runs with a checkpoint resume, a directory holding another config is an error. The skip/resume
-rule itself lives in ``align.run``, so Hydra launchers (SLURM, ...) get it too.
+rule itself lives in ``align.run_dir``, which ``align.run`` applies too, so Hydra launchers (SLURM, ...) get it.
 """
 from __future__ import annotations
 
@@ -37,10 +37,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from align.cli_checks import ConfigProblem
-from align.run import RunMismatch, last_checkpoint_step, plan_existing_run, run_status
+from align.run_dir import RunMismatch, keys_with, last_checkpoint_step, plan_existing_run, run_status
 
-# Keys the runner sets itself, and keys Hydra's override_dirname leaves out of a job's directory name.
-RUNNER_KEYS = ("run_dir", "resume", "train.progress", "threads", "device")
 LOG_NAME = "run.log"
 
 
@@ -236,7 +234,7 @@ def hydra_commands(sweep: Sweep) -> list[str]:
     cmds = []
     for g in sweep.grids:
         common = [o for o in sweep.common if _key(o) not in g]
-        exclude = sorted(({_key(o) for o in common} | set(RUNNER_KEYS) | {"model", "reward"}) - set(g))
+        exclude = sorted(({_key(o) for o in common} | set(keys_with("name")) | {"model", "reward"}) - set(g))
         grid = [f"{k}={','.join(v.partition('=')[2] for v in vals)}" for k, vals in g.items()]
         args = ["python", "-m", "align.run", "-m", *common, *grid, "train.progress=false",
                 f"hydra.sweep.dir={os.path.abspath(sweep.out)}",

@@ -1,16 +1,18 @@
-"""align.report on synthetic run directories with known metrics: every number of the table, the best
-marking, unfinished runs, a missing metric, and that every figure is written."""
+"""align.report on synthetic run directories with known metrics: every number of the tables (one per reward,
+rounded to the standard deviation's precision), the best marking, unfinished runs, a missing metric, and that
+every figure is written."""
 import csv
 import json
 import math
-import re
 import statistics
 
 import pytest
 from omegaconf import OmegaConf
 
-from align.report import main, mean_std
+from align.report import main
+from align.report_data import mean_std
 from align.report_plots import pareto_front
+from align.report_table import format_mean_std
 
 STEPS = (0, 5, 10)
 # group: (algo, beta or None, reward, delta); reward rises by delta over training, FID by 10·delta.
@@ -95,46 +97,51 @@ def _best(facet, key, better):
     return better(_expected(g[facet], key)[0] for g in ROWS.values() if facet in g)
 
 
-def _md_cells(path):
-    lines = [ln for ln in open(path, encoding="utf-8").read().splitlines() if ln.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    table = {}
-    for ln in lines[2:]:
-        cells = [c.strip() for c in ln.strip("|").split("|")]
-        table[cells[0]] = dict(zip(header[1:], cells[1:]))
-    return header, table
+def _md_tables(path):
+    """{facet: (header, {row: {column: cell}})} of every ``## <facet>`` table in table.md."""
+    tables, facet = {}, None
+    for ln in open(path, encoding="utf-8").read().splitlines():
+        if ln.startswith("## "):
+            facet, header = ln[3:], None
+            tables[facet] = (header, {})
+        elif ln.startswith("|") and facet is not None:
+            cells = [c.strip() for c in ln.strip("|").split("|")]
+            if tables[facet][0] is None:
+                tables[facet] = (cells, {})
+            elif not cells[0].startswith("---"):
+                tables[facet][1][cells[0]] = dict(zip(tables[facet][0][1:], cells[1:]))
+    return tables
 
 
-def _numbers(text):
-    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", text.split("(n=")[0])]
+def _column(name, better):
+    return f"{name} {'↓' if better is min else '↑'}"
 
 
-def test_markdown_table_numbers_and_best_marking(sweep):
-    header, table = _md_cells(sweep / "report" / "table.md")
-    assert header == ["Method", "r_a reward ↑", "r_a diversity ↑", "r_a diversity ÷ base ↑", "r_a FID ↓",
-                      "r_b reward ↑", "r_b diversity ↑", "r_b diversity ÷ base ↑"]
-    assert list(table) == ["Base", "ReFL", "DRaFT", "VGG-Flow, β=1", "VGG-Flow, β=2"]   # the paper's order
+def test_markdown_tables_numbers_and_best_marking(sweep):
+    tables = _md_tables(sweep / "report" / "table.md")
+    assert list(tables) == ["r_a", "r_b"]                                  # one table per reward
+    assert tables["r_a"][0] == ["Method", "reward ↑", "diversity ↑", "diversity ÷ base ↑", "FID ↓"]
+    assert tables["r_b"][0] == ["Method", "reward ↑", "diversity ↑", "diversity ÷ base ↑"]
+    assert list(tables["r_a"][1]) == ["Base", "ReFL", "VGG-Flow, β=1", "VGG-Flow, β=2"]   # the paper's order
+    assert list(tables["r_b"][1]) == ["Base", "ReFL", "DRaFT", "VGG-Flow, β=1"]
     for label, facets in ROWS.items():
-        for facet, cols in COLUMNS.items():
-            for name, key, better in cols:
-                cell = table[label][f"{facet} {name} {'↓' if better is min else '↑'}"]
-                if facet not in facets:
-                    assert cell == "–"
-                    continue
-                mean, std, n = _expected(facets[facet], key)
-                got_mean, got_std = _numbers(cell.strip("*"))
-                assert got_mean == pytest.approx(mean, rel=1e-3, abs=1e-9)
-                assert got_std == pytest.approx(std, rel=1e-3)
-                assert cell.startswith("**") == (mean == _best(facet, key, better)), (label, facet, name, cell)
-                assert ("(n=2)" in cell) == (n == 2)
+        for facet, group in facets.items():
+            for name, key, better in COLUMNS[facet]:
+                cell = tables[facet][1][label][_column(name, better)]
+                mean, std, n = _expected(group, key)
+                text = format_mean_std(mean, std)
+                best = mean == _best(facet, key, better)
+                assert cell == (f"**{text}**" if best else text) + (" (n=2)" if n == 2 else ""), (label, facet, name)
     for facet, cols in COLUMNS.items():       # Base: the step-0 evaluation, never marked best
         for name, key, better in cols:
-            cell = table["Base"][f"{facet} {name} {'↓' if better is min else '↑'}"]
-            mean, std = _base(facet, key)
-            assert not cell.startswith("**")
-            assert _numbers(cell) == pytest.approx([mean, std], rel=1e-3, abs=1e-9)
-    assert table["DRaFT"]["r_b reward ↑"] == "unfinished (step 7/10)"
-    assert table["DRaFT"]["r_a reward ↑"] == "–"
+            assert tables[facet][1]["Base"][_column(name, better)] == format_mean_std(*_base(facet, key))
+    # by hand: rewards 1.5, 1.63, 1.82 (std 0.161); 2.0, 2.13, 2.32; 1.3, 1.43, 1.62; 1.8, 1.93, 2.12 (best)
+    assert tables["r_a"][1]["VGG-Flow, β=1"]["reward ↑"] == "1.65 ± 0.16"
+    assert tables["r_a"][1]["VGG-Flow, β=2"]["reward ↑"] == "2.15 ± 0.16"
+    assert tables["r_b"][1]["VGG-Flow, β=1"]["reward ↑"] == "1.45 ± 0.16"
+    assert tables["r_b"][1]["ReFL"]["reward ↑"] == "**1.95 ± 0.16**"
+    assert tables["r_a"][1]["Base"]["FID ↓"] == "0 ± 0"
+    assert tables["r_b"][1]["DRaFT"]["reward ↑"] == "unfinished (step 7/10)"
     text = open(sweep / "report" / "table.md", encoding="utf-8").read()
     assert "ddof = 1" in text and "Unfinished runs (2)" in text
     assert str(sweep / "refl" / "seed=2") in text and str(sweep / "draftb" / "seed=0") in text
@@ -142,19 +149,21 @@ def test_markdown_table_numbers_and_best_marking(sweep):
 
 def test_csv_table_exact(sweep):
     with open(sweep / "report" / "table.csv", newline="") as fh:
-        rows = {r["method"]: r for r in csv.DictReader(fh)}
+        rows = {(r["reward"], r["method"]): r for r in csv.DictReader(fh)}
+    assert list(rows) == [("r_a", "Base"), ("r_a", "ReFL"), ("r_a", "VGG-Flow, β=1"), ("r_a", "VGG-Flow, β=2"),
+                          ("r_b", "Base"), ("r_b", "ReFL"), ("r_b", "DRaFT"), ("r_b", "VGG-Flow, β=1")]
     for label, facets in ROWS.items():
         for facet, name_group in facets.items():
             for name, key, better in COLUMNS[facet]:
                 mean, std, n = _expected(name_group, key)
-                r = rows[label]
-                assert float(r[f"{facet}/{name}_mean"]) == pytest.approx(mean, rel=1e-12, abs=1e-12)
-                assert float(r[f"{facet}/{name}_std"]) == pytest.approx(std, rel=1e-12)
-                assert int(r[f"{facet}/{name}_n"]) == n
-                assert int(r[f"{facet}/{name}_best"]) == int(mean == _best(facet, key, better))
-    assert rows["ReFL"]["r_a/unfinished"] == "1" and rows["DRaFT"]["r_b/unfinished"] == "1"
-    assert rows["DRaFT"]["r_b/reward_mean"] == "" and "r_b/FID_mean" not in rows["ReFL"]
-    assert float(rows["Base"]["r_a/FID_mean"]) == 0.0
+                r = rows[(facet, label)]
+                assert float(r[f"{name}_mean"]) == pytest.approx(mean, rel=1e-12, abs=1e-12)
+                assert float(r[f"{name}_std"]) == pytest.approx(std, rel=1e-12)
+                assert int(r[f"{name}_n"]) == n
+                assert int(r[f"{name}_best"]) == int(mean == _best(facet, key, better))
+    assert rows[("r_a", "ReFL")]["unfinished"] == "1" and rows[("r_b", "DRaFT")]["unfinished"] == "1"
+    assert rows[("r_b", "DRaFT")]["reward_mean"] == "" and rows[("r_b", "ReFL")]["FID_mean"] == ""
+    assert float(rows[("r_a", "Base")]["FID_mean"]) == 0.0
 
 
 def test_every_figure_is_written(sweep):
@@ -168,6 +177,23 @@ def test_every_figure_is_written(sweep):
 def test_sample_std_is_ddof_1():
     assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert mean_std([4.0]) == (4.0, None)
+
+
+@pytest.mark.parametrize("mean,std,text", [
+    (3.678, 0.05539, "3.68 ± 0.06"),          # one significant digit of the std, the mean to the same place
+    (12.3456, 1.234, "12.3 ± 1.2"),           # two when the std starts with 1
+    (0.0012345, 0.000234, "0.0012 ± 0.0002"),
+    (345.67, 12.3, "346 ± 12"),
+    (1234.5, 234.0, "1200 ± 200"),
+    (0.9917, 0.0952, "1.0 ± 0.1"),            # the std rounds up to 0.1: one digit, at the tenths
+    (-0.0241, 0.00627, "-0.024 ± 0.006"),
+    (-0.0004, 0.006, "0.000 ± 0.006"),        # no "-0.000"
+    (1.0, 0.0, "1 ± 0"),                      # no spread: the mean to 4 significant digits
+    (3.678123, None, "3.678"),                # a single run: 4 significant digits
+    (12345.678, None, "1.235e+04"),
+])
+def test_mean_is_rounded_to_the_std_precision(mean, std, text):
+    assert format_mean_std(mean, std) == text
 
 
 def test_pareto_front_on_a_hand_made_set():
@@ -200,9 +226,9 @@ def test_cosine_diversity_column_and_old_runs_group_with_paired_fid(tmp_path):
                                      "eval/diversity_cos": c, "eval/fid": float(step)}) + "\n")
         (d / "samples_final.pt").write_bytes(b"x")
     assert main([str(tmp_path)]) == 0
-    header, table = _md_cells(tmp_path / "report" / "table.md")
-    col = "r diversity (1 − cos, ×10⁻²) ↑"
+    header, table = _md_tables(tmp_path / "report" / "table.md")["r"]
+    col = "diversity (1 − cos, ×10⁻²) ↑"
     assert col in header and list(table) == ["Base", "VGG-Flow"]      # one group, not two
-    assert _numbers(table["VGG-Flow"][col].strip("*")) == pytest.approx([24.5, statistics.stdev([25.0, 24.0])], rel=1e-3)
-    assert _numbers(table["Base"][col]) == pytest.approx([21.5, statistics.stdev([23.0, 20.0])], rel=1e-3)
+    assert table["VGG-Flow"][col] == "**24.5 ± 0.7**"               # mean 24.5, std 0.707
+    assert table["Base"][col] == "22 ± 2"                            # mean 21.5, std 2.12
     assert (tmp_path / "report" / "convergence_r.png").stat().st_size > 1000

@@ -1,6 +1,6 @@
 """align.sweep: sweep files expand to deterministic run directories (the ones Hydra's multirun names), a bad
 sweep fails before any run starts, and re-running a sweep skips finished runs and resumes interrupted ones
-(the rule lives in align.run, so Hydra launchers get it too)."""
+(the rule lives in align.run_dir and align.run applies it, so Hydra launchers get it too)."""
 import os
 import shlex
 import shutil
@@ -15,8 +15,7 @@ from omegaconf import OmegaConf
 
 from align.cli_checks import check_overrides
 from align.config import CONF_DIR, compose_config
-from align.run import RunMismatch, plan_existing_run
-from align.run_logging import read_metrics
+from align.run_dir import RunMismatch, plan_existing_run, read_metrics
 from align.sweep import hydra_commands, load_sweep, main
 
 TINY = ["model=gmm", "reward=linear", "train.steps=2", "train.batch_size=4", "train.checkpoint_every=1",

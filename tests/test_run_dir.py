@@ -1,0 +1,66 @@
+"""align.run_dir: the bookkeeping table (and Hydra's exclude_keys agreeing with it), checkpoint listing, metrics
+reading and a run directory's status."""
+import json
+import os
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from align.config import CONF_DIR
+from align.run_dir import (RESUMABLE_KEYS, clear_partial_run, config_differences, keys_with, last_checkpoint_step,
+                           list_checkpoints, read_metrics, run_status)
+
+
+def test_the_bookkeeping_roles():
+    assert RESUMABLE_KEYS == ("train.steps", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
+                              "device")
+    rerun = {"run_dir", "resume", "threads", "device", "train.progress", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.steps"}
+    assert set(keys_with("rerun")) == rerun
+    assert set(keys_with("group")) == rerun - {"train.steps"} | {"seed"}
+    assert set(keys_with("name")) == {"run_dir", "resume", "train.progress", "threads", "device"}
+
+
+def test_hydra_leaves_the_name_keys_out_of_a_job_directory():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert sorted(cfg.hydra.job.config.override_dirname.exclude_keys) == sorted(keys_with("name"))
+
+
+def test_a_rerun_ignores_bookkeeping_and_fills_in_keys_added_later():
+    saved = {"seed": 0, "threads": 1, "train": {"steps": 5, "lr": 1e-3}, "eval": {"every": 5}}
+    again = {"seed": 0, "threads": 4, "train": {"steps": 9, "lr": 1e-3}, "eval": {"every": 5, "fid_reference": "paired"}}
+    assert config_differences(saved, again) == []
+    assert config_differences(saved, {**again, "seed": 1}) == ["seed: saved 0, requested 1"]
+
+
+def _touch(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+
+
+def test_status_and_checkpoints_of_a_run_directory(tmp_path):
+    run = str(tmp_path / "run")
+    assert run_status(run) == "new" and list_checkpoints(run) == [] and last_checkpoint_step(run) is None
+    _touch(os.path.join(run, "run.log"))
+    _touch(os.path.join(run, "metrics.jsonl"))
+    assert run_status(run) == "partial"
+    for name in ("step_0000004", "step_0000012", ".tmp_step_0000016"):       # complete, complete, being written
+        _touch(os.path.join(run, "checkpoints", name, "state.pt"))
+    os.makedirs(os.path.join(run, "checkpoints", "step_0000020"))          # no state.pt: not a checkpoint
+    assert list_checkpoints(run) == [4, 12] and last_checkpoint_step(run) == 12
+    assert run_status(run) == "checkpoint"
+    _touch(os.path.join(run, "samples_final.pt"))
+    assert run_status(run) == "finished"
+    os.remove(os.path.join(run, "samples_final.pt"))
+    clear_partial_run(run)
+    assert sorted(os.listdir(run)) == ["run.log"] and run_status(run) == "new"
+
+
+def test_read_metrics_stops_at_a_line_cut_short(tmp_path):
+    rows = [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}]
+    with open(tmp_path / "metrics.jsonl", "w") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows) + "\n" + '{"step": 2, "lo')
+    assert read_metrics(str(tmp_path)) == rows
