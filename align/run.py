@@ -10,12 +10,11 @@ Re-running into an existing run directory (an explicit ``run_dir=`` or a Hydra m
 safe, which makes sweeps resumable (``align.sweep``, Hydra launchers): a finished run (``samples_final.pt``,
 written last) is skipped; a run with a checkpoint resumes from it, after checking that its saved config.yaml
 matches the requested one; a directory without a checkpoint starts afresh (its partial files are removed).
+Those rules, and the run directory's file names, are ``align.run_dir``'s.
 """
 from __future__ import annotations
 
-import glob
 import os
-import re
 import shutil
 import sys
 
@@ -25,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from align.cli_checks import ConfigProblem, check_overrides
 from align.paper_settings import describe
+from align.run_dir import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, RESUMABLE_KEYS, SAMPLES_DIR, TB_DIR,
+                           RunMismatch, clear_partial_run, last_checkpoint_step, plan_existing_run, read_metrics)
 
 CONF = os.path.join(os.path.dirname(__file__), "conf")
 
@@ -55,7 +56,7 @@ def _job(cfg: DictConfig) -> None:
             clear_partial_run(run_dir)      # other processes decide from the same state but never delete
     elif cfg.resume:
         run_dir = os.path.abspath(str(cfg.resume))
-        saved = os.path.join(run_dir, "config.yaml")
+        saved = os.path.join(run_dir, CONFIG_FILE)
         if not os.path.isfile(saved):
             _fail(f"resume={cfg.resume}: {saved} does not exist (is this a run directory?)")
         cfg = _resumed_config(OmegaConf.load(saved), cfg, run_dir)
@@ -76,8 +77,9 @@ def _job(cfg: DictConfig) -> None:
     if extending and trainer.is_main:   # after the Trainer's rendezvous: every process has made its decision
         os.remove(os.path.join(run_dir, FINISHED_FILE))
     if trainer.is_main:
-        print(f"align: run directory {run_dir}\n       TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tb')}"
-              f"\n       sample grids: {os.path.join(run_dir, 'samples')}/step_*.png (newest: latest.png)",
+        print(f"align: run directory {run_dir}\n"
+              f"       TensorBoard: tensorboard --logdir {os.path.join(run_dir, TB_DIR)}\n"
+              f"       sample grids: {os.path.join(run_dir, SAMPLES_DIR)}/step_*.png (newest: latest.png)",
               flush=True)
     try:
         trainer.train()
@@ -85,13 +87,9 @@ def _job(cfg: DictConfig) -> None:
         _fail(str(err))
     if trainer.is_main:
         last = _last_eval(run_dir)
-        print(f"align: done. {last}\n       metrics: {os.path.join(run_dir, 'metrics.jsonl')}\n"
-              f"       final samples: {os.path.join(run_dir, 'samples_final.pt')}\n"
-              f"       sample grid: {os.path.join(run_dir, 'samples', 'latest.png')}", flush=True)
-
-
-# What a resumed run may change; everything else comes from the run's own config.yaml.
-RESUMABLE_KEYS = ("train.steps", "train.progress", "train.checkpoint_every", "train.keep_checkpoints", "device")
+        print(f"align: done. {last}\n       metrics: {os.path.join(run_dir, METRICS_FILE)}\n"
+              f"       final samples: {os.path.join(run_dir, FINISHED_FILE)}\n"
+              f"       sample grid: {os.path.join(run_dir, SAMPLES_DIR, 'latest.png')}", flush=True)
 
 
 def _resumed_config(saved: DictConfig, given: DictConfig, run_dir: str) -> DictConfig:
@@ -108,23 +106,6 @@ def _resumed_config(saved: DictConfig, given: DictConfig, run_dir: str) -> DictC
     return saved
 
 
-# ---- existing run directories: skip, resume or start afresh (sweeps) ---------------------------------------
-FINISHED_FILE = "samples_final.pt"
-# What a partial run leaves behind; removed before a fresh start (anything else, e.g. a sweep's log, is kept).
-PARTIAL_FILES = ("metrics.jsonl", "config.yaml", "tb", "samples", "checkpoints", "samples_final.pt.tmp")
-# Keys that may differ between a run's saved config.yaml and a re-run of it (train.steps is handled apart:
-# a larger value extends the run).
-IGNORED_KEYS = ("run_dir", "resume", "threads", "device", "train.progress", "train.checkpoint_every",
-                "train.keep_checkpoints")
-_STEP_DIR = re.compile(r"step_(\d+)$")
-# Keys added after runs were saved without them: an absent key equals the behaviour those runs had.
-ABSENT_MEANS = {"eval.fid_reference": "paired", "model.fid_reference": "paired"}
-
-
-class RunMismatch(ValueError):
-    """The run directory holds a run of a different config."""
-
-
 def _launch_rank() -> int:
     """This process's global rank as set by torchrun / accelerate launch (0 when launched alone)."""
     return int(os.environ.get("RANK", "0"))
@@ -138,86 +119,7 @@ def _reusable_run_dir() -> bool:
     return hc.mode == RunMode.MULTIRUN or any(o.partition("=")[0] == "run_dir" for o in hc.overrides.task)
 
 
-def last_checkpoint_step(run_dir: str) -> int | None:
-    """The step of the newest complete checkpoint (``checkpoints/step_*/state.pt``), or None."""
-    steps = [int(m.group(1)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "step_*", "state.pt"))
-             if (m := _STEP_DIR.search(os.path.dirname(p)))]
-    return max(steps) if steps else None
-
-
-def run_status(run_dir: str) -> str:
-    """``new`` (nothing there), ``partial`` (started, no checkpoint), ``checkpoint`` or ``finished``."""
-    if os.path.exists(os.path.join(run_dir, FINISHED_FILE)):
-        return "finished"
-    if last_checkpoint_step(run_dir) is not None:
-        return "checkpoint"
-    if any(os.path.exists(os.path.join(run_dir, f)) for f in PARTIAL_FILES):
-        return "partial"
-    return "new"
-
-
-def _flatten(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_differences(saved: dict, requested: dict) -> list[str]:
-    """``key: saved X, requested Y`` for every key that differs, except IGNORED_KEYS and train.steps."""
-    a, b = _flatten(saved), _flatten(requested)
-    diffs = []
-    for k in sorted(set(a) | set(b), key=lambda k: (not k.endswith(".name"), k)):   # algo/model/reward first
-        if k in IGNORED_KEYS or k == "train.steps":
-            continue
-        va, vb = a.get(k, ABSENT_MEANS.get(k, "<absent>")), b.get(k, ABSENT_MEANS.get(k, "<absent>"))
-        if va != vb and not (isinstance(va, (int, float)) and isinstance(vb, (int, float)) and float(va) == float(vb)):
-            diffs.append(f"{k}: saved {va!r}, requested {vb!r}")
-    return diffs
-
-
-def plan_existing_run(run_dir: str, requested: dict) -> str:
-    """What to do with ``run_dir`` for the (resolved) ``requested`` config: ``start``, ``skip`` or ``resume``.
-
-    Raises RunMismatch if the directory holds a run of another config, or one trained beyond train.steps."""
-    status = run_status(run_dir)
-    if status in ("new", "partial"):
-        return "start"
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise RunMismatch(f"{run_dir} has checkpoints but no config.yaml; move it away or delete it")
-    saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    diffs = config_differences(saved, requested)
-    if diffs:
-        shown = "; ".join(diffs[:5]) + ("; ..." if len(diffs) > 5 else "")
-        raise RunMismatch(f"{run_dir} holds a run of a different config ({shown}). Use another run_dir "
-                          f"(or sweep out=), or delete that directory to redo it")
-    want, done = int(requested["train"]["steps"]), int(saved["train"]["steps"])
-    ckpt = last_checkpoint_step(run_dir) or 0
-    if want < ckpt:
-        raise RunMismatch(f"{run_dir} is already trained to step {ckpt}, beyond the requested train.steps={want}")
-    if status == "finished" and want == done:
-        return "skip"
-    return "resume"
-
-
-def clear_partial_run(run_dir: str) -> None:
-    """Remove what an interrupted run without a checkpoint left behind (a fresh start appends to nothing)."""
-    for f in PARTIAL_FILES:
-        p = os.path.join(run_dir, f)
-        if os.path.isdir(p):
-            shutil.rmtree(p, ignore_errors=True)
-        elif os.path.exists(p):
-            os.remove(p)
-
-
 def _last_eval(run_dir: str) -> str:
-    from align.run_logging import read_metrics
-
     rows = [r for r in read_metrics(run_dir) if "eval/reward" in r]
     if not rows:
         return ""
