@@ -17,7 +17,8 @@ from torch import nn
 
 from align.interfaces import Reward
 from align.registry import register_reward
-from rewards.clip_common import AlwaysEval, WeightSpec, freeze, resolve_weights, shared_clip_image_features
+from align.clip import AlwaysEval, freeze, shared_clip_image_features
+from align.weights import WeightSpec, resolve
 
 HEAD_SPEC = WeightSpec(
     what="aesthetic reward: LAION aesthetic MLP head",
@@ -71,7 +72,7 @@ class AestheticReward(AlwaysEval, Reward):
     def __init__(self, clip_model: str = "ViT-L-14", clip_weights: str | None = None,
                  head_weights: str | None = None, quick_gelu: bool = True, dtype: str = "fp32", **_: Any):
         super().__init__()
-        head_path = resolve_weights(HEAD_SPEC, head_weights)  # both files checked before any model is built
+        head_path = resolve(HEAD_SPEC, head_weights)  # both files checked before any model is built
         # shared with model.features when both use the same ViT-L/14 file (one copy in memory)
         self.clip = shared_clip_image_features(clip_model, clip_weights, env_var="ALIGN_AESTHETIC_CLIP_WEIGHTS",
                                                quick_gelu=quick_gelu, pretrained="openai",

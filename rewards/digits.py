@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from align.digits_classifier import load_digit_classifier, prompt_to_class, prompts_to_classes
 from align.interfaces import Reward
 from align.registry import register_reward
 
@@ -47,14 +48,10 @@ class DigitsClassifier(Reward):
 
     def __init__(self, target: int | str | None = None, weights: str | None = None, **_: Any):
         super().__init__()
-        from align.models.digits import load_digit_classifier, prompt_to_class
-
         self.classifier = load_digit_classifier(weights)
         self.target = None if target is None else prompt_to_class(str(target))
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        from align.models.digits import prompts_to_classes
-
         images = _check(images)
         if self.target is not None:
             labels = torch.full((images.shape[0],), self.target, dtype=torch.int64)

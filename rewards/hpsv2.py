@@ -20,8 +20,10 @@ import torch.nn.functional as F
 
 from align.interfaces import Reward
 from align.registry import register_reward
-from rewards.clip_common import (DTYPES, AlwaysEval, TextFeatureCache, WeightSpec, _image_size, clip_preprocess,
-                                 create_open_clip, register_open_clip_config, resolve_weights)
+from align.clip import (AlwaysEval, TextFeatureCache, clip_preprocess, create_open_clip, image_size,
+                        register_open_clip_config)
+from align.loading import DTYPES
+from align.weights import WeightSpec, resolve
 
 HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2": "HPS_v2_compressed.pt"}
 
@@ -48,13 +50,13 @@ class HPSv2Reward(AlwaysEval, Reward):
         import open_clip
 
         spec = hps_weight_spec(str(version))
-        path = resolve_weights(spec, weights)
+        path = resolve(spec, weights)
         self.checkpoint = spec.filename  # HPS_v2.1_compressed.pt | HPS_v2_compressed.pt
         self.model = create_open_clip(clip_model, path, quick_gelu=quick_gelu)
         self.dtype = DTYPES[dtype]
         self.model.to(self.dtype)
         self.tokenizer = open_clip.get_tokenizer(register_open_clip_config(clip_model))
-        self.image_size = _image_size(self.model.visual)
+        self.image_size = image_size(self.model.visual)
         self.text_cache = TextFeatureCache()
         self.eval()
 

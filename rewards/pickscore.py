@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from align.interfaces import Reward
 from align.registry import register_reward
-from rewards.clip_common import (DTYPES, AlwaysEval, TextFeatureCache, WeightSpec, clip_preprocess, freeze,
-                                 resolve_weights)
+from align.clip import AlwaysEval, TextFeatureCache, clip_preprocess, freeze
+from align.loading import DTYPES, dtype_kwargs
+from align.weights import WeightSpec, resolve
 
 MODEL_SPEC = WeightSpec(
     what="pickscore reward: PickScore_v1 CLIPModel", filename="PickScore_v1 (config.json + model weights)",
@@ -50,14 +51,12 @@ class PickScoreReward(AlwaysEval, Reward):
     def __init__(self, model: str | None = None, processor: str | None = None, dtype: str = "fp32",
                  max_length: int = 77, **_: Any):
         super().__init__()
-        import transformers
         from transformers import CLIPModel, CLIPTokenizer
 
-        model_dir = resolve_weights(MODEL_SPEC, model)
-        tok_dir = resolve_weights(PROCESSOR_SPEC, processor)
+        model_dir = resolve(MODEL_SPEC, model)
+        tok_dir = resolve(PROCESSOR_SPEC, processor)
         self.dtype = DTYPES[dtype]
-        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        self.model = freeze(CLIPModel.from_pretrained(model_dir, **{dtype_kw: self.dtype}))
+        self.model = freeze(CLIPModel.from_pretrained(model_dir, **dtype_kwargs("transformers", self.dtype)))
         self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
         self.max_length = int(max_length)
         self.image_size = int(self.model.config.vision_config.image_size)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from rewards.clip_common import ClipImageFeatures, clip_preprocess, write_tiny_open_clip
-from tests.tiny_clip import write_aesthetic_head, write_tiny_hf_clip
+from align.clip import ClipImageFeatures, clip_preprocess
+from helpers.tiny_clip import write_aesthetic_head, write_tiny_hf_clip, write_tiny_open_clip
 
 CONF = Path(__file__).resolve().parents[1] / "align" / "conf" / "reward"
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at dusk", "a photo of a cat"]
@@ -212,7 +212,7 @@ def test_open_clip_weights_from_torchscript_archive(tiny, tmp_path):
     """OpenAI's original ViT-L-14.pt is a TorchScript archive; a traced tiny model stands in for it."""
     import open_clip
 
-    from rewards.clip_common import create_open_clip
+    from align.clip import create_open_clip
 
     cfg, w = tiny["l14"]
     model = create_open_clip(cfg, w, quick_gelu=True)
@@ -321,7 +321,7 @@ def test_constructed_from_yaml_config(tiny):
 
 
 def test_text_feature_cache_encodes_each_prompt_once():
-    from rewards.clip_common import TextFeatureCache
+    from align.clip import TextFeatureCache
 
     calls = []
 

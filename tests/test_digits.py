@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from align.metrics import feature_diversity, frechet_distance
-from align.models.digits import (CLASSIFIER_WEIGHTS, DIGIT_NAMES, FLOW_CONFIG, FLOW_WEIGHTS, REGENERATE,
-                                 DigitsFlow, load_digit_classifier, prompt_to_class)
+from align.digits_classifier import (CLASSIFIER_WEIGHTS, DIGIT_NAMES, REGENERATE, load_digit_classifier,
+                                     prompt_to_class)
+from align.models.digits import FLOW_CONFIG, FLOW_WEIGHTS, DigitsFlow
 from align.models.flow_transformer import (LORA_WEIGHT_NAME, cfg_combine, lora_parameters, sigma_to_t,
                                            t_to_sigma, u_to_v, v_to_u)
 from align.registry import MODELS, REWARDS

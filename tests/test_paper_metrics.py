@@ -85,12 +85,12 @@ def test_fid_reference_default_per_model_and_not_a_constructor_argument(model, e
 
 
 def test_trainer_passes_fid_reference_to_the_evaluator(tmp_path):
-    from align.trainer import Trainer
+    from align.assemble import build_trainer
 
     fast = ["model=gmm", "reward=linear", "train.steps=1", "train.batch_size=4", "eval.n_samples=32",
             "eval.final_samples=4", "train.progress=false", "eval.fid_reference=independent"]
     run_dir = str(tmp_path / "run")
-    assert Trainer(compose_config(fast, run_dir=run_dir), run_dir).evaluator.fid_reference == "independent"
+    assert build_trainer(compose_config(fast, run_dir=run_dir), run_dir).evaluator.fid_reference == "independent"
 
 
 def test_a_run_saved_before_fid_reference_existed_still_matches_a_paired_rerun():
@@ -160,7 +160,7 @@ def _write_tiny_dreamsim(root, dreamsim_type, monkeypatch, seed=0):
     from dreamsim.model import PerceptualModel
     from peft import LoraConfig, get_peft_model
 
-    from align.models.sd3 import DREAMSIM_TYPES
+    from align.dreamsim import DREAMSIM_TYPES
 
     g = torch.Generator().manual_seed(seed)
     branches, lora_dir = DREAMSIM_TYPES[dreamsim_type]
@@ -209,7 +209,7 @@ def test_dreamsim_features_equal_the_dreamsim_package_on_tiny_checkpoints(tmp_pa
     pytest.importorskip("dreamsim")
     from dreamsim import dreamsim
 
-    from align.models.sd3 import build_features
+    from align.features import build_features
 
     torch.set_num_threads(1)
     _write_tiny_dreamsim(tmp_path, dreamsim_type, monkeypatch)
@@ -234,7 +234,7 @@ def test_dreamsim_features_equal_the_dreamsim_package_on_tiny_checkpoints(tmp_pa
 
 
 def test_dreamsim_missing_weights_name_the_files_the_source_and_the_key(tmp_path, monkeypatch):
-    from align.models.sd3 import build_features
+    from align.features import build_features
 
     monkeypatch.delenv("ALIGN_DREAMSIM_DIR", raising=False)
     for weights in (None, str(tmp_path)):

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from align.models.flow_transformer import LORA_WEIGHT_NAME
-from align.models.sd3 import SD3Model, SD3WeightsError
+from align.models.sd3 import SD3Model
+from align.weights import WeightsError
 from samplers import euler_integrate, sd3_grid
 from tiny_sd3 import RESOLUTION
 from tiny_sd3 import fixed_noise as _noise
@@ -228,7 +229,7 @@ def test_sd35_hub_id_downloads_only_the_diffusers_folders_and_names_itself(sd35_
     import huggingface_hub.constants as hf_constants
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
-    with pytest.raises(SD3WeightsError) as err:
+    with pytest.raises(WeightsError) as err:
         _model(repo)
     msg = str(err.value)
     assert f"model.pretrained={repo}" in msg and f"huggingface-cli download {repo}" in msg
@@ -248,7 +249,7 @@ def test_every_algorithm_trains_two_steps_on_tiny_sd35(sd35_dirs, tmp_path, algo
 
     from align.config import compose_config
     from align.run_logging import read_metrics
-    from align.trainer import Trainer
+    from align.assemble import build_trainer
 
     run_dir = str(tmp_path / "run")
     overrides = [f"algo={algo}", "model=sd3", "reward=linear", f"model.pretrained={sd35_dirs['medium']}",
@@ -262,7 +263,7 @@ def test_every_algorithm_trains_two_steps_on_tiny_sd35(sd35_dirs, tmp_path, algo
     cfg = compose_config(overrides, run_dir=run_dir)
     with open_dict(cfg):
         cfg.reward = {"name": tiny_reward_registered}
-    trainer = Trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir)
     assert isinstance(trainer.model, SD3Model) and trainer.model.transformer.config.qk_norm == "rms_norm"
     lora = dict(trainer.model.transformer.named_parameters())
     attn2 = {n: p.detach().clone() for n, p in lora.items() if ".attn2." in n and "lora_" in n}

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from align.models.flow_transformer import LORA_WEIGHT_NAME
-from align.models.sd3 import SD3LoadError, SD3WeightsError
+from align.loading import LibraryLoadError
 from align.registry import MODELS
+from align.weights import WeightsError
 from tiny_sd3 import RESOLUTION, build_tiny_sd3
 
 
@@ -101,9 +102,9 @@ def test_a_library_error_is_not_reported_as_missing_weights(sd3_dir, monkeypatch
         raise TypeError("CLIPTextModelWithProjection.__init__() got an unexpected keyword argument 'dtype'")
 
     monkeypatch.setattr(CLIPTextModelWithProjection, "from_pretrained", broken)
-    with pytest.raises(SD3LoadError) as err:
+    with pytest.raises(LibraryLoadError) as err:
         _model(sd3_dir)
-    assert not isinstance(err.value, (SD3WeightsError, FileNotFoundError))
+    assert not isinstance(err.value, (WeightsError, FileNotFoundError))
     msg = str(err.value)
     assert "text encoder" in msg and "unexpected keyword argument 'dtype'" in msg
     assert "not for a missing" in msg and "transformers " in msg and "diffusers " in msg and "huggingface" not in msg
@@ -119,7 +120,7 @@ def test_a_library_error_is_not_reported_as_missing_weights(sd3_dir, monkeypatch
                 with open(os.path.join(bad, "transformer", f), "wb") as fh:
                     fh.write(b"not a safetensors file")
     monkeypatch.undo()
-    with pytest.raises(SD3WeightsError, match="could not load the transformer"):
+    with pytest.raises(WeightsError, match="could not load the transformer"):
         _model(bad)
 
 
@@ -183,8 +184,8 @@ def test_aesthetic_reward_and_clip_features_share_one_tower(sd3_dir, tmp_path):
     import shutil
 
     from rewards.aesthetic import AestheticReward
-    from rewards.clip_common import ClipImageFeatures, write_tiny_open_clip
-    from tiny_clip import write_aesthetic_head
+    from align.clip import ClipImageFeatures
+    from helpers.tiny_clip import write_aesthetic_head, write_tiny_open_clip
 
     cfg, weights = write_tiny_open_clip(tmp_path, name="tiny-shared-l14", quick_gelu=True)
     head = write_aesthetic_head(tmp_path / "head.pth")

@@ -11,8 +11,9 @@ trained with the flow and frozen afterwards: they play the part of SD3's text en
 The network is a diffusers ``SD3Transformer2DModel`` (patch 2, 4 joint blocks, 4 heads of 16) trained by
 rectified flow in SD3's u-convention (``python -m align.pretrain model=digits``), run through exactly the
 code SD3 uses (``FlowTransformerModel``: σ = 1 − t, u = −v, τ = 1000σ, CFG, peft LoRA on attention).
-``features`` are the 32-d penultimate activations of a small CNN classifier trained on the same data;
-they feed the diversity and prior-preservation (FID) metrics and the classifier reward.
+``features`` are the 32-d penultimate activations of a small CNN classifier trained on the same data
+(``align/digits_classifier.py``, shared with the ``digits_classifier`` reward); they feed the diversity and
+prior-preservation (FID) metrics.
 """
 from __future__ import annotations
 
@@ -24,17 +25,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# CLASSIFIER_WEIGHTS is imported from here by align/pretrain.py
+from align.digits_classifier import (CLASSIFIER_WEIGHTS, DIGIT_NAMES, NULL_INDEX, REGENERATE_HOW,  # noqa: F401
+                                     WEIGHTS_DIR, DigitClassifier, load_digit_classifier, prompts_to_classes)
 from align.models.flow_transformer import LORA_TARGET_MODULES, FlowTransformerModel
 from align.models.value_unet import ValueUNet
 from align.registry import register_model
+from align.weights import WeightSpec, resolve
 
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-NULL_INDEX = 10                      # the null prompt "" (CFG's unconditional branch)
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 FLOW_WEIGHTS = os.path.join(WEIGHTS_DIR, "digits_flow.safetensors")
 FLOW_CONFIG = os.path.join(WEIGHTS_DIR, "digits_flow.json")
-CLASSIFIER_WEIGHTS = os.path.join(WEIGHTS_DIR, "digits_classifier.safetensors")
-REGENERATE = "python -m align.pretrain model=digits"
+FLOW_SPEC = WeightSpec(what="digits: the pretrained flow",
+                       filename=f"{os.path.basename(FLOW_WEIGHTS)} (+ {os.path.basename(FLOW_CONFIG)} beside it)",
+                       config_key="model.weights", get=REGENERATE_HOW, default=FLOW_WEIGHTS)
 
 # The pretrained transformer's architecture (written to digits_flow.json by the pretraining script).
 TRANSFORMER_CONFIG: dict[str, Any] = dict(
@@ -54,24 +57,6 @@ def load_digits_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(d.target, dtype=torch.int64)
 
 
-def prompt_to_class(prompt: str) -> int:
-    """Class index of a prompt: "three", "3" or "a handwritten digit 3" → 3; "" → the null prompt (10)."""
-    words = str(prompt).strip().lower().split()
-    if not words:
-        return NULL_INDEX
-    last = words[-1].strip(".!,")
-    if last in DIGIT_NAMES:
-        return DIGIT_NAMES.index(last)
-    if last.isdigit() and len(last) == 1:
-        return int(last)
-    raise ValueError(f"digits: cannot read a digit class from the prompt {prompt!r}; use one of "
-                     f"{', '.join(DIGIT_NAMES)} (or '0'..'9', 'a handwritten digit 3', '' for the null prompt)")
-
-
-def prompts_to_classes(prompts: Sequence[str]) -> torch.Tensor:
-    return torch.tensor([prompt_to_class(p) for p in prompts], dtype=torch.int64)
-
-
 DECODE_SHARPNESS = 50.0
 
 
@@ -86,49 +71,6 @@ def to_image(x: torch.Tensor, sharpness: float = DECODE_SHARPNESS) -> torch.Tens
     """
     z = (x + 1.0) * 0.5
     return F.softplus(z, beta=sharpness) - F.softplus(z - 1.0, beta=sharpness)
-
-
-def _missing(path: str) -> FileNotFoundError:
-    return FileNotFoundError(f"digits: the pretrained weights {path} are missing; regenerate them with "
-                             f"`{REGENERATE}` (a few minutes on one CPU core)")
-
-
-# ---- the feature extractor / classifier --------------------------------------------------------------------
-class DigitClassifier(nn.Module):
-    """A small CNN on images in [0, 1] [B, 1, 8, 8]; smooth activations so its gradients are useful rewards."""
-
-    feature_dim = 32
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, stride=2)     # 8×8 → 4×4
-        self.conv3 = nn.Conv2d(32, 32, 3, padding=1)
-        self.fc = nn.Linear(32 * 16, self.feature_dim)
-        self.head = nn.Linear(self.feature_dim, 10)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations [B, 32]."""
-        h = F.silu(self.conv1(images * 2.0 - 1.0))
-        h = F.silu(self.conv2(h))
-        h = F.silu(self.conv3(h))
-        return F.silu(self.fc(h.flatten(1)))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, 10]."""
-        return self.head(self.features(images))
-
-
-def load_digit_classifier(path: str | None = None) -> DigitClassifier:
-    """The pretrained classifier, frozen and in eval mode."""
-    from safetensors.torch import load_file
-
-    path = CLASSIFIER_WEIGHTS if path is None else path
-    if not os.path.isfile(path):
-        raise _missing(path)
-    clf = DigitClassifier()
-    clf.load_state_dict(load_file(path))
-    return clf.eval().requires_grad_(False)
 
 
 # ---- prompt embeddings (the "text encoder") ---------------------------------------------------------------
@@ -169,11 +111,10 @@ class DigitsFlow(FlowTransformerModel):
         config: dict[str, Any] = {"transformer": dict(TRANSFORMER_CONFIG), "prompt_tokens": PROMPT_TOKENS}
         state = None
         if pretrained:
-            weights = FLOW_WEIGHTS if weights is None else weights
+            weights = resolve(FLOW_SPEC, weights)
             cfg_path = os.path.splitext(weights)[0] + ".json"
-            for p in (weights, cfg_path):
-                if not os.path.isfile(p):
-                    raise _missing(p)
+            if not os.path.isfile(cfg_path):
+                raise FLOW_SPEC.error(f"{cfg_path}, the architecture beside the weights, is missing")
             with open(cfg_path, encoding="utf-8") as fh:
                 config = json.load(fh)
             state = load_file(weights)
@@ -192,7 +133,7 @@ class DigitsFlow(FlowTransformerModel):
         self.grid = grid
         self.value_net_kwargs = dict(value_net or {})
         if pretrained or classifier_weights is not None:
-            self.classifier = load_digit_classifier(classifier_weights)
+            self.classifier = load_digit_classifier(classifier_weights, config_key="model.classifier_weights")
         else:
             self.classifier = DigitClassifier().eval().requires_grad_(False)
 

@@ -27,79 +27,26 @@ config (the SD3 VAE's 1.5305 / 0.0609; TAESD3's 1 / 0: it takes the diffusion la
 from __future__ import annotations
 
 import gc
-import glob
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from align.features import build_features
+from align.loading import DTYPES, dtype_kwargs, load_component
 from align.models.flow_transformer import (LORA_TARGET_MODULES, LORA_WEIGHT_NAME, FlowTransformerModel,
                                            enable_gradient_checkpointing)
+from align.models.sd3_text import SD3TextEncoders
 from align.models.value_unet import ValueUNet
 from align.registry import register_model
+from align.weights import WEIGHT_GLOBS, WeightSpec, looks_local, resolve
 
 DEFAULT_PRETRAINED = "stabilityai/stable-diffusion-3-medium-diffusers"
 # SD3.5: the same diffusers layout and scheduler (shift 3); the transformer config adds dual attention / QK-norm
 SD35_PRETRAINED = ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")
 DEFAULT_TAESD3 = "madebyollin/taesd3"
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
-WEIGHT_GLOBS = ("*.safetensors", "*.bin")
-
-
-class SD3WeightsError(FileNotFoundError):
-    """A missing or unreadable SD3 component; the message names it, where to get it and the config key."""
-
-
-# ---- locating the checkpoint ---------------------------------------------------------------------------------
-def _looks_local(spec: str) -> bool:
-    """A filesystem path rather than a hub id ``owner/name``."""
-    return (os.path.isabs(spec) or spec.startswith((".", "~")) or os.path.exists(spec)
-            or spec.count("/") != 1 or os.sep == "\\" and "\\" in spec)
-
-
-def _has_weights(folder: str) -> bool:
-    return any(glob.glob(os.path.join(folder, g)) for g in WEIGHT_GLOBS)
-
-
-def resolve_directory(spec: str, parts: dict[str, tuple[str, bool]], key: str, how_to_get: str) -> str:
-    """The local directory of ``spec`` (a local path, or a hub id resolved from the HF cache/hub), with every
-    subfolder of ``parts`` present: ``{subfolder: (config file, needs weights)}`` ("" = the root).
-
-    Hub ids go through ``huggingface_hub.snapshot_download`` limited to the needed subfolders (with
-    HF_HUB_OFFLINE=1 only the cache is used). Raises SD3WeightsError naming what is missing.
-    """
-    spec = os.path.expanduser(str(spec))
-    if _looks_local(spec):
-        if not os.path.isdir(spec):
-            raise SD3WeightsError(f"{key}={spec}: no such directory. {how_to_get}")
-        root = spec
-    else:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["model_index.json", "*.json"] + [f"{p}/*" if p else "*" for p in parts]
-        try:
-            root = snapshot_download(repo_id=spec, allow_patterns=patterns)
-        except Exception as err:  # noqa: BLE001 - offline, gated, unknown repo: all the same to the user
-            raise SD3WeightsError(f"{key}={spec}: could not get it from the Hugging Face hub or cache "
-                                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-                                  f"{how_to_get}") from err
-    missing = []
-    for sub, (config, needs_weights) in parts.items():
-        folder = os.path.join(root, sub)
-        if not os.path.isdir(folder):
-            missing.append(f"{sub or '.'}/ (folder)")
-            continue
-        if config and not os.path.isfile(os.path.join(folder, config)):
-            missing.append(f"{os.path.join(sub, config)}")
-        if needs_weights and not _has_weights(folder):
-            missing.append(f"{sub or '.'}/ weights (*.safetensors or *.bin)")
-    if missing:
-        raise SD3WeightsError(f"{key}={spec}: the checkpoint directory {root} lacks {', '.join(missing)}. "
-                              f"{how_to_get}")
-    return root
 
 
 def check_scheduler(sched_cfg: dict[str, Any], sampler_shift: float | None) -> None:
@@ -117,53 +64,6 @@ def check_scheduler(sched_cfg: dict[str, Any], sampler_shift: float | None) -> N
                          f"scheduler_config.json) uses shift {shift}; set sampler.shift={shift}")
 
 
-class SD3LoadError(RuntimeError):
-    """A component that failed to load inside its library for a reason other than its files (typically a
-    library version our call does not fit); the message names the component and the installed versions."""
-
-
-# Errors that say our call and the installed library disagree (an unknown keyword, a missing attribute), not that
-# a file is missing or corrupt: reported as such, never as missing weights.
-LIBRARY_ERRORS = (TypeError, AttributeError, ImportError, NameError, NotImplementedError)
-# ``from_pretrained``'s dtype keyword: ``dtype`` from diffusers 0.40 / transformers 4.56 on, ``torch_dtype``
-# before (older diffusers ignore ``dtype`` and load fp32, twice the memory; older transformers raise).
-DTYPE_KEYWORD_SINCE = {"diffusers": (0, 40), "transformers": (4, 56)}
-
-
-def library_versions() -> str:
-    import importlib
-
-    out = []
-    for name in ("torch", "diffusers", "transformers", "peft"):
-        try:
-            out.append(f"{name} {importlib.import_module(name).__version__}")
-        except Exception:  # noqa: BLE001 - a version report must not fail
-            out.append(f"{name} ?")
-    return ", ".join(out)
-
-
-def dtype_kwargs(library: str, dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """``{"dtype": dtype}`` or ``{"torch_dtype": dtype}``, whichever the installed ``library`` reads."""
-    import importlib
-
-    from packaging.version import Version
-
-    release = Version(importlib.import_module(library).__version__).release
-    return {"dtype" if release >= DTYPE_KEYWORD_SINCE[library] else "torch_dtype": dtype}
-
-
-def _load(what: str, key: str, how_to_get: str, fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except LIBRARY_ERRORS as err:
-        raise SD3LoadError(f"{key}: loading the {what} failed inside its library, not for a missing or corrupt "
-                           f"file ({type(err).__name__}: {err}). Installed: {library_versions()}; align needs the "
-                           f"versions in its pyproject.toml (`pip install -e .` installs them)") from err
-    except Exception as err:  # noqa: BLE001 - missing / corrupt / incompatible files: say which component
-        raise SD3WeightsError(f"{key}: could not load the {what} ({type(err).__name__}: {err}). "
-                              f"{how_to_get}") from err
-
-
 def enable_tf32() -> bool:
     """TF32 matmuls on CUDA (the authors' setting; the fp32 parts: LoRA, decoder, value net, rewards); nothing
     on a machine without CUDA. Returns whether it was enabled."""
@@ -174,251 +74,33 @@ def enable_tf32() -> bool:
     return True
 
 
-# ---- prompt encoding, as StableDiffusion3Pipeline.encode_prompt ------------------------------------------------
-class SD3TextEncoders:
-    """CLIP-L + CLIP-G (+ T5) and their tokenizers; ``encode`` reproduces the diffusers pipeline's
-    ``encode_prompt`` (clip_skip None: penultimate hidden states; pooled = the projected text embeddings;
-    T5 at ``max_sequence_length`` tokens, or zeros of width ``joint_dim`` without T5).
-
-    Returns per prompt the CLIP part unpadded [77, D_L + D_G], the pooled vector [D_L + D_G] and the T5 part
-    [L_T5, joint_dim] (None for the zeros), so a cache stores no padding.
-    """
-
-    def __init__(self, tokenizers: Sequence[Any], encoders: Sequence[nn.Module], max_sequence_length: int):
-        self.tokenizers, self.encoders = list(tokenizers), list(encoders)
-        self.max_sequence_length = int(max_sequence_length)
-
-    @property
-    def has_t5(self) -> bool:
-        return len(self.encoders) == 3
-
-    def to(self, device: torch.device | str) -> "SD3TextEncoders":
-        for e in self.encoders:
-            e.to(device)
-        return self
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        enc1 = self.encoders[0]
-        device = next(enc1.parameters()).device
-        max_len = self.tokenizers[0].model_max_length       # the pipeline uses tokenizer 1's length for both
-        hidden, pooled = [], []
-        for tok, enc in zip(self.tokenizers[:2], self.encoders[:2]):
-            ids = tok(prompts, padding="max_length", max_length=max_len, truncation=True,
-                      return_tensors="pt").input_ids
-            out = enc(ids.to(device), output_hidden_states=True)
-            pooled.append(out[0])
-            hidden.append(out.hidden_states[-2].to(enc1.dtype))
-        t5 = None
-        if self.has_t5:
-            ids = self.tokenizers[2](prompts, padding="max_length", max_length=self.max_sequence_length,
-                                     truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
-            t5 = self.encoders[2](ids.to(device))[0].to(self.encoders[2].dtype)
-        return torch.cat(hidden, dim=-1), torch.cat(pooled, dim=-1), t5
+def _component(folder: str, config: str | None = "config.json", weights: bool = True) -> tuple[tuple[str, ...], ...]:
+    """The files a component folder of the diffusers layout needs: its config and, with ``weights``, a weight
+    file (a config-less folder, a tokenizer, needs any file)."""
+    files = ((f"{folder}/{config}",),) if config else ((f"{folder}/*",),)
+    return files + ((tuple(f"{folder}/{g}" for g in WEIGHT_GLOBS),) if weights else ())
 
 
-# ---- features for the diversity / FID metrics ------------------------------------------------------------------
-class PixelFeatures(nn.Module):
-    """A weight-free fallback feature map: the image average-pooled to ``size``×``size`` (3·size² features)."""
-
-    def __init__(self, size: int = 8):
-        super().__init__()
-        self.size = int(size)
-        self.num_features = 3 * self.size ** 2
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(images.float(), self.size).flatten(1)
-
-
-INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS
-
-
-class InceptionFeatures(nn.Module):
-    """The 2048-d pool features of the FID Inception-v3 (torchmetrics' ``NoTrainInceptionV3``, via the optional
-    package torch-fidelity), from a local weights file; images in [0, 1] are quantised to uint8 as FID does."""
-
-    num_features = 2048
-
-    def __init__(self, weights: str | None = None):
-        super().__init__()
-        weights = weights or os.environ.get("ALIGN_INCEPTION_WEIGHTS")
-        if not weights or not os.path.isfile(os.path.expanduser(weights)):
-            raise FileNotFoundError(
-                f"model.features.kind=inception needs the FID Inception weights {INCEPTION_WEIGHTS} (from "
-                f"{INCEPTION_URL}); point model.features.weights or $ALIGN_INCEPTION_WEIGHTS at it"
-                + (f" (not found: {weights})" if weights else ""))
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                          feature_extractor_weights_path=os.path.expanduser(weights))
-        except ModuleNotFoundError as err:
-            raise ModuleNotFoundError("model.features.kind=inception needs the optional package torch-fidelity "
-                                      "(pip install torch-fidelity); or use model.features.kind=clip") from err
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net((images.clamp(0, 1) * 255).round().to(torch.uint8)).reshape(images.shape[0], -1).float()
-
-
-# DreamSim (Fu et al. 2023), the paper's diversity features, re-implemented on timm from DreamSim's published
-# checkpoint files (the `dreamsim` package's cache directory, i.e. its release zip extracted), no download.
-DREAMSIM_URL = "https://github.com/ssundaram21/dreamsim/releases/download/v0.2.0-checkpoints/dreamsim_{}_checkpoint.zip"
-# dreamsim_type → branches (DreamSim's model_config) and its LoRA directory
-DREAMSIM_TYPES = {"ensemble": (("dino_vitb16", "clip_vitb16", "open_clip_vitb16"), "ensemble_lora"),
-                  "dino_vitb16": (("dino_vitb16",), "dino_vitb16_single_lora"),
-                  "clip_vitb32": (("clip_vitb32",), "clip_vitb32_single_lora"),
-                  "open_clip_vitb32": (("open_clip_vitb32",), "open_clip_vitb32_single_lora")}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def _dreamsim_branch_file(branch: str) -> str:
-    if branch == "dino_vitb16":     # the backbone torch.hub's facebookresearch/dino caches under the same dir
-        return os.path.join("checkpoints", "dino_vitbase16_pretrain.pth")
-    return f"{branch}_pretrain.pth.tar"    # {"state_dict": DINO-layout ViT + "proj"} (DreamSim's conversion)
-
-
-class DreamSimFeatures(nn.Module):
-    """DreamSim embeddings [B, D]: per branch a ViT (timm) with DreamSim's LoRA merged — DINO ViT-B/16's CLS token
-    after the last block (before the final norm), CLIP / OpenCLIP ViT-B's image embedding (final norm, CLS,
-    ``@ proj``) — concatenated, then centred and L2-normalised as DreamSim's ``normalize_embeds`` does, so
-    1 − cos of two embeddings is the DreamSim distance. Images in [0, 1] are resized to 224² (bicubic,
-    antialiased; DreamSim resizes PIL images) and normalised per branch (ImageNet for DINO, OpenAI CLIP else).
-    ``weights``: DreamSim's cache directory (its release zip for ``dreamsim_type`` extracted there)."""
-
-    def __init__(self, weights: str | None = None, dreamsim_type: str = "ensemble", image_size: int = 224):
-        super().__init__()
-        from functools import partial
-
-        from timm.layers import QuickGELU
-        from timm.models.vision_transformer import VisionTransformer
-
-        if dreamsim_type not in DREAMSIM_TYPES:
-            raise ValueError(f"model.features.dreamsim_type={dreamsim_type!r}: valid choices are "
-                             f"{', '.join(DREAMSIM_TYPES)}")
-        branches, lora_dir = DREAMSIM_TYPES[dreamsim_type]
-        weights = weights or os.environ.get("ALIGN_DREAMSIM_DIR")
-        root = os.path.expanduser(weights) if weights else None
-        need = [_dreamsim_branch_file(b) for b in branches] + [os.path.join(lora_dir, "adapter_config.json")]
-        missing = need if root is None else [f for f in need if not os.path.isfile(os.path.join(root, f))]
-        if not (root and os.path.isdir(root)) or missing:
-            dino = ("; the DINO backbone checkpoints/dino_vitbase16_pretrain.pth is facebookresearch/dino's "
-                    "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
-                    if "dino_vitb16" in branches else "")
-            raise FileNotFoundError(
-                f"model.features.kind=dreamsim (dreamsim_type={dreamsim_type}) needs DreamSim's checkpoint "
-                f"directory with {', '.join(missing)}" + (f" (looked in {root})" if root else "")
-                + f": extract {DREAMSIM_URL.format(dreamsim_type)} there{dino}; then set "
-                  "model.features.weights=<dir> or $ALIGN_DREAMSIM_DIR")
-        self.branches, self.image_size = branches, int(image_size)
-        self.nets, projs = nn.ModuleList(), []
-        for b in branches:
-            sd = torch.load(os.path.join(root, _dreamsim_branch_file(b)), map_location="cpu", weights_only=True)
-            sd = dict(sd.get("state_dict", sd)) if isinstance(sd, dict) else sd
-            projs.append(sd.pop("proj", None))
-            if "pos_drop.weight" in sd:          # DreamSim's CLIP conversion: ln_pre stored as pos_drop
-                sd["norm_pre.weight"], sd["norm_pre.bias"] = sd.pop("pos_drop.weight"), sd.pop("pos_drop.bias")
-            dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
-            grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
-            depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-            dino = b.startswith("dino")
-            net = VisionTransformer(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
-                                    num_heads=dim // 64, mlp_ratio=4.0, qkv_bias=True, num_classes=0,
-                                    global_pool="token", norm_layer=partial(nn.LayerNorm, eps=1e-6 if dino else 1e-5),
-                                    act_layer=QuickGELU if b.startswith("clip") else nn.GELU)
-            if not dino:   # CLIP's ln_pre (timm's pre_norm=True would drop the patch-embedding bias DreamSim keeps)
-                net.norm_pre = nn.LayerNorm(dim, eps=1e-5)
-            net.load_state_dict(sd, strict=True)
-            self.nets.append(net)
-        self._merge_lora(os.path.join(root, lora_dir))
-        for i, p in enumerate(projs):
-            self.register_buffer(f"proj{i}", torch.empty(0) if p is None else p.float())
-        self.eval().requires_grad_(False)
-        with torch.no_grad():
-            self.num_features = int(self(torch.zeros(1, 3, self.image_size, self.image_size)).shape[1])
-
-    def _merge_lora(self, directory: str) -> None:
-        """W ← W + (lora_alpha / r)·B·A for each LoRA pair of DreamSim's peft adapter (keys
-        ``base_model.model.extractor_list.<i>.model.<module>.lora_A.weight``); other saved tensors (bias
-        training) are copied."""
-        import json
-
-        with open(os.path.join(directory, "adapter_config.json")) as fh:
-            conf = json.load(fh)
-        scale = float(conf["lora_alpha"]) / float(conf["r"])
-        if conf.get("use_rslora"):
-            scale = float(conf["lora_alpha"]) / float(conf["r"]) ** 0.5
-        path = os.path.join(directory, "adapter_model.safetensors")
-        if os.path.isfile(path):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(os.path.join(directory, "adapter_model.bin"), map_location="cpu", weights_only=True)
-
-        def target(key: str) -> tuple[nn.Module, str]:
-            rest = key.split("extractor_list.", 1)[1]
-            i, rest = rest.split(".", 1)
-            rest = rest.removeprefix("model.").replace("pos_drop.", "norm_pre.")
-            module = self.nets[int(i)]
-            *parents, leaf = rest.split(".")
-            for p in parents:
-                module = getattr(module, p)
-            return module, leaf
-
-        for key, a in state.items():
-            if ".lora_A." in key:
-                base = key.split(".lora_A.")[0]
-                b = state[key.replace(".lora_A.", ".lora_B.")]
-                mod, leaf = target(base + ".weight")
-                w = getattr(mod, leaf)
-                # Linear: B [out, r] · A [r, in]; Conv2d: B [out, r, 1, 1] · A [r, in, k, k] flattened
-                w.data += scale * (b.double().flatten(1) @ a.double().flatten(1)).to(w.dtype).reshape(w.shape)
-            elif ".lora_B." not in key:
-                mod, leaf = target(key)
-                getattr(mod, leaf).data.copy_(state[key])
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", align_corners=False, antialias=True)
-        x = x.clamp(0.0, 1.0)
-        feats = []
-        for i, (b, net) in enumerate(zip(self.branches, self.nets)):
-            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if b.startswith("dino") else (OPENAI_MEAN, OPENAI_STD)
-            xi = (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
-            if b.startswith("dino"):             # DreamSim's 'cls': block 11's output token 0, no final norm
-                h = net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(xi))))
-                feats.append(net.blocks(h)[:, 0])
-            else:                                # 'embedding': ln_post(CLS) @ proj
-                feats.append(net(xi) @ getattr(self, f"proj{i}"))
-        e = torch.cat(feats, dim=-1)
-        e = e - e.mean(dim=1, keepdim=True)
-        return e / e.norm(dim=1, keepdim=True)
-
-
-def build_features(spec: dict[str, Any] | None) -> nn.Module:
-    """``model.features``: ``{kind: clip, model_name, weights, quick_gelu}`` (CLIP image embeddings, the
-    paper's; weights: the key, else $ALIGN_CLIP_FEATURES_WEIGHTS, else the HF cache), ``{kind: inception,
-    weights}`` (FID's Inception-v3; needs torch-fidelity), ``{kind: dreamsim, weights: <DreamSim's checkpoint dir>,
-    dreamsim_type: ensemble}`` (the paper's diversity features, ``DreamSimFeatures``) or ``{kind: pixels}``."""
-    spec = dict(spec or {})
-    kind = spec.pop("kind", "clip")
-    if kind == "pixels":
-        return PixelFeatures(size=spec.get("size", 8))
-    if kind == "inception":
-        return InceptionFeatures(spec.get("weights"))
-    if kind == "dreamsim":
-        return DreamSimFeatures(spec.get("weights"), spec.get("dreamsim_type", "ensemble"))
-    if kind != "clip":
-        raise ValueError(f"model.features.kind={kind!r}: valid choices are clip, dreamsim, inception, pixels")
-    try:
-        from rewards.clip_common import shared_clip_image_features
-    except ImportError as err:
-        raise ImportError("model.features.kind=clip needs rewards/clip_common.py (ClipImageFeatures); "
-                          "use model.features.kind=pixels without it") from err
-    spec.setdefault("model_name", "ViT-L-14")
-    spec.setdefault("config_key", "model.features.weights")
-    return shared_clip_image_features(**spec)     # the aesthetic reward's tower when it is the same file
+def _checkpoint_specs(pretrained: str, t5: bool, vae: bool) -> tuple[WeightSpec, WeightSpec]:
+    """The SD3 checkpoint directory (``model.pretrained``: a local diffusers directory or a hub id) with the
+    components this run loads, and the TAESD3 decoder (``model.taesd3_path``)."""
+    repo = pretrained if not looks_local(os.path.expanduser(str(pretrained))) else DEFAULT_PRETRAINED
+    required = (_component("scheduler", "scheduler_config.json", weights=False) + _component("transformer")
+                + _component("vae", weights=vae) + _component("text_encoder") + _component("text_encoder_2")
+                + _component("tokenizer", None, weights=False) + _component("tokenizer_2", None, weights=False))
+    if t5:
+        required += _component("text_encoder_3") + _component("tokenizer_3", None, weights=False)
+    spec = WeightSpec(
+        what="sd3: the checkpoint", filename="the SD3 diffusers directory", config_key="model.pretrained",
+        get=(f"`huggingface-cli download {repo}` (accept the model's license on the hub first; SD3.5: "
+             f"{' or '.join(SD35_PRETRAINED)})"),
+        is_dir=True, required=required, hub_ids=True, value_hint="<local directory or hub id>",
+        alternative="set model.t5=false to run without the T5 encoder (zero T5 embeddings)" if t5 else None)
+    taesd = WeightSpec(
+        what="sd3: the TAESD3 decoder", filename="the TAESD3 diffusers directory", config_key="model.taesd3_path",
+        hub_repo=DEFAULT_TAESD3, is_dir=True, required=(("config.json",), WEIGHT_GLOBS), hub_ids=True,
+        value_hint="<dir>", alternative="use model.decoder=vae (the full SD3 VAE; more memory under reward gradients)")
+    return spec, taesd
 
 
 # ---- the backend ------------------------------------------------------------------------------------------------
@@ -448,51 +130,36 @@ class SD3Model(FlowTransformerModel):
 
         prompt_set = load_prompts(prompts, self)
         feature_net = build_features(features).eval().requires_grad_(False)
-        repo = pretrained if not _looks_local(os.path.expanduser(str(pretrained))) else DEFAULT_PRETRAINED
-        how = (f"Get it with `huggingface-cli download {repo}` (accept the model's license on the hub first; "
-               f"SD3.5: {' or '.join(SD35_PRETRAINED)}) and set model.pretrained=<local directory or hub id>")
-        if t5:
-            how += "; or set model.t5=false to run without the T5 encoder (zero T5 embeddings)"
-        parts = {"scheduler": ("scheduler_config.json", False), "transformer": ("config.json", True),
-                 "vae": ("config.json", decoder == "vae"), "text_encoder": ("config.json", True),
-                 "text_encoder_2": ("config.json", True), "tokenizer": ("", False), "tokenizer_2": ("", False)}
-        if t5:
-            parts.update({"text_encoder_3": ("config.json", True), "tokenizer_3": ("", False)})
-        root = resolve_directory(pretrained, parts, "model.pretrained", how)
-        taesd_root = None
-        how_taesd = (f"Get TAESD3 with `huggingface-cli download {DEFAULT_TAESD3}` and set model.taesd3_path=<dir>, "
-                     "or use model.decoder=vae (the full SD3 VAE; more memory under reward gradients)")
-        if decoder == "taesd3":
-            taesd_root = resolve_directory(taesd3_path, {"": ("config.json", True)}, "model.taesd3_path", how_taesd)
+        spec, taesd_spec = _checkpoint_specs(pretrained, t5, decoder == "vae")
+        root = resolve(spec, pretrained)
+        taesd_root = resolve(taesd_spec, taesd3_path) if decoder == "taesd3" else None
 
         from diffusers import (AutoencoderKL, AutoencoderTiny, FlowMatchEulerDiscreteScheduler,
                                SD3Transformer2DModel)
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-        key = "model.pretrained"
-        transformer = _load("transformer", key, how, lambda: SD3Transformer2DModel.from_pretrained(
+        transformer = load_component("transformer", spec, lambda: SD3Transformer2DModel.from_pretrained(
             root, subfolder="transformer", **dtype_kwargs("diffusers", net_dtype)))
         sched_cfg = FlowMatchEulerDiscreteScheduler.load_config(root, subfolder="scheduler")
         check_scheduler(sched_cfg, sampler_shift)
         vae_cfg = AutoencoderKL.load_config(root, subfolder="vae")
         if decoder == "vae":
-            dec = _load("VAE", key, how, lambda: AutoencoderKL.from_pretrained(
+            dec = load_component("VAE", spec, lambda: AutoencoderKL.from_pretrained(
                 root, subfolder="vae", **dtype_kwargs("diffusers", torch.float32)))
         else:
-            dec = _load("TAESD3 decoder", "model.taesd3_path", how_taesd,
-                        lambda: AutoencoderTiny.from_pretrained(
-                            taesd_root, **dtype_kwargs("diffusers", torch.float32)))
-        toks = [_load(f"tokenizer {s}", key, how, lambda s=s: CLIPTokenizer.from_pretrained(root, subfolder=s))
+            dec = load_component("TAESD3 decoder", taesd_spec, lambda: AutoencoderTiny.from_pretrained(
+                taesd_root, **dtype_kwargs("diffusers", torch.float32)))
+        toks = [load_component(f"tokenizer {s}", spec, lambda s=s: CLIPTokenizer.from_pretrained(root, subfolder=s))
                 for s in ("tokenizer", "tokenizer_2")]
-        encs = [_load(f"text encoder {s}", key, how, lambda s=s: CLIPTextModelWithProjection.from_pretrained(
+        encs = [load_component(f"text encoder {s}", spec, lambda s=s: CLIPTextModelWithProjection.from_pretrained(
             root, subfolder=s, **dtype_kwargs("transformers", net_dtype)))
             for s in ("text_encoder", "text_encoder_2")]
         if t5:
             from transformers import T5EncoderModel, T5TokenizerFast
 
-            toks.append(_load("T5 tokenizer", key, how,
-                              lambda: T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_3")))
-            encs.append(_load("T5 text encoder", key, how, lambda: T5EncoderModel.from_pretrained(
+            toks.append(load_component("T5 tokenizer", spec,
+                                       lambda: T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_3")))
+            encs.append(load_component("T5 text encoder", spec, lambda: T5EncoderModel.from_pretrained(
                 root, subfolder="text_encoder_3", **dtype_kwargs("transformers", net_dtype))))
 
         # latent geometry

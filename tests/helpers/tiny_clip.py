@@ -1,6 +1,6 @@
 """Tiny random stand-ins for the real CLIP reward weights, written to disk in the real formats.
 
-* open_clip models: ``rewards.clip_common.write_tiny_open_clip`` (config JSON + state dict).
+* open_clip models: ``write_tiny_open_clip`` (config JSON + state dict), loaded by name or config path.
 * LAION aesthetic head: a state dict with keys layers.{0,2,4,6,7}, small hidden sizes.
 * PickScore: a tiny transformers ``CLIPModel`` saved with ``save_pretrained`` and a ``CLIPTokenizer``
   built from open_clip's bundled CLIP BPE file (the same vocabulary as the real tokenizer), also saved
@@ -9,10 +9,14 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from align.clip import quiet_random_init_warning
 
 
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -55,3 +59,41 @@ def write_tiny_hf_clip(directory: str | os.PathLike, seed: int = 0, logit_scale:
     vocab, merges = clip_vocab_and_merges()
     CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(directory)
     return str(directory)
+
+
+def tiny_open_clip_config(embed_dim: int = 16, width: int = 32, layers: int = 2, patch_size: int = 32,
+                          image_size: int = 224, context_length: int = 77) -> dict[str, Any]:
+    """An open_clip model config small enough to run forward + backward in milliseconds on a CPU.
+
+    Real BPE vocabulary (49408) so open_clip's tokenizer works unchanged; 7×7 patches of 32 px.
+    """
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "head_width": 16,
+                       "patch_size": patch_size},
+        "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": width, "heads": 2,
+                     "layers": layers},
+    }
+
+
+def write_tiny_open_clip(directory: str | os.PathLike, name: str = "tiny-clip", seed: int = 0,
+                         quick_gelu: bool = False, wrap_state_dict: bool = False,
+                         **cfg: Any) -> tuple[str, str]:
+    """Write a tiny random open_clip model: ``<directory>/<name>.json`` (the config) and
+    ``<directory>/<name>.pt`` (its weights; ``{"state_dict": ...}`` when ``wrap_state_dict``, like the
+    HPS checkpoints). Returns (config path, weights path) — pass them as ``model_name`` / ``weights``.
+    Use a distinct ``name`` per distinct config: open_clip registers configs by file stem."""
+    import open_clip
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg_path, w_path = directory / f"{name}.json", directory / f"{name}.pt"
+    cfg_path.write_text(json.dumps(tiny_open_clip_config(**cfg)))
+    open_clip.add_model_config(cfg_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with quiet_random_init_warning():
+            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+    sd = model.state_dict()
+    torch.save({"state_dict": sd} if wrap_state_dict else sd, w_path)
+    return str(cfg_path), str(w_path)

@@ -1,0 +1,134 @@
+"""Weight files and directories: where each comes from, found one way, reported in one message format.
+
+A ``WeightSpec`` says what a component needs (a file, or a directory with required files), the config key that
+points to it, the environment variable read when the key is unset, a shipped default and where to get it (a URL,
+a Hugging Face hub repo, or a command). ``resolve`` looks in that order: the key's value (for ``hub_ids``
+specs a hub id is fetched with ``snapshot_download``, only the required files; with HF_HUB_OFFLINE=1 from the
+cache), the environment variable, the default, then ``hub_files`` in the Hugging Face cache (never the network).
+Every failure is a ``WeightsError`` of the form
+
+    <what>: <what went wrong>. Get <filename>: <where>; then set the config key `<key>=<path>`
+    [or the environment variable <ENV>=<path>] [(a populated Hugging Face cache also works)] [; or <alternative>].
+
+Heavy imports (huggingface_hub) are local so that importing this module is cheap.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+
+
+class WeightsError(FileNotFoundError):
+    """A missing or unreadable weight file; the message names it, where to get it and the key that points to it."""
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Where one weight file (or ``is_dir``: a directory) comes from and how the user gets it.
+
+    ``hub_files``: files looked up in the HF cache of ``hub_repo`` (first found wins; for ``is_dir`` the folder
+    holding it). ``required`` (directories): groups of alternative glob patterns, one of each group must match.
+    ``hub_ids``: the key's value may be a hub id ``owner/name``, fetched with ``snapshot_download``.
+    """
+
+    what: str
+    filename: str
+    config_key: str
+    env_var: str | None = None
+    hub_repo: str | None = None
+    hub_files: tuple[str, ...] = ()
+    url: str | None = None
+    get: str | None = None
+    default: str | None = None
+    is_dir: bool = False
+    required: tuple[tuple[str, ...], ...] = ()
+    hub_ids: bool = False
+    value_hint: str = "<path>"
+    alternative: str | None = None
+
+    def how_to_get(self) -> str:
+        where = [f"download {self.url}"] if self.url else []
+        if self.hub_repo:
+            files = f" ({', '.join(self.hub_files)})" if self.hub_files else ""
+            where.append(f"`huggingface-cli download {self.hub_repo}`{files} on a machine with network")
+        if self.get:
+            where.append(self.get)
+        point = f"the config key `{self.config_key}={self.value_hint}`"
+        if self.env_var:
+            point += f" or the environment variable {self.env_var}={self.value_hint}"
+        text = f"Get {self.filename}: {' or '.join(where) or 'ask its authors'}; then set {point}"
+        if self.hub_repo:
+            text += " (a populated Hugging Face cache also works)"
+        if self.alternative:
+            text += f"; or {self.alternative}"
+        return text + "."
+
+    def error(self, problem: str) -> WeightsError:
+        return WeightsError(f"{self.what}: {problem}. {self.how_to_get()}")
+
+
+def looks_local(spec: str) -> bool:
+    """A filesystem path rather than a hub id ``owner/name``."""
+    return (os.path.isabs(spec) or spec.startswith((".", "~")) or os.path.exists(spec)
+            or spec.count("/") != 1 or os.sep == "\\" and "\\" in spec)
+
+
+def resolve(spec: WeightSpec, value: str | None = None, cache_dir: str | None = None) -> str:
+    """The local path of ``spec``'s weights: ``value`` (the config key), else $``env_var``, else ``default``, else
+    the HF cache of ``hub_repo``. Raises WeightsError when the path found does not exist, a directory lacks a
+    required file, or nothing is found."""
+    env = (os.environ.get(spec.env_var) or None) if spec.env_var else None
+    for label, given in ((spec.config_key, value), (spec.env_var, env)):
+        if given:
+            given = os.path.expanduser(str(given))
+            label = f"{label}={given}"
+            path = _snapshot(spec, given, label) if spec.hub_ids and not looks_local(given) else given
+            return _checked(spec, path, label)
+    if spec.default:
+        return _checked(spec, spec.default, f"the default {spec.default}")
+    if spec.hub_repo:
+        for f in spec.hub_files or (spec.filename,):
+            found = _hf_cached(spec.hub_repo, f, cache_dir)
+            if found:
+                path = os.path.dirname(found) if spec.is_dir else found
+                return _checked(spec, path, f"the Hugging Face cache's {path}")
+    unset = f"the config key `{spec.config_key}`" + (f" nor the environment variable {spec.env_var}"
+                                                     if spec.env_var else "")
+    raise spec.error(f"not found: neither {unset} is set"
+                     + (f", and the Hugging Face cache has no '{spec.hub_repo}'" if spec.hub_repo else ""))
+
+
+def _checked(spec: WeightSpec, path: str, label: str) -> str:
+    if not (os.path.isdir(path) if spec.is_dir else os.path.isfile(path)):
+        raise spec.error(f"{label} is not an existing {'directory' if spec.is_dir else 'file'}")
+    missing = [" or ".join(group) for group in spec.required
+               if not any(glob.glob(os.path.join(path, p)) for p in group)]
+    if missing:
+        raise spec.error(f"{label} lacks {', '.join(missing)}" + ("" if label.endswith(path) else f" (in {path})"))
+    return path
+
+
+def _snapshot(spec: WeightSpec, repo: str, label: str) -> str:
+    """The cached (or downloaded) snapshot of hub repo ``repo``, limited to the folders of ``spec.required``."""
+    from huggingface_hub import snapshot_download
+
+    folders = {p.rsplit("/", 1)[0] + "/*" if "/" in p else "*" for group in spec.required for p in group}
+    try:
+        return snapshot_download(repo_id=repo, allow_patterns=["model_index.json", "*.json", *sorted(folders)])
+    except Exception as err:  # noqa: BLE001 - offline, gated, unknown repo: all the same to the user
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise spec.error(f"{label}: could not get it from the Hugging Face hub or cache "
+                         f"({type(err).__name__}: {first})") from err
+
+
+def _hf_cached(repo: str, filename: str, cache_dir: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+    except Exception:  # noqa: BLE001 - a malformed cache is the same as no cache
+        return None
+    return found if isinstance(found, str) and os.path.isfile(found) else None
