@@ -94,7 +94,7 @@ def test_trainer_passes_fid_reference_to_the_evaluator(tmp_path):
 
 
 def test_a_run_saved_before_fid_reference_existed_still_matches_a_paired_rerun():
-    from align.run import config_differences
+    from align.run_dir import config_differences
 
     new = {"model": {"name": "digits", "fid_reference": "paired"}, "eval": {"fid_reference": "paired", "every": 5}}
     old = {"model": {"name": "digits"}, "eval": {"every": 5}}
