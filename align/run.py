@@ -61,7 +61,8 @@ def _job(cfg: DictConfig) -> None:
             _fail(f"resume={cfg.resume}: {saved} does not exist (is this a run directory?)")
         cfg = _resumed_config(OmegaConf.load(saved), cfg, run_dir)
     from align.build import ConfigError
-    from align.trainer import Trainer, TrainingDiverged
+    from align.assemble import build_trainer
+    from align.trainer import TrainingDiverged
 
     with open_dict(cfg):
         cfg.run_dir = run_dir
@@ -69,7 +70,7 @@ def _job(cfg: DictConfig) -> None:
         print(line, flush=True)
     fresh = not os.listdir(run_dir) if os.path.isdir(run_dir) else True
     try:
-        trainer = Trainer(cfg, run_dir)
+        trainer = build_trainer(cfg, run_dir)
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
         if fresh and os.path.isdir(run_dir) and not os.listdir(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)   # leave no half-written run directory
