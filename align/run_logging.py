@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 from accelerate import Accelerator
 
+from align.run_dir import METRICS_FILE, flatten
+
 
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
@@ -16,14 +18,10 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
-    return out
+def _params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config as flat ``a.b.c`` parameters of the trackers' basic types."""
+    return {k: v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+            for k, v in flatten(dict(config)).items()}
 
 
 class RunLogger:
@@ -39,7 +37,7 @@ class RunLogger:
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
         self.run_dir = run_dir
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = os.path.join(run_dir, METRICS_FILE)
         if not self.enabled:
             return
         if resume_step is not None and os.path.exists(self.path):
@@ -53,7 +51,7 @@ class RunLogger:
         if config is not None:
             for tracker in accelerator.trackers:
                 if tracker.name != "tensorboard":
-                    tracker.store_init_configuration(_flat(config))
+                    tracker.store_init_configuration(_params(config))
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -92,8 +90,3 @@ class RunLogger:
         if self.enabled:
             self.accelerator.end_training()
 
-
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """All rows of <run_dir>/metrics.jsonl."""
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]

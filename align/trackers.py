@@ -17,6 +17,8 @@ from typing import Sequence
 
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 
+from align.run_dir import TB_DIR
+
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 # tracker -> (module it needs, the extra that installs it)
 _NEEDS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
@@ -41,7 +43,7 @@ def make_trackers(names: Sequence[str], run_dir: str, resume_step: int | None) -
     for name in dict.fromkeys(names):
         if name == "tensorboard":
             purge = None if resume_step is None else resume_step + 1
-            trackers.append(TensorBoardTracker("tb", run_dir, purge_step=purge))
+            trackers.append(TensorBoardTracker(TB_DIR, run_dir, purge_step=purge))
         elif name == "wandb":
             trackers.append(WandBTracker(os.environ.get("WANDB_PROJECT", "align"), name=run_name,
                                          dir=os.path.abspath(run_dir)))

@@ -21,6 +21,7 @@ from align.build import preflight
 from align.checkpoint import load_latest, save_checkpoint
 from align.evaluation import Evaluator
 from align.interfaces import Algorithm, FlowModel, Reward
+from align.run_dir import CONFIG_FILE, FINISHED_FILE, SAMPLES_DIR
 from align.run_logging import RunLogger
 from align.schema import EvalConfig, TrainConfig
 from align.trackers import make_trackers
@@ -198,7 +199,7 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             if self.config is not None:
-                OmegaConf.save(OmegaConf.create(self.config), os.path.join(self.run_dir, "config.yaml"))
+                OmegaConf.save(OmegaConf.create(self.config), os.path.join(self.run_dir, CONFIG_FILE))
         logger = RunLogger(self.run_dir, self.accelerator, self.resume_step, self.config)
         steps, every = int(t.steps), int(self.eval_cfg.every)
         start_time = time.time() - self.elapsed
@@ -236,7 +237,7 @@ class Trainer:
         if not self.is_main:
             return {}
         metrics, x1 = self.evaluator()
-        logger.images("samples", self.model.preview_grid(x1[preview_order(self.evaluator.prompts)]), self.step)
+        logger.images(SAMPLES_DIR, self.model.preview_grid(x1[preview_order(self.evaluator.prompts)]), self.step)
         return metrics
 
     @torch.no_grad()
@@ -248,6 +249,6 @@ class Trainer:
         prompts = [self.prompt_set[i % len(self.prompt_set)] for i in range(n)]
         x0 = self.model.sample_noise(n, gen)
         x1 = self.evaluator.sample(self.model.velocity, x0, prompts)
-        path = os.path.join(self.run_dir, "samples_final.pt")
+        path = os.path.join(self.run_dir, FINISHED_FILE)
         torch.save({"x1": x1.cpu(), "x0": x0.cpu(), "prompts": prompts}, path + ".tmp")
         os.replace(path + ".tmp", path)

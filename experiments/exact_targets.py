@@ -223,8 +223,9 @@ def optimum(setting: Setting, x0: torch.Tensor, beta: float, iters: int = 300) -
 # ----------------------------------------------------------------------------------------------- training
 def train_one(setting: Setting, algo: str, beta: float | None, steps: int, n_final: int, root: str,
               seed: int) -> dict:
-    from align.config import compose_config
     from align.assemble import build_trainer
+    from align.config import compose_config
+    from align.run_dir import FINISHED_FILE
     name = f"{setting.key}_{algo}" + ("" if beta is None else f"_b{beta:g}")
     run_dir = os.path.join(root, name)
     ov = [f"algo={algo}", "model=gmm"] + setting.overrides + [
@@ -237,7 +238,7 @@ def train_one(setting: Setting, algo: str, beta: float | None, steps: int, n_fin
         ov.append("algo.objective=raw")
     cfg = compose_config(ov, run_dir=run_dir)
     build_trainer(cfg, run_dir).train()
-    return torch.load(os.path.join(run_dir, "samples_final.pt"))
+    return torch.load(os.path.join(run_dir, FINISHED_FILE))
 
 
 # ----------------------------------------------------------------------------------------------- table

@@ -5,11 +5,10 @@ import os
 import pytest
 import torch
 
-from align.checkpoint import list_checkpoints
 from align.config import compose_config
-from align.run_logging import read_metrics
+from align.run_dir import list_checkpoints, read_metrics
 from align.assemble import build_trainer
-from align.trainer import TrainingDiverged
+from align.trainer import Trainer, TrainingDiverged
 
 FAST = ["model=gmm", "reward=linear", "train.steps=6", "train.batch_size=8", "train.checkpoint_every=2", "eval.every=3", "eval.n_samples=32",
         "eval.final_samples=16", "train.progress=false"]
