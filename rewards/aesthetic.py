@@ -6,7 +6,7 @@
 The MLP head (``sac+logos+ava1-l14-linearMSE.pth``, state-dict keys ``layers.{0,2,4,6,7}``) has
 dropouts between the linear layers (identity in eval) and no activations. Scores are about 1–10.
 Prompts are ignored. Both files are resolved in ``__init__``: config key → environment variable
-→ Hugging Face cache → FileNotFoundError saying where to get them.
+→ Hugging Face cache → WeightsError (align/weights.py) saying where to get them.
 """
 from __future__ import annotations
 
