@@ -28,19 +28,54 @@ that grid (the trainer only logs its reward).
 """
 from __future__ import annotations
 
+import enum
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
+from omegaconf import MISSING
 
 from align.adjoint import costate_sweep
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_and_grad
+from align.schema import typed
 from align.subsampling import gather_states
 from samplers import (Trajectory, memoryless_drift, memoryless_noise_level, memoryless_sde_integrate,
                       training_grid)
 
+TrainGrid = enum.StrEnum("TrainGrid", "uniform model")
+
+
+@dataclass
+class LossTimes:
+    """The states the loss uses, as fractions of the training grid's N (AM, N = 40: last 10 + 10 random)."""
+    last: float = 0.25              # the last ⌈last·N⌉ states
+    random: float = 0.25            # plus ⌈random·N⌉ distinct states drawn per trajectory from the earlier ones
+
+
+@dataclass
+class AdjointMatchingConfig:
+    """``algo=adjoint_matching``."""
+    name: str = "adjoint_matching"
+    lr: float = MISSING             # the VGG paper's setting for AM: 1e-4 (AM itself: 2e-5, Adam β₁ = .95); preset
+    # Reward multiplier λ_AM: the target is p_base·exp(β r). Not VGG-Flow's β; the two are tuned separately.
+    # SD3 (VGG paper, reference §3): 5e3 aesthetic, 3e5 HPSv2, 1e4 PickScore; preset: align/paper_settings.py.
+    beta: float = MISSING
+    # The grid the SDE rollout, the lean adjoint and the loss run on (the model still samples on its own grid):
+    # uniform: t_k = k/N, N = train_steps (see above) | model: the sampler's grid, the former behaviour.
+    train_grid: TrainGrid = TrainGrid.uniform
+    train_steps: Optional[int] = None  # steps of the uniform training grid; null: sampler.steps (same cost per update)
+    h: Optional[float] = None       # offset of the memoryless schedule; null: half the first step (default_offset)
+    loss_times: LossTimes = field(default_factory=LossTimes)
+    # Per-sample loss clip (LCT): drop samples whose loss, in AM's units (Σ over loss times and elements), exceeds
+    # loss_clip·β², and average over the kept samples. AM uses 1.6 on images; null disables (the default until tuned).
+    loss_clip: Optional[float] = None
+
+    def validate(self) -> None:
+        if self.h is not None and self.h <= 0:
+            raise ValueError(f"algo.h must be > 0 (or null for Δt_0/2), got {self.h}")
 
 def default_offset(ts: torch.Tensor) -> float:
     """h = Δt_0 / 2, Δt_0 = t_1 − t_0 of the training grid.
@@ -73,19 +108,16 @@ def loss_time_indices(n_steps: int, last: float, random: float, batch: int,
     return torch.cat([tail, picks], dim=1)
 
 
-@register_algorithm("adjoint_matching")
+@register_algorithm("adjoint_matching", config=AdjointMatchingConfig)
 class AdjointMatching(Algorithm):
     name = "adjoint_matching"
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
+        cfg = typed(AdjointMatchingConfig, cfg)
         super().__init__(cfg, model, reward, ts)
         self.beta = float(cfg.beta)
-        kind = cfg.get("train_grid", "uniform")
-        steps = cfg.get("train_steps", None)
-        self.train_ts = training_grid(kind, ts, None if steps is None else int(steps))
+        self.train_ts = training_grid(cfg.train_grid, ts, cfg.train_steps)
         self.h = default_offset(self.train_ts) if cfg.h is None else float(cfg.h)
-        if self.h <= 0:
-            raise ValueError(f"algo.h must be > 0 (or null for Δt_0/2), got {cfg.h}")
         self.last, self.random = float(cfg.loss_times.last), float(cfg.loss_times.random)
         loss_time_indices(len(self.train_ts) - 1, self.last, self.random, 1, torch.Generator())  # validate early
 

@@ -27,40 +27,59 @@ from x (align/models/flow_transformer.py), so DRaFT-K's x-chain carries w J_cond
 """
 from __future__ import annotations
 
+import enum
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import MISSING
 
+from algorithms.objective_config import ObjectiveConfig
 from align.batching import index_cond
 from align.interfaces import Algorithm
-from align.objectives import check_objective, reward_loss
+from align.objectives import reward_loss
 from align.registry import register_algorithm
+from align.schema import typed
 from samplers import Trajectory, euler_integrate, one_step_prediction
 
-VARIANTS = ("lv", "k")
-LV_REDUCTIONS = ("mean", "sum")
+Variant = enum.StrEnum("Variant", "lv k")
+LvReduce = enum.StrEnum("LvReduce", "mean sum")
 
 
-@register_algorithm("draft")
+@dataclass
+class DRaFTConfig(ObjectiveConfig):
+    """``algo=draft``."""
+    name: str = "draft"
+    lr: float = MISSING             # paper: 1e-4 for every reward (AdamW, wd 1e-2, grad clip 1); preset: the paper's
+    # lv (the paper's Fig. 17 "DRaFT-LV"): re-noise the final sample n times to t_{N-1}, one step with grad;
+    # k: no grad for the first N − K steps, the last K Euler steps with grad through θ and the x-chain.
+    variant: Variant = Variant.lv
+    n: int = 2                      # lv: re-noised copies per sample (DRaFT: 2)
+    # lv: mean | sum of the n copies' losses (sum = n × the mean's gradient; the DRaFT paper's Algorithm 2 was not
+    # checked, see above)
+    lv_reduce: LvReduce = LvReduce.mean
+    k: int = 1                      # k: steps with grad (DRaFT recommends 1; the VGG paper does not report K)
+    k_random: bool = False          # k: true draws K ~ Uniform{1..k} once per trajectory
+
+    def validate(self) -> None:
+        if self.variant == "lv" and self.n < 1:
+            raise ValueError(f"algo.n={self.n} must be >= 1 (re-noised copies per sample)")
+
+
+@register_algorithm("draft", config=DRaFTConfig)
 class DRaFT(Algorithm):
     name = "draft"
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
+        cfg = typed(DRaFTConfig, cfg)
         super().__init__(cfg, model, reward, ts)
-        check_objective(cfg)
-        if cfg.variant not in VARIANTS:
-            raise ValueError(f"unknown algo.variant={cfg.variant!r}; valid choices: {', '.join(VARIANTS)}")
         N = len(ts) - 1
-        if cfg.variant == "k" and not 1 <= int(cfg.k) <= N:
+        if cfg.variant == "k" and not 1 <= cfg.k <= N:
             raise ValueError(f"algo.k={cfg.k} must be between 1 and sampler.steps={N}")
-        if cfg.variant == "lv" and int(cfg.n) < 1:
-            raise ValueError(f"algo.n={cfg.n} must be >= 1 (re-noised copies per sample)")
-        if cfg.get("lv_reduce", "mean") not in LV_REDUCTIONS:
-            raise ValueError(f"unknown algo.lv_reduce={cfg.lv_reduce!r}; valid choices: {', '.join(LV_REDUCTIONS)}")
 
     def draw_k(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """K [n]: the configured k, or K ~ Uniform{1..k} per trajectory when ``k_random``."""
-        if self.cfg.get("k_random", False):
+        if self.cfg.k_random:
             return torch.randint(1, int(self.cfg.k) + 1, (n,), generator=generator)
         return torch.full((n,), int(self.cfg.k), dtype=torch.long)
 
@@ -106,7 +125,7 @@ class DRaFT(Algorithm):
         x_hat = one_step_prediction(x_tilde, t, self.model.velocity(x_tilde, t, cond))
         # The mean over all n·B rows is (1/n) Σ_i of the per-copy batch means; ``sum`` multiplies it by n.
         loss, logs = reward_loss(self.model, self.reward, x_hat, [traj.prompts[i] for i in rows.tolist()], self.cfg)
-        if self.cfg.get("lv_reduce", "mean") == "sum":
+        if self.cfg.lv_reduce == "sum":
             loss = loss * n
         logs["renoise_sigma"] = sigma
         return loss, logs

@@ -12,14 +12,33 @@ k_lo = ⌈lo·N/G⌉, k_hi = ⌈hi·N/G⌉ (a fraction of steps, not of time: on
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, List
 
 import torch
+from omegaconf import MISSING
 
+from algorithms.objective_config import ObjectiveConfig
 from align.interfaces import Algorithm
-from align.objectives import check_objective, reward_loss
+from align.objectives import reward_loss
 from align.registry import register_algorithm
+from align.schema import typed
 from samplers import Trajectory, euler_integrate, one_step_prediction
+
+
+@dataclass
+class ReFLConfig(ObjectiveConfig):
+    """``algo=refl``."""
+    name: str = "refl"
+    lr: float = MISSING             # paper: 1e-4 for every reward (AdamW, wd 1e-2, grad clip 1); preset: the paper's
+    # k ~ Uniform{lo, ..., hi-1}, half-open [lo, hi), drawn per trajectory; [15, 20) = {15..19} on the paper's
+    # 20-step grid (t_k ∈ {.552, ..., .991} on the sd3 grid); on other grids the same fraction of steps (above).
+    truncation: List[int] = field(default_factory=lambda: [15, 20])
+    truncation_grid_steps: int = 20  # G, the grid `truncation` is written on
+
+    def validate(self) -> None:
+        if len(self.truncation) != 2:
+            raise ValueError(f"algo.truncation must be two integers [lo, hi), got {list(self.truncation)}")
 
 
 def truncation_range(truncation: Any, ref_steps: int, n_steps: int) -> tuple[int, int]:
@@ -38,13 +57,13 @@ def truncation_range(truncation: Any, ref_steps: int, n_steps: int) -> tuple[int
     return k_lo, k_hi
 
 
-@register_algorithm("refl")
+@register_algorithm("refl", config=ReFLConfig)
 class ReFL(Algorithm):
     name = "refl"
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
+        cfg = typed(ReFLConfig, cfg)
         super().__init__(cfg, model, reward, ts)
-        check_objective(cfg)
         self.k_lo, self.k_hi = truncation_range(cfg.truncation, int(cfg.truncation_grid_steps), len(ts) - 1)
 
     def draw_truncation(self, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -18,13 +18,17 @@ process), so gradient accumulation and several processes give the update of one 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
+from omegaconf import MISSING
 
 from align.batching import index_cond
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
+from align.schema import typed
 from align.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad
 from align.subsampling import binned_time_indices, gather_states, per_sample_mse
 from align.value_gradient import consistency_residual, network_dtype, use_network_jvp
@@ -32,34 +36,70 @@ from samplers import Trajectory, euler_integrate, one_step_prediction
 
 ETA = {"t2": lambda t: t ** 2, "t": lambda t: t, "const": lambda t: torch.ones_like(t),
        "none": lambda t: torch.zeros_like(t)}
-CLIP_MODES = ("batch_quantile", "previous_step", "const", "none")
+
+# The choices (str enums: `cfg.eta == "t2"` holds; a bad value is refused naming the valid ones).
+Eta = enum.StrEnum("Eta", list(ETA))
+RgradClip = enum.StrEnum("RgradClip", "batch_quantile previous_step const none")
+FdScheme = enum.StrEnum("FdScheme", "central forward")
+FdNetwork = enum.StrEnum("FdNetwork", "auto fd jvp")
+ConsistencyTimes = enum.StrEnum("ConsistencyTimes", "grid within_step")
+BoundaryAt = enum.StrEnum("BoundaryAt", "t1 last_state")
+
+
+@dataclass
+class VGGFlowConfig:
+    """``algo=vggflow``. Paper defaults unless noted; the preview code's choices are options."""
+    name: str = "vggflow"
+    lr: float = MISSING             # paper: 5e-4 for every reward (preview code run.sh: 1e-3); preset: the paper's
+    value_lr: Optional[float] = None  # learning rate of the value network φ (null: train.lr, as in the code)
+    # β = 1/λ: inverse temperature of the relaxed control problem (paper: 5e4 aesthetic, 3e7 HPSv2, 5e5 PickScore,
+    # 1e4 ablations); the matching target is ṽ = −β g. Preset: align/paper_settings.py.
+    beta: float = MISSING
+    # α weights the boundary loss ‖β(g(x₁,1) + ∇r(x₁))‖² against the consistency loss ‖β·R‖²: both are velocities
+    # (β g is the velocity correction; the value network outputs N_φ = β ν_φ), so α means the same at every reward
+    # scale and β. Per domain (align/paper_settings.py): 1e4 on SD3 (paper), 10 on gmm and digits (1e4 swamps
+    # L_cons there, reference §3 note).
+    alpha: float = MISSING
+    eta: Eta = Eta.t2               # forward-looking weight η_t: t2 (paper) | t (run.sh, faster) | const | none
+    learn_value: bool = True        # false: forward-looking term only, ν_φ ≡ 0 (ablation)
+    subsample_bins: int = 5         # one state per bin of the N transitions + the last grid state (§1.7)
+    rgrad_clip: RgradClip = RgradClip.batch_quantile  # batch_quantile (paper) | previous_step (preview code) | const | none
+    rgrad_quantile: float = 0.8     # the paper's 80th percentile
+    rgrad_clip_value: float = 1.0   # const clip, and the initial threshold of previous_step
+    fd_scheme: FdScheme = FdScheme.central  # central | forward (preview code)
+    fd_eps: float = 1.0e-3          # spatial FD step, per coordinate (directions are RMS-normalised)
+    fd_delta: float = 1.0e-3        # temporal FD step in t units
+    # auto: bf16/fp16 flow networks by forward-mode AD (FD there is rounding noise), FD in fp32 | fd | jvp
+    fd_network: FdNetwork = FdNetwork.auto
+    time_derivative_scale: float = 1.0  # 1 (paper); 1e-3 reproduces the preview code's τ = 1000σ units
+    consistency_weight: float = 1.0     # 1 (paper, on ‖β·R‖²); the preview code's ‖R/β‖² corresponds to 1/β⁴
+    # Where the consistency residual is enforced: grid (paper: at the sub-sampled grid states) | within_step (at a
+    # uniform time inside each state's Euler step, on the sampler's own segment: ν_φ is then constrained between
+    # grid times too; on SD3's shifted grid `grid` leaves the late gaps 0.73 → 0.85 → 0.99 free, see README)
+    consistency_times: ConsistencyTimes = ConsistencyTimes.grid
+    boundary_at: BoundaryAt = BoundaryAt.t1  # t1 (paper: ν at x_1, t = 1) | last_state (preview code: ‖ν‖² at x_{N−1})
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"algo.beta must be > 0, got {self.beta}")
 
 
 def _per_sample(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return w.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-@register_algorithm("vggflow")
+@register_algorithm("vggflow", config=VGGFlowConfig)
 class VGGFlow(Algorithm):
     name = "vggflow"
     update_wide = True      # prepare() sees every micro-batch of an update before any loss (the clip threshold)
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
+        cfg = typed(VGGFlowConfig, cfg)
         super().__init__(cfg, model, reward, ts)
-        if cfg.eta not in ETA:
-            raise ValueError(f"unknown algo.eta={cfg.eta!r}; valid choices: {', '.join(ETA)}")
-        if cfg.rgrad_clip not in CLIP_MODES:
-            raise ValueError(f"unknown algo.rgrad_clip={cfg.rgrad_clip!r}; valid choices: {', '.join(CLIP_MODES)}")
-        if cfg.get("consistency_times", "grid") not in ("grid", "within_step"):
-            raise ValueError(f"unknown algo.consistency_times={cfg.consistency_times!r}; valid choices: grid, within_step")
-        if cfg.boundary_at not in ("t1", "last_state"):
-            raise ValueError(f"unknown algo.boundary_at={cfg.boundary_at!r}; valid choices: t1, last_state")
         self.beta, self.alpha, self.eta = float(cfg.beta), float(cfg.alpha), ETA[cfg.eta]
-        if self.beta <= 0:
-            raise ValueError(f"algo.beta must be > 0, got {cfg.beta}")
         self.value_net = model.make_value_network() if cfg.learn_value else None   # outputs N_φ = β ν_φ
         # bf16/fp16 networks: forward-mode AD through the network in the residual (align/value_gradient.py)
-        self.network_jvp = use_network_jvp(cfg.get("fd_network", "auto"), network_dtype(model))
+        self.network_jvp = use_network_jvp(cfg.fd_network, network_dtype(model))
         self.register_buffer("prev_tau", torch.tensor(float(cfg.rgrad_clip_value)))
         self.tau: torch.Tensor | None = None      # this update's clip threshold (set by prepare)
 
@@ -67,7 +107,7 @@ class VGGFlow(Algorithm):
         groups = super().param_groups()
         if self.value_net is not None:
             group = {"name": "phi", "params": list(self.value_net.parameters())}
-            if self.cfg.get("value_lr") is not None:
+            if self.cfg.value_lr is not None:
                 group["lr"] = float(self.cfg.value_lr)
             groups.append(group)
         return groups
@@ -170,7 +210,7 @@ class VGGFlow(Algorithm):
                 return model.base_velocity(xx, tt, cond)
 
         xc, tc, gc, vbc = x, t, g, v_base
-        if cfg.get("consistency_times", "grid") == "within_step":
+        if cfg.consistency_times == "within_step":
             # The residual at a uniform time inside each state's Euler step, on the sampler's own segment:
             # enforcing it only at the grid times leaves ν_φ free between them (wide late steps of SD3's grid).
             u = torch.rand(len(k), generator=generator, dtype=torch.float64)

@@ -15,20 +15,14 @@ class ConfigError(ValueError):
     """A configuration problem found before any work started; the message says how to fix it."""
 
 
-def _kwargs(node: DictConfig, drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    d = OmegaConf.to_container(node, resolve=True)
-    for k in ("name", *drop):
-        d.pop(k, None)
+def _kwargs(node: DictConfig) -> dict[str, Any]:
+    d = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    d.pop("name", None)
     return d
 
 
-# Keys of a model config that the runner reads (per-domain defaults), not the model's constructor.
-RUNNER_KEYS = ("default_reward", "train_steps", "batch_size", "eval_every", "eval_samples", "vggflow_beta", "vggflow_alpha",
-               "am_beta", "fid_reference")
-
-
 def build_model(cfg: DictConfig) -> FlowModel:
-    return MODELS.get(cfg.model.name)(**_kwargs(cfg.model, RUNNER_KEYS))
+    return MODELS.get(cfg.model.name)(**_kwargs(cfg.model))
 
 
 def build_reward(cfg: DictConfig, model: FlowModel) -> Reward:
@@ -44,6 +38,8 @@ def build_grid(cfg: DictConfig) -> torch.Tensor:
 
 
 def build_algorithm(cfg: DictConfig, model: FlowModel, reward: Reward, ts: torch.Tensor) -> Algorithm:
+    """The algorithm with its typed config (each class merges an untyped one, e.g. a resumed run's, onto its
+    config dataclass)."""
     return ALGORITHMS.get(cfg.algo.name)(cfg.algo, model, reward, ts)
 
 
@@ -55,16 +51,3 @@ def preflight(model: FlowModel, reward: Reward, prompts: list[str]) -> None:
         r = reward(model.decode(x).float(), [prompts[0]] * 2)
     if r.shape != (2,):
         raise ConfigError(f"reward={reward.name} returned shape {tuple(r.shape)} for 2 samples, expected (2,)")
-
-
-def check_train_config(cfg: DictConfig) -> None:
-    t = cfg.train
-    if int(t.steps) < 1:
-        raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
-    if int(t.batch_size) < 1 or int(t.grad_accum) < 1 or int(t.batch_size) % int(t.grad_accum):
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a positive multiple of "
-                          f"train.grad_accum ({t.grad_accum})")
-    if float(t.lr) <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
-    if int(cfg.eval.final_samples) < 1:
-        raise ConfigError(f"eval.final_samples must be >= 1, got {cfg.eval.final_samples}")

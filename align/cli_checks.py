@@ -1,18 +1,26 @@
 """Check command-line overrides before Hydra starts any job: unknown groups or keys get a one-paragraph
-message with the valid choices (no traceback); ``model=`` defaults to the reward's domain and, when only
-``model=`` is given, ``reward=`` to the model's ``default_reward``."""
+message with the valid choices, and a bad value (refused by the typed configs: align/schema.py and the
+algorithms', models' and rewards' config dataclasses) a one-line message naming the key, the value and the
+valid choices (no traceback); ``model=`` defaults to the reward's domain and, when only ``model=`` is given,
+``reward=`` to the domain's ``default_reward`` (its preset, align/conf/preset/)."""
 from __future__ import annotations
 
 import itertools
 import os
 from datetime import datetime
 
+import re
+
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from align.paper_settings import find_missing   # registers ${align_paper:...} (β, lr per model × reward × algo)
+from align.paper_settings import find_missing   # registers ${align_paper:...} (β, α, lr per model × reward × algo)
+from align.registry import SCHEMA_SUFFIX, register_all
+from align.schema import check
 
 GROUPS = ("algo", "model", "reward")
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
@@ -50,8 +58,28 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _options(conf_dir: str, group: str) -> list[str]:
+    """The group's presets (yaml files) and the typed configs stored without one (e.g. a plugin's)."""
     d = os.path.join(conf_dir, group)
-    return sorted(f[:-5] for f in os.listdir(d) if f.endswith(".yaml"))
+    names = {f[:-5] for f in os.listdir(d) if f.endswith(".yaml")} | _stored(group)
+    return sorted(n for n in names if not n.endswith(SCHEMA_SUFFIX))
+
+
+def _stored(group: str) -> set[str]:
+    try:
+        names = ConfigStore.instance().list(group)
+    except OSError:   # nothing stored in this group
+        return set()
+    return {f[:-5] for f in names if f.endswith(".yaml")}
+
+
+def _group_config(conf_dir: str, group: str, name: str) -> DictConfig:
+    """The preset ``<group>/<name>.yaml`` (or the stored typed config) on its own, without composing."""
+    path = os.path.join(conf_dir, group, f"{name}.yaml")
+    if os.path.isfile(path):
+        return OmegaConf.load(path)
+    if name in _options(conf_dir, group):
+        return ConfigStore.instance().load(f"{group}/{name}.yaml").node
+    raise _unknown_group(conf_dir, group, name)
 
 
 def _default_choice(conf_dir: str, group: str) -> str:
@@ -103,8 +131,18 @@ def _unknown_key(cfg: DictConfig, key: str) -> ConfigProblem:
                          f"(To add a key the config does not have, write +{key}=...)")
 
 
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted ``key`` exists, without resolving its value (it may come from a table that has none)."""
+    *parents, last = key.split(".")
+    node = OmegaConf.select(cfg, ".".join(parents), default=None) if parents else cfg
+    if isinstance(node, ListConfig):
+        return last.lstrip("-").isdigit() and -len(node) <= int(last) < len(node)
+    return isinstance(node, DictConfig) and last in node.keys()
+
+
 def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
     """Validate every combination of the overrides; return argv with ``model=<domain>`` added if absent."""
+    register_all()                    # every typed config in ConfigStore before any compose
     flags, overrides = _split(argv)
     try:
         combos = _combos(overrides)
@@ -120,10 +158,7 @@ def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
     domains = set()
     for combo in combos:
         reward = _group_values(combo, "reward") or _default_choice(conf_dir, "reward")
-        path = os.path.join(conf_dir, "reward", f"{reward}.yaml")
-        if not os.path.isfile(path):
-            raise _unknown_group(conf_dir, "reward", reward)
-        domains.add(str(OmegaConf.load(path).get("domain", "")))
+        domains.add(str(_group_config(conf_dir, "reward", reward).get("domain", "")))
     if not user_model:
         if len(domains) > 1:
             raise ConfigProblem(f"the swept rewards score different domains ({', '.join(sorted(domains))}); "
@@ -140,14 +175,15 @@ def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
 
 
 def _default_reward(conf_dir: str, combos: list[list[str]]) -> str:
-    """``reward=<the model's default_reward>`` for ``model=X`` given without ``reward=``."""
+    """``reward=<the domain's default_reward>`` (its preset) for ``model=X`` given without ``reward=``."""
     rewards = set()
     for combo in combos:
         model = _group_values(combo, "model")
-        path = os.path.join(conf_dir, "model", f"{model}.yaml")
-        if not os.path.isfile(path):
+        if model not in _options(conf_dir, "model"):
             raise _unknown_group(conf_dir, "model", model)
-        rewards.add(str(OmegaConf.load(path).get("default_reward", _default_choice(conf_dir, "reward"))))
+        preset = os.path.join(conf_dir, "preset", f"{model}.yaml")
+        chosen = OmegaConf.load(preset).get("default_reward") if os.path.isfile(preset) else None
+        rewards.add(str(chosen or _default_choice(conf_dir, "reward")))
     if len(rewards) > 1:
         raise ConfigProblem(f"the swept models have different default rewards ({', '.join(sorted(rewards))}); "
                             "give reward= explicitly")
@@ -165,14 +201,37 @@ def _check_combo(conf_dir: str, combo: list[str]) -> None:
         key = o.partition("=")[0]
         if key in GROUPS or key.startswith(("+", "~")):
             continue
-        if OmegaConf.select(base, key, default=_MISSING, throw_on_missing=False) is _MISSING:
+        if not _has_key(base, key):
             raise _unknown_key(base, key)
     try:
         cfg = compose(config_name="config", overrides=combo)
         OmegaConf.to_container(cfg, resolve=True)
+        check(cfg)
     except Exception as err:
         missing = find_missing(err)
         if missing is not None:       # no paper setting for this model × reward × algo: say which key to give
             raise ConfigProblem(str(missing)) from None
-        msg = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        raise ConfigProblem(f"bad value in the overrides {combo}: {msg}") from None
+        raise ConfigProblem(bad_value_message(err, combo)) from None
+
+
+_CHOICES = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")
+
+
+def bad_value_message(err: BaseException, combo: list[str] | None = None) -> str:
+    """One line naming the key, the bad value and the valid choices, from OmegaConf's ValidationError (or the
+    ValueError of a config dataclass's ``validate()``, whose message already names the key)."""
+    cause = err
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        if isinstance(err, ValueError):
+            return str(err)
+        cause = err
+    first = str(cause).splitlines()[0].strip() if str(cause).strip() else type(cause).__name__
+    key = getattr(cause, "full_key", None)
+    if key and (m := _CHOICES.match(first)):
+        return f"{key}={m.group(1)} is not a valid choice; valid choices for {key}: {m.group(2)}"
+    if key:
+        return f"bad value for {key}: {first}"
+    where = f" in the overrides {combo}" if combo else ""
+    return f"bad value{where}: {' '.join(line.strip() for line in str(err).splitlines() if line.strip())}"

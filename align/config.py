@@ -1,22 +1,25 @@
-"""Compose the runner's config from overrides in Python (tests, benchmarks, notebooks)."""
+"""Compose the runner's config from overrides in Python (tests, benchmarks, notebooks), and type a saved one."""
 from __future__ import annotations
 
-import os
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from align.cli_checks import check_overrides
+from align.conf import CONF_DIR
+from align.registry import ALGORITHMS, MODELS, REWARDS, register_all
+from align.schema import RootConfig, check
 
-CONF_DIR = os.path.join(os.path.dirname(__file__), "conf")
+GROUP_REGISTRIES = {"algo": ALGORITHMS, "model": MODELS, "reward": REWARDS}
 
 
 def compose_config(overrides: list[str] | None = None, run_dir: str | None = None) -> DictConfig:
-    """The resolved config ``python -m align.run <overrides>`` would use (model defaults to the reward's domain;
-    β and lr not given are the paper's for the model × reward × algorithm, ``align/paper_settings.py``;
+    """The config ``python -m align.run <overrides>`` would use (model defaults to the reward's domain;
+    β, α and lr not given are the paper's for the model × reward × algorithm, ``align/paper_settings.py``;
     ``align.paper_settings.describe(cfg)`` is the line the runner prints about them)."""
-    overrides = check_overrides(list(overrides or []), CONF_DIR)
+    overrides = check_overrides(list(overrides or []), CONF_DIR)    # fills ConfigStore (register_all)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
@@ -25,3 +28,18 @@ def compose_config(overrides: list[str] | None = None, run_dir: str | None = Non
         with open_dict(cfg):
             cfg.run_dir = run_dir
     return cfg
+
+
+def typed_config(cfg: Any) -> DictConfig:
+    """A saved (untyped, resolved) config, e.g. a run's config.yaml, merged onto the root schema and the typed
+    configs of its algorithm, model and reward, and checked again; raises ValueError naming the key."""
+    register_all()
+    given = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    root = OmegaConf.structured(RootConfig)
+    for group, registry in GROUP_REGISTRIES.items():
+        schema = registry.config(given[group]["name"])
+        if schema is not None:
+            root[group] = OmegaConf.structured(schema)
+    root = OmegaConf.merge(root, given)
+    check(root)
+    return root

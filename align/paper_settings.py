@@ -1,28 +1,28 @@
-"""The paper's settings per (model, reward, algorithm): β and the learning rate, filled in automatically.
+"""The per-(model, reward, algorithm) hyperparameters in one table: β, α and the learning rate, filled in
+automatically.
 
-The algorithm configs read their defaults from here (``align/conf/algo/*.yaml``)::
+The algorithm presets read their defaults from here (``align/conf/algo/*.yaml``)::
 
     beta: ${align_paper:beta}      # vggflow, vggflow_pmp, adjoint_matching
+    alpha: ${align_paper:alpha}    # vggflow
     lr: ${align_paper:lr}          # every algorithm; train.lr defaults to ${algo.lr}
 
-The resolver looks up the run's ``model.name``, ``reward.name`` and ``algo.name`` in TABLE below. Being an
+The resolver looks up the run's ``model.name``, ``reward.name`` and ``algo.name`` below. Being an
 interpolation, the value is replaced by anything set explicitly: a command-line ``algo.beta=…`` /
 ``train.lr=…``, a sweep's or Hydra multirun's override, or a resumed run's saved (resolved) config.yaml.
 ``describe`` gives the line ``align.run`` prints at start (which values came from the table, from where).
+(The other per-domain defaults, budgets and the default reward, are the domain's preset, align/conf/preset/.)
 
 Sources.
-* SD3 (``model=sd3``), one row per reward: the VGG-Flow paper's Table 1 settings, as collected in
+* TABLE, SD3 (``model=sd3``), one row per reward: the VGG-Flow paper's Table 1 settings, as collected in
   ``../shared/reference/algorithms.md`` §1.8 (β = 1/λ of VGG-Flow: aesthetic 5e4, HPSv2 3e7, PickScore 5e5;
-  lr: VGG-Flow 5e-4, VGG-Flow-PMP 1e-4 on aesthetic and 5e-5 on HPSv2 / PickScore, ReFL, DRaFT and Adjoint
-  Matching 1e-4) and §3 (Adjoint Matching's reward multiplier: aesthetic 5e3, HPSv2 3e5, PickScore 1e4).
+  α = 1e4; lr: VGG-Flow 5e-4, VGG-Flow-PMP 1e-4 on aesthetic and 5e-5 on HPSv2 / PickScore, ReFL, DRaFT and
+  Adjoint Matching 1e-4) and §3 (Adjoint Matching's reward multiplier: aesthetic 5e3, HPSv2 3e5, PickScore 1e4).
   VGG-Flow-PMP's β is VGG-Flow's (inferred: the paper lists only its lr). README "The paper's Table 1".
-* Every other (model, reward) (``digits``, ``gmm``, a model or an SD3 reward you add): the DEFAULT row, the
-  same for every reward of the domain. β is the domain's own value from its model config
-  (``model.vggflow_beta``, ``model.am_beta``: on digits and gmm tuned for rewards of order one, not from the
-  paper; on SD3 the aesthetic column's); lr is the algorithm's paper value (§1.8: 5e-4 VGG-Flow, 1e-4 the
-  others). A model config without those keys stops the run with a message asking for ``algo.beta=``.
-
-A value is a number, or a string naming the config key it is read from.
+* Every other (model, reward): β and α from DOMAIN, the same for every reward of the domain (digits and gmm:
+  tuned for rewards of order one, not from the paper; SD3, for a reward you add: the aesthetic column's), and the
+  algorithm's paper lr (LR, §1.8). A model without a DOMAIN row stops the run with a message asking for
+  ``algo.beta=``.
 """
 from __future__ import annotations
 
@@ -34,39 +34,45 @@ RESOLVER = "align_paper"
 SOURCE = "align/paper_settings.py"
 
 # (model, reward) -> algorithm -> setting -> value
-TABLE: dict[tuple[str, str], dict[str, dict[str, float | str]]] = {
+TABLE: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     # ---- SD3, the paper's Table 1 (reference §1.8, §3) ---------------------------------------------------
     ("sd3", "aesthetic"): {
-        "vggflow":          {"beta": 5.0e4, "lr": 5.0e-4},
+        "vggflow":          {"beta": 5.0e4, "alpha": 1.0e4, "lr": 5.0e-4},
         "vggflow_pmp":      {"beta": 5.0e4, "lr": 1.0e-4},
         "adjoint_matching": {"beta": 5.0e3, "lr": 1.0e-4},
         "refl":             {"lr": 1.0e-4},
         "draft":            {"lr": 1.0e-4},
     },
     ("sd3", "hpsv2"): {
-        "vggflow":          {"beta": 3.0e7, "lr": 5.0e-4},
+        "vggflow":          {"beta": 3.0e7, "alpha": 1.0e4, "lr": 5.0e-4},
         "vggflow_pmp":      {"beta": 3.0e7, "lr": 5.0e-5},
         "adjoint_matching": {"beta": 3.0e5, "lr": 1.0e-4},
         "refl":             {"lr": 1.0e-4},
         "draft":            {"lr": 1.0e-4},
     },
     ("sd3", "pickscore"): {
-        "vggflow":          {"beta": 5.0e5, "lr": 5.0e-4},
+        "vggflow":          {"beta": 5.0e5, "alpha": 1.0e4, "lr": 5.0e-4},
         "vggflow_pmp":      {"beta": 5.0e5, "lr": 5.0e-5},
         "adjoint_matching": {"beta": 1.0e4, "lr": 1.0e-4},
         "refl":             {"lr": 1.0e-4},
         "draft":            {"lr": 1.0e-4},
     },
 }
-# Any other (model, reward): the domain's β (its model config), the algorithm's paper lr.
-DEFAULT: dict[str, dict[str, float | str]] = {
-    "vggflow":          {"beta": "model.vggflow_beta", "lr": 5.0e-4},
-    "vggflow_pmp":      {"beta": "model.vggflow_beta", "lr": 1.0e-4},
-    "adjoint_matching": {"beta": "model.am_beta", "lr": 1.0e-4},
-    "refl":             {"lr": 1.0e-4},
-    "draft":            {"lr": 1.0e-4},
+# model -> algorithm -> setting -> value, for every reward of the domain without a TABLE row.
+DOMAIN: dict[str, dict[str, dict[str, float]]] = {
+    # β of O(1)-rewards on this domain; α = 10, as g is O(0.1–1) here, not O(1e-4) as on SD3
+    "digits": {"vggflow": {"beta": 10.0, "alpha": 10.0}, "vggflow_pmp": {"beta": 10.0},
+               "adjoint_matching": {"beta": 10.0}},
+    "gmm":    {"vggflow": {"beta": 1.0, "alpha": 10.0}, "vggflow_pmp": {"beta": 1.0},
+               "adjoint_matching": {"beta": 1.0}},
+    # the aesthetic column's values (the run's start-up line says so)
+    "sd3":    {"vggflow": {"beta": 5.0e4, "alpha": 1.0e4}, "vggflow_pmp": {"beta": 5.0e4},
+               "adjoint_matching": {"beta": 5.0e3}},
 }
-# Where each setting is used in the config (what ``describe`` reports).
+# algorithm -> its paper learning rate (§1.8), for every (model, reward) without a TABLE row.
+LR: dict[str, float] = {"vggflow": 5.0e-4, "vggflow_pmp": 1.0e-4, "adjoint_matching": 1.0e-4, "refl": 1.0e-4,
+                        "draft": 1.0e-4}
+# Where each setting is used in the config (what ``describe`` reports; α is not: it is fixed per domain).
 CONFIG_KEYS = {"beta": "algo.beta", "lr": "train.lr"}
 
 
@@ -78,39 +84,29 @@ def _names(root) -> tuple[str, str, str]:
     return tuple(str(OmegaConf.select(root, f"{g}.name", default="?")) for g in ("model", "reward", "algo"))
 
 
-def entry(model: str, reward: str, algo: str, setting: str) -> tuple[float | str, str]:
-    """``(value or config key, where it comes from)`` for one setting; raises MissingSetting."""
-    row = TABLE.get((model, reward))
-    cell = (row if row is not None else DEFAULT).get(algo, {})
-    if setting not in cell:
-        raise MissingSetting(_missing(model, reward, algo, setting))
-    value = cell[setting]
-    if row is not None:
-        where = f"{SOURCE}: paper Table 1, reference §1.8/§3"
-    elif isinstance(value, str):
-        where = value
-    else:
-        where = "the algorithm's paper value, reference §1.8"
-    return value, where
+def entry(model: str, reward: str, algo: str, setting: str) -> tuple[float, str]:
+    """``(value, where it comes from)`` for one setting; raises MissingSetting."""
+    cell = TABLE.get((model, reward), {}).get(algo, {})
+    if setting in cell:
+        return cell[setting], f"{SOURCE}: paper Table 1, reference §1.8/§3"
+    if setting == "lr" and algo in LR:
+        return LR[algo], "the algorithm's paper value, reference §1.8"
+    cell = DOMAIN.get(model, {}).get(algo, {})
+    if setting in cell:
+        return cell[setting], f"the {model} domain's value"
+    raise MissingSetting(_missing(model, reward, algo, setting))
 
 
-def _missing(model: str, reward: str, algo: str, setting: str, extra: str = "") -> str:
+def _missing(model: str, reward: str, algo: str, setting: str) -> str:
     key = "algo." + setting if setting != "lr" else "train.lr"
     rows = ", ".join(r for m, r in TABLE if m == model)
     has = f" ({SOURCE} has {model} × {rows})" if rows else ""
-    return (f"no paper setting of {key} for model={model} × reward={reward} × algo={algo}{has}{extra}; "
+    return (f"no paper setting of {key} for model={model} × reward={reward} × algo={algo}{has}; "
             f"give it explicitly, e.g. {key}=<value>")
 
 
 def _resolve(setting: str, *, _root_) -> float:
-    model, reward, algo = _names(_root_)
-    value, _ = entry(model, reward, algo, setting)
-    if isinstance(value, str):
-        got = OmegaConf.select(_root_, value, default=None)
-        if got is None:
-            raise MissingSetting(_missing(model, reward, algo, setting, f" and the model config has no {value}"))
-        return float(got)
-    return float(value)
+    return float(entry(*_names(_root_), setting)[0])
 
 
 if not OmegaConf.has_resolver(RESOLVER):
@@ -195,4 +191,4 @@ def describe(cfg: DictConfig) -> str | None:
     tail = "; set explicitly: " + ", ".join(f"{k}={fmt(OmegaConf.select(cfg, k))}" for k in given) if given else ""
     if (model, reward) in TABLE:
         return f"align: paper settings for {model} × {reward} × {algo}: {parts}{tail}"
-    return f"align: domain defaults for {model} × {reward} × {algo} ({SOURCE}, DEFAULT row): {parts}{tail}"
+    return f"align: domain defaults for {model} × {reward} × {algo} ({SOURCE}, {model} row): {parts}{tail}"

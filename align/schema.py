@@ -114,17 +114,33 @@ class RootConfig:
 ConfigStore.instance().store(name=ROOT_SCHEMA, node=RootConfig)
 
 
+def check(cfg: DictConfig) -> None:
+    """Run ``validate()`` of every typed section of ``cfg`` (on the DictConfig itself: ``validate`` reads the
+    fields by attribute, so it serves the dataclass and its DictConfig alike); raises ValueError naming the key."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    if hasattr(schema, "validate"):
+        schema.validate(cfg)
+    for f in dataclasses.fields(schema):
+        child = OmegaConf.select(cfg, f.name, throw_on_resolution_failure=False)
+        if isinstance(child, DictConfig):
+            check(child)
+
+
 def validated(cfg: DictConfig) -> Any:
-    """``cfg`` as objects (every interpolation resolved, typed sections as their dataclasses), after each
-    dataclass's ``validate()``; raises ValueError naming the key."""
-    obj = OmegaConf.to_object(cfg)
-    _validate(obj)
-    return obj
+    """``cfg`` as objects (every interpolation resolved, typed sections as their dataclasses), checked."""
+    check(cfg)
+    return OmegaConf.to_object(cfg)
 
 
-def _validate(obj: Any) -> None:
-    if dataclasses.is_dataclass(obj):
-        if hasattr(obj, "validate"):
-            obj.validate()
-        for f in dataclasses.fields(obj):
-            _validate(getattr(obj, f.name))
+def typed(schema: type, cfg: Any) -> DictConfig:
+    """``cfg`` (a DictConfig or dict, e.g. a saved config.yaml's section or a preset read with OmegaConf.load)
+    merged onto the dataclass ``schema`` and checked; a config already of that type (or a subclass) is only
+    checked."""
+    if not (isinstance(cfg, DictConfig) and issubclass(OmegaConf.get_type(cfg) or object, schema)):
+        given = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+        given.pop("defaults", None)   # a preset file's Hydra defaults list
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), given)
+    check(cfg)
+    return cfg

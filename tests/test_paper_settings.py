@@ -10,6 +10,7 @@ import torch
 
 from align.cli_checks import ConfigProblem
 from align.config import compose_config
+from align.paper_settings import DOMAIN as DOMAIN_ROWS
 from align.paper_settings import describe, fmt
 
 torch.set_num_threads(1)
@@ -105,7 +106,7 @@ def test_what_is_given_explicitly_wins():
     assert float(cfg.algo.beta) == 7.0
 
 
-# Today's (pre-table) per-domain values: β from the model config, lr the algorithm's paper value.
+# The per-domain values (align/paper_settings.py's DOMAIN rows), lr the algorithm's paper value.
 DOMAIN = {
     "digits": {"vggflow": (10.0, 5e-4), "vggflow_pmp": (10.0, 1e-4), "adjoint_matching": (10.0, 1e-4),
                "refl": (None, 1e-4), "draft": (None, 1e-4)},
@@ -124,24 +125,25 @@ def test_digits_and_gmm_keep_their_domain_values(model, reward):
         if algo == "vggflow":
             assert float(cfg.algo.alpha) == 10.0
         assert describe(cfg).startswith(f"align: domain defaults for {model} × {reward} × {algo} ")
-    cfg = compose_config([f"model={model}", f"reward={reward}", "algo=adjoint_matching", "model.am_beta=4"])
-    assert float(cfg.algo.beta) == 4.0                              # the domain value is still a model key
+    cfg = compose_config([f"model={model}", f"reward={reward}", "algo=adjoint_matching", "algo.beta=4"])
+    assert float(cfg.algo.beta) == 4.0
 
 
 def test_sd3_alpha_is_unchanged_and_unknown_sd3_rewards_fall_back_to_the_domain_default():
     cfg = compose_config(["model=sd3", "reward=hpsv2", "algo=vggflow"])
     assert float(cfg.algo.alpha) == 1e4
     cfg = compose_config(["model=sd3", "reward=linear", "algo=vggflow"])         # no row: sd3.yaml's β, said so
-    assert float(cfg.algo.beta) == 5e4 and "algo.beta=5e4 (model.vggflow_beta)" in describe(cfg)
+    assert float(cfg.algo.beta) == 5e4 and "algo.beta=5e4 (the sd3 domain's value)" in describe(cfg)
 
 
-def test_a_missing_setting_is_a_one_line_error():
+def test_a_missing_setting_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(DOMAIN_ROWS["gmm"], "vggflow", {"alpha": 10.0})    # a domain without VGG-Flow's β
     with pytest.raises(ConfigProblem) as err:
-        compose_config(["model=gmm", "reward=linear", "algo=vggflow", "~model.vggflow_beta"])
+        compose_config(["model=gmm", "reward=linear", "algo=vggflow"])
     msg = str(err.value)
     assert "no paper setting of algo.beta for model=gmm × reward=linear × algo=vggflow" in msg
     assert "algo.beta=<value>" in msg and "\n" not in msg
-    cfg = compose_config(["model=gmm", "reward=linear", "algo=vggflow", "~model.vggflow_beta", "algo.beta=2"])
+    cfg = compose_config(["model=gmm", "reward=linear", "algo=vggflow", "algo.beta=2"])
     assert float(cfg.algo.beta) == 2.0
 
 
@@ -150,8 +152,31 @@ def test_fmt_gives_short_command_line_values():
         ["3e7", "5e4", "5e-4", "5e-5", "1e-4", "10", "1", "0.5"]
 
 
-def _run(args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# An algorithm added outside the source tree (README "Adding an algorithm") whose β is the table's.
+TEMPERED = """
+from dataclasses import dataclass
+
+from omegaconf import II
+
+from algorithms.refl import ReFL, ReFLConfig
+from align.registry import register_algorithm
+
+
+@dataclass
+class TemperedConfig(ReFLConfig):
+    name: str = "tempered"
+    lr: float = 1.0e-4
+    beta: float = II("align_paper:beta")
+
+
+@register_algorithm("tempered", config=TemperedConfig)
+class Tempered(ReFL):
+    name = "tempered"
+"""
+
+
+def _run(args, cwd, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "align.run", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -161,8 +186,8 @@ def test_the_runner_prints_and_saves_the_resolved_settings(tmp_path):
             "eval.final_samples=8", "train.progress=false", "sampler.steps=4"]
     res = _run([*tiny, f"run_dir={tmp_path / 'a'}"], tmp_path)
     assert res.returncode == 0, res.stderr
-    line = ("align: domain defaults for gmm × linear × adjoint_matching (align/paper_settings.py, DEFAULT row): "
-            "algo.beta=1 (model.am_beta), train.lr=1e-4 (the algorithm's paper value, reference §1.8)")
+    line = ("align: domain defaults for gmm × linear × adjoint_matching (align/paper_settings.py, gmm row): "
+            "algo.beta=1 (the gmm domain's value), train.lr=1e-4 (the algorithm's paper value, reference §1.8)")
     assert res.stdout.count(line) == 1, res.stdout
     from omegaconf import OmegaConf
     saved = OmegaConf.load(tmp_path / "a" / "config.yaml")
@@ -177,8 +202,11 @@ def test_the_runner_prints_and_saves_the_resolved_settings(tmp_path):
     res = _run(["-m", *multi, f"hydra.sweep.dir={tmp_path / 'm'}"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count(line) == 1 and res.stdout.count(
-        "align: domain defaults for gmm × linear × refl (align/paper_settings.py, DEFAULT row): train.lr=1e-4") == 1
-    # no setting and none given: the CLI's one-line error, before any work
-    res = _run(["reward=linear", "~model.vggflow_beta", f"run_dir={tmp_path / 'c'}"], tmp_path)
+        "align: domain defaults for gmm × linear × refl (align/paper_settings.py, gmm row): train.lr=1e-4") == 1
+    # no setting and none given (an added algorithm that takes β from the table, which has no entry for it):
+    # the CLI's one-line error, before any work
+    (tmp_path / "tempered.py").write_text(TEMPERED)
+    res = _run(["reward=linear", "algo=tempered", f"run_dir={tmp_path / 'c'}"], tmp_path,
+               {"ALIGN_PLUGINS": "tempered", "PYTHONPATH": str(tmp_path)})
     assert res.returncode == 2 and res.stderr.startswith("align: no paper setting of algo.beta"), res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
