@@ -20,7 +20,7 @@ from align.models.flow_transformer import t_to_sigma, u_to_v
 from align.value_gradient import consistency_residual, network_dtype, use_network_jvp
 from algorithms.vggflow import VGGFlow
 from samplers import one_step_prediction, sd3_grid
-from tiny_sd3 import RESOLUTION, build_tiny_sd3
+from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3
 
 torch.set_num_threads(1)
 PROMPTS = ["three", "seven", "zero", "four", "one", "nine", "two", "eight"]

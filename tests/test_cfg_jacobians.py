@@ -25,7 +25,7 @@ from align.interfaces import Reward
 from align.models.digits import CLASSIFIER_WEIGHTS, FLOW_WEIGHTS, DigitsFlow
 from align.registry import MODELS
 from samplers import Trajectory, euler_integrate, sd3_grid
-from tiny_sd3 import RESOLUTION, build_tiny_sd3
+from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3
 
 torch.set_num_threads(1)
 

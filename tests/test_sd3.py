@@ -1,4 +1,4 @@
-"""``model=sd3`` on a tiny random SD3 pipeline saved in the real diffusers layout (tests/tiny_sd3.py), on CPU.
+"""``model=sd3`` on a tiny random SD3 pipeline saved in the real diffusers layout (tests/helpers/tiny_sd3.py), on CPU.
 
 Checked against diffusers itself: prompt embeddings = ``StableDiffusion3Pipeline.encode_prompt``; one Euler
 step = ``FlowMatchEulerDiscreteScheduler.step``; our grid = the scheduler's sigmas as t = 1 − σ; a whole
@@ -19,12 +19,12 @@ from align.models.value_unet import ValueUNet
 from align.prompt_sets import NAMED_SETS, load_named_set
 from align.weights import WeightsError
 from samplers import euler_integrate, one_step_prediction, sd3_grid
-from tiny_sd3 import RESOLUTION, build_tiny_sd3, build_tiny_taesd3
-from tiny_sd3 import fixed_noise as _noise
-from tiny_sd3 import load_model as _model
-from tiny_sd3 import load_pipe as _pipe
-from tiny_sd3 import perturb_lora as _perturb_lora
-from tiny_sd3 import tiny_reward_registered as _tiny_reward_registered
+from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3, build_tiny_taesd3
+from helpers.tiny_sd3 import fixed_noise as _noise
+from helpers.tiny_sd3 import load_model as _model
+from helpers.tiny_sd3 import load_pipe as _pipe
+from helpers.tiny_sd3 import perturb_lora as _perturb_lora
+from helpers.tiny_sd3 import tiny_reward_registered as _tiny_reward_registered
 
 PROMPTS = ["a photo of a cat", "a dog in the snow"]      # outside the built-in sets: encoded in one batch
 
@@ -295,9 +295,9 @@ def tiny_reward_registered():
 def test_every_algorithm_trains_two_steps_on_tiny_sd3(sd3_dir, tmp_path, algo, tiny_reward_registered):
     from omegaconf import open_dict
 
-    from align.config import compose_config
-    from align.run_logging import read_metrics
     from align.assemble import build_trainer
+    from align.config import compose_config
+    from align.run_dir import read_metrics
 
     run_dir = str(tmp_path / "run")
     overrides = [f"algo={algo}", "model=sd3", "reward=linear", f"model.pretrained={sd3_dir}", "model.dtype=float32",

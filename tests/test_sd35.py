@@ -1,5 +1,5 @@
 """``model=sd3`` with Stable Diffusion 3.5 checkpoints (``model.pretrained=stabilityai/stable-diffusion-3.5-medium``
-or ``-large``), on tiny random SD3.5 pipelines saved in the real layout (tests/tiny_sd35.py: the published
+or ``-large``), on tiny random SD3.5 pipelines saved in the real layout (tests/helpers/tiny_sd35.py: the published
 transformer configs shrunk, dual attention layers and QK RMS-norm kept).
 
 The same checks as tests/test_sd3.py, against diffusers itself: prompt embeddings = ``encode_prompt``; one Euler
@@ -21,13 +21,13 @@ from align.models.flow_transformer import LORA_WEIGHT_NAME
 from align.models.sd3 import SD3Model
 from align.weights import WeightsError
 from samplers import euler_integrate, sd3_grid
-from tiny_sd3 import RESOLUTION
-from tiny_sd3 import fixed_noise as _noise
-from tiny_sd3 import load_model as _model
-from tiny_sd3 import load_pipe as _pipe
-from tiny_sd3 import perturb_lora as _perturb_lora
-from tiny_sd3 import tiny_reward_registered as _tiny_reward_registered
-from tiny_sd35 import SD35_PUBLISHED, SD35_SCHEDULER, TINY, build_tiny_sd35
+from helpers.tiny_sd3 import RESOLUTION
+from helpers.tiny_sd3 import fixed_noise as _noise
+from helpers.tiny_sd3 import load_model as _model
+from helpers.tiny_sd3 import load_pipe as _pipe
+from helpers.tiny_sd3 import perturb_lora as _perturb_lora
+from helpers.tiny_sd3 import tiny_reward_registered as _tiny_reward_registered
+from helpers.tiny_sd35 import SD35_PUBLISHED, SD35_SCHEDULER, TINY, build_tiny_sd35
 
 PROMPTS = ["a photo of a cat", "a dog in the snow"]
 VARIANTS = ["medium", "large"]
@@ -247,9 +247,9 @@ def tiny_reward_registered():
 def test_every_algorithm_trains_two_steps_on_tiny_sd35(sd35_dirs, tmp_path, algo, tiny_reward_registered):
     from omegaconf import open_dict
 
-    from align.config import compose_config
-    from align.run_logging import read_metrics
     from align.assemble import build_trainer
+    from align.config import compose_config
+    from align.run_dir import read_metrics
 
     run_dir = str(tmp_path / "run")
     overrides = [f"algo={algo}", "model=sd3", "reward=linear", f"model.pretrained={sd35_dirs['medium']}",

@@ -1,4 +1,4 @@
-"""``model.gradient_checkpointing=true`` on the tiny SD3 (tests/tiny_sd3.py) in bf16, for every algorithm.
+"""``model.gradient_checkpointing=true`` on the tiny SD3 (tests/helpers/tiny_sd3.py) in bf16, for every algorithm.
 
 diffusers' checkpointing recomputes each transformer block in backward; the base velocity runs the same
 transformer with the LoRA adapter disabled, so the recomputation must see the adapter state of the forward
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from tiny_sd3 import RESOLUTION, build_tiny_sd3, tiny_reward_registered
+from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3, tiny_reward_registered
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,8 @@ CASES = {"vggflow": [], "vggflow_pmp": [], "refl": [], "draft": [], "draft_k2": 
 def _trainer(sd3_dir, tmp_path, algo: str, extra: list[str], checkpointing: bool, reward: str):
     from omegaconf import open_dict
 
+    from align.assemble import build_trainer
     from align.config import compose_config
-    from align.trainer import Trainer
 
     run_dir = str(tmp_path / f"run_{algo}_{int(checkpointing)}")
     overrides = [f"algo={algo}", "model=sd3", "reward=linear", f"model.pretrained={sd3_dir}",
@@ -51,7 +51,7 @@ def _trainer(sd3_dir, tmp_path, algo: str, extra: list[str], checkpointing: bool
     cfg = compose_config(overrides, run_dir=run_dir)
     with open_dict(cfg):
         cfg.reward = {"name": reward, "offset": 10.0}    # r > 0: DRaFT's / ReFL's −ReLU(r) is active
-    return Trainer(cfg, run_dir)
+    return build_trainer(cfg, run_dir)
 
 
 def _first_update_grads(trainer, monkeypatch) -> tuple[list[torch.Tensor], dict]:
@@ -102,7 +102,7 @@ def test_checkpointing_in_bf16_trains_and_gives_the_same_gradients(sd3_dir, tmp_
 
 @pytest.fixture(scope="module")
 def sd35_dir(tmp_path_factory) -> str:
-    from tiny_sd35 import build_tiny_sd35
+    from helpers.tiny_sd35 import build_tiny_sd35
 
     return build_tiny_sd35(str(tmp_path_factory.mktemp("tiny_sd35_ckpt")), variant="medium", t5=False)
 

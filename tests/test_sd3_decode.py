@@ -3,7 +3,7 @@
 The pipeline decodes with ``latents / vae.config.scaling_factor + vae.config.shift_factor`` of whichever
 autoencoder it holds and post-processes ``output_type="pt"`` to [0, 1]; TAESD3 (AutoencoderTiny) carries scaling 1
 and shift 0 (it decodes the diffusion latents themselves), the SD3 VAE 1.5305 / 0.0609. Expected images come from
-the pipeline itself, run on the tiny random SD3 of tests/tiny_sd3.py with the tiny TAESD3 or the tiny VAE.
+the pipeline itself, run on the tiny random SD3 of tests/helpers/tiny_sd3.py with the tiny TAESD3 or the tiny VAE.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from align.registry import MODELS
-from tiny_sd3 import RESOLUTION, SCALING_FACTOR, SHIFT_FACTOR, build_tiny_sd3, build_tiny_taesd3
+from helpers.tiny_sd3 import RESOLUTION, SCALING_FACTOR, SHIFT_FACTOR, build_tiny_sd3, build_tiny_taesd3
 
 torch.set_num_threads(1)
 PROMPTS = ["a photo of a cat", "a dog in the snow"]

@@ -1,6 +1,6 @@
-"""Library versions on the SD3 loading path (tiny random SD3, tests/tiny_sd3.py): the dtype keyword each installed
-diffusers / transformers reads, errors from an incompatible library not reported as missing weights, adapter
-metadata that any peft can read, TF32 on CUDA only.
+"""Library versions on the SD3 loading path (tiny random SD3, tests/helpers/tiny_sd3.py): the dtype keyword each
+installed diffusers / transformers reads, errors from an incompatible library not reported as missing weights,
+adapter metadata that any peft can read, TF32 on CUDA only.
 
 Older libraries cannot be installed beside ours in a test, so their documented behaviour is reproduced at the one
 place it matters (``from_pretrained``'s keywords): diffusers < 0.40 does not read ``dtype`` (the model loads in
@@ -18,7 +18,7 @@ from align.models.flow_transformer import LORA_WEIGHT_NAME
 from align.loading import LibraryLoadError
 from align.registry import MODELS
 from align.weights import WeightsError
-from tiny_sd3 import RESOLUTION, build_tiny_sd3
+from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,13 @@ import torch
 from align.clip import quiet_random_init_warning
 
 
-def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The 49408-token CLIP BPE vocabulary and its merges, from open_clip's bundled file."""
+def clip_vocab_and_merges(n_merges: int = 49152 - 256 - 2) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary and its merges as open_clip's SimpleTokenizer builds them from its bundled file
+    (all 48894 merges: the 49408-token vocabulary; fewer: a consistent prefix of it)."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    merges = [tuple(m.split()) for m in lines[1:1 + n_merges]]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

@@ -19,7 +19,6 @@ scaling_factor 1 and shift_factor 0, not the VAE's).
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from align.interfaces import Reward
+from helpers.tiny_clip import clip_vocab_and_merges
 
 SCALING_FACTOR = 1.5305     # SD3's VAE (vae/config.json of stable-diffusion-3-medium-diffusers)
 SHIFT_FACTOR = 0.0609
@@ -36,36 +36,10 @@ LATENT_SIZE = 4             # the transformer's sample_size: resolution 32 / 8
 RESOLUTION = 32
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable-unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def clip_vocab(n_merges: int = 2000) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """CLIP's BPE vocabulary built as open_clip's SimpleTokenizer builds it, truncated to ``n_merges`` merges."""
-    import open_clip
-
-    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:1 + n_merges]]
-    chars = list(bytes_to_unicode().values())
-    words = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
-    words += ["<|startoftext|>", "<|endoftext|>"]
-    return {w: i for i, w in enumerate(words)}, merges
-
-
 def clip_tokenizer(pad_token: str = "<|endoftext|>", n_merges: int = 2000):
     from transformers import CLIPTokenizer
 
-    vocab, merges = clip_vocab(n_merges)
+    vocab, merges = clip_vocab_and_merges(n_merges)
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
 
 

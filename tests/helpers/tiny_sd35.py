@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny_sd3 import CLIP_HIDDEN, JOINT_DIM, build_tiny_pipeline
+from helpers.tiny_sd3 import CLIP_HIDDEN, JOINT_DIM, build_tiny_pipeline
 
 # published values (transformer/config.json of each hub repository) that the tiny models keep
 SD35_PUBLISHED = {
