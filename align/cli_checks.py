@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from align.paper_settings import find_missing   # registers ${align_paper:...} (β, α, lr per model × reward × algo)
 from align.registry import SCHEMA_SUFFIX, register_all
-from align.schema import check
+from align.schema import check, typed_config
 
 GROUPS = ("algo", "model", "reward")
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
@@ -149,6 +149,8 @@ def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
     except Exception as err:  # the parser's message names the bad token
         raise ConfigProblem(f"could not parse the overrides: {str(err).splitlines()[0]}") from None
     if any(o.partition("=")[0] == "resume" for o in overrides):
+        for combo in combos:
+            _check_saved(_group_values(combo, "resume"))
         return flags + overrides          # a resumed run uses its own config.yaml (align/run.py checks the rest)
     user_model = any(o.partition("=")[0] == "model" for o in overrides)
     user_reward = any(o.partition("=")[0] == "reward" for o in overrides)
@@ -172,6 +174,16 @@ def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
             _check_combo(conf_dir, [o for o in combo if not o.startswith("hydra.")])
     GlobalHydra.instance().clear()
     return flags + overrides
+
+
+def _check_saved(run_dir: str) -> None:
+    """A resumed run's saved config.yaml, typed and checked again (align/run.py reports a missing one)."""
+    path = os.path.join(run_dir, "config.yaml")
+    if os.path.isfile(path):
+        try:
+            typed_config(OmegaConf.load(path))
+        except (ValueError, KeyError) as err:
+            raise ConfigProblem(f"resume={run_dir}: its config.yaml: {bad_value_message(err)}") from None
 
 
 def _default_reward(conf_dir: str, combos: list[list[str]]) -> str:

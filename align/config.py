@@ -1,18 +1,12 @@
-"""Compose the runner's config from overrides in Python (tests, benchmarks, notebooks), and type a saved one."""
+"""Compose the runner's config from overrides in Python (tests, benchmarks, notebooks)."""
 from __future__ import annotations
-
-from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from align.cli_checks import check_overrides
 from align.conf import CONF_DIR
-from align.registry import ALGORITHMS, MODELS, REWARDS, register_all
-from align.schema import RootConfig, check
-
-GROUP_REGISTRIES = {"algo": ALGORITHMS, "model": MODELS, "reward": REWARDS}
 
 
 def compose_config(overrides: list[str] | None = None, run_dir: str | None = None) -> DictConfig:
@@ -28,18 +22,3 @@ def compose_config(overrides: list[str] | None = None, run_dir: str | None = Non
         with open_dict(cfg):
             cfg.run_dir = run_dir
     return cfg
-
-
-def typed_config(cfg: Any) -> DictConfig:
-    """A saved (untyped, resolved) config, e.g. a run's config.yaml, merged onto the root schema and the typed
-    configs of its algorithm, model and reward, and checked again; raises ValueError naming the key."""
-    register_all()
-    given = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
-    root = OmegaConf.structured(RootConfig)
-    for group, registry in GROUP_REGISTRIES.items():
-        schema = registry.config(given[group]["name"])
-        if schema is not None:
-            root[group] = OmegaConf.structured(schema)
-    root = OmegaConf.merge(root, given)
-    check(root)
-    return root

@@ -16,6 +16,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from align.registry import REGISTRIES, register_all
+
 ROOT_SCHEMA = "config_schema"
 
 
@@ -144,3 +146,18 @@ def typed(schema: type, cfg: Any) -> DictConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(schema), given)
     check(cfg)
     return cfg
+
+
+def typed_config(cfg: Any) -> DictConfig:
+    """A saved (untyped, resolved) config, e.g. a run's config.yaml, merged onto the root schema and the typed
+    configs of its algorithm, model and reward, and checked again; raises ValueError naming the key."""
+    register_all()
+    given = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    root = OmegaConf.structured(RootConfig)
+    for registry in REGISTRIES:
+        schema = registry.config(given[registry.group]["name"])
+        if schema is not None:
+            root[registry.group] = OmegaConf.structured(schema)
+    root = OmegaConf.merge(root, given)
+    check(root)
+    return root

@@ -1,0 +1,100 @@
+"""Bad values are refused by the typed configs (align/schema.py, the algorithms' config dataclasses) before any
+work, in one line naming the key, the value and, for a choice, the valid ones."""
+import os
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from align.cli_checks import ConfigProblem, check_overrides
+from align.conf import CONF_DIR
+from align.config import compose_config
+from align.schema import typed_config
+
+# (overrides, substrings of the message)
+BAD = [
+    (["algo=vggflow", "algo.eta=t3"], ["algo.eta=t3", "t2, t, const, none"]),
+    (["algo=vggflow", "algo.rgrad_clip=p90"], ["algo.rgrad_clip=p90", "batch_quantile, previous_step, const, none"]),
+    (["algo=vggflow", "algo.fd_scheme=backward"], ["algo.fd_scheme=backward", "central, forward"]),
+    (["algo=vggflow", "algo.consistency_times=between"], ["algo.consistency_times=between", "grid, within_step"]),
+    (["algo=vggflow", "algo.learn_value=maybe"], ["algo.learn_value", "maybe"]),
+    (["algo=vggflow", "algo.beta=-1"], ["algo.beta must be > 0, got -1"]),
+    (["algo=vggflow_pmp", "algo.adjoint=half"], ["algo.adjoint=half", "full, lean"]),
+    (["algo=vggflow_pmp", "algo.target=prev"], ["algo.target=prev", "next, same"]),
+    (["algo=refl", "algo.objective=exp"], ["algo.objective=exp", "relu, hinge, raw"]),
+    (["algo=refl", "algo.truncation=[15]"], ["algo.truncation must be two integers", "[15]"]),
+    (["algo=refl", "algo.truncation_grid_steps=twenty"], ["algo.truncation_grid_steps", "twenty"]),
+    (["algo=draft", "algo.variant=x"], ["algo.variant=x", "lv, k"]),
+    (["algo=draft", "algo.lv_reduce=max"], ["algo.lv_reduce=max", "mean, sum"]),
+    (["algo=draft", "algo.n=0"], ["algo.n=0 must be >= 1"]),
+    (["algo=adjoint_matching", "algo.train_grid=fine"], ["algo.train_grid=fine", "uniform, model"]),
+    (["algo=adjoint_matching", "algo.loss_times.last=most"], ["algo.loss_times.last", "most"]),
+    (["algo=adjoint_matching", "algo.h=-1"], ["algo.h must be > 0"]),
+    (["train.steps=0"], ["train.steps must be >= 1, got 0"]),
+    (["train.steps=1.5"], ["train.steps", "1.5"]),
+    (["train.batch_size=6", "train.grad_accum=4"], ["train.batch_size (6) must be a positive multiple", "(4)"]),
+    (["train.lr=0"], ["train.lr must be > 0"]),
+    (["train.progress=sometimes"], ["train.progress", "sometimes"]),
+    (["sampler.grid=cosine"], ["sampler.grid=cosine", "uniform, sd3"]),
+    (["sampler.steps=many"], ["sampler.steps", "many"]),
+    (["eval.fid_reference=both"], ["eval.fid_reference=both", "independent, paired"]),
+    (["eval.final_samples=0"], ["eval.final_samples must be >= 1"]),
+    (["device=gpu"], ["device=gpu", "auto, cpu, cuda"]),
+    (["threads=all"], ["threads", "all"]),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_values_are_refused_naming_key_value_and_choices(overrides, needles):
+    with pytest.raises(ConfigProblem) as err:
+        check_overrides(overrides, CONF_DIR)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def _run(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "align.run", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("overrides,needles", [BAD[0], BAD[8], BAD[14], BAD[19], BAD[22], BAD[24], BAD[26]],
+                         ids=["algo", "objective", "am", "train", "sampler", "eval", "device"])
+def test_the_command_line_exits_2_with_the_message_and_no_traceback(tmp_path, overrides, needles):
+    res = _run([*overrides, f"run_dir={tmp_path / 'r'}"], tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("align: ") and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and all(n in res.stderr for n in needles), res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_composed_sections_are_typed_and_choices_compare_as_strings():
+    cfg = compose_config(["algo=vggflow", "algo.eta=t"])
+    assert OmegaConf.get_type(cfg.algo).__name__ == "VGGFlowConfig"
+    assert OmegaConf.get_type(cfg.train).__name__ == "TrainConfig"
+    assert cfg.algo.eta == "t" and cfg.device == "auto" and cfg.eval.fid_reference == "paired"
+
+
+def test_a_saved_config_is_typed_and_checked_again():
+    cfg = compose_config(["algo=draft"], run_dir="r")
+    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))   # as config.yaml
+    typed = typed_config(saved)
+    assert OmegaConf.get_type(typed.algo).__name__ == "DRaFTConfig" and typed.algo.variant == "lv"
+    saved.algo.variant = "x"
+    with pytest.raises(ValueError, match="lv, k"):
+        typed_config(saved)
+    saved.algo.variant, saved.train.steps = "k", 0
+    with pytest.raises(ValueError, match="train.steps must be >= 1"):
+        typed_config(saved)
+
+
+def test_a_resumed_runs_config_is_checked_before_any_work(tmp_path):
+    cfg = compose_config(["algo=vggflow_pmp"], run_dir=str(tmp_path))
+    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    saved.algo.adjoint = "half"
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    with pytest.raises(ConfigProblem, match=r"resume=.*algo.adjoint=half is not a valid choice.*full, lean"):
+        check_overrides([f"resume={tmp_path}"], CONF_DIR)
