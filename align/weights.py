@@ -95,9 +95,9 @@ def resolve(spec: WeightSpec, value: str | None = None, cache_dir: str | None = 
             if found:
                 path = os.path.dirname(found) if spec.is_dir else found
                 return _checked(spec, path, f"the Hugging Face cache's {path}")
-    unset = f"the config key `{spec.config_key}`" + (f" nor the environment variable {spec.env_var}"
-                                                     if spec.env_var else "")
-    raise spec.error(f"not found: neither {unset} is set"
+    unset = (f"neither the config key `{spec.config_key}` nor the environment variable {spec.env_var} is set"
+             if spec.env_var else f"the config key `{spec.config_key}` is not set")
+    raise spec.error(f"not found: {unset}"
                      + (f", and the Hugging Face cache has no '{spec.hub_repo}'" if spec.hub_repo else ""))
 
 
