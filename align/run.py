@@ -7,16 +7,18 @@ When no ``model=`` is given, the model is the domain the reward scores (``reward
 (``align/paper_settings.py``; anything set explicitly wins); the run prints which ones it took from there.
 
 Re-running into an existing run directory (an explicit ``run_dir=`` or a Hydra multirun job directory) is
-safe, which makes sweeps resumable (``align.sweep``, Hydra launchers): a finished run (``samples_final.pt``,
-written last) is skipped; a run with a checkpoint resumes from it, after checking that its saved config.yaml
-matches the requested one; a directory without a checkpoint starts afresh (its partial files are removed).
+safe, which makes sweeps resumable (``align.sweep``, Hydra launchers): a finished run is skipped; a run with a
+checkpoint resumes from it, after checking that its saved config.yaml matches the requested one; a directory
+without a checkpoint starts afresh (its partial files are removed). A non-empty folder that align did not
+write is refused, and so is a second writer (rank 0 holds the run directory's lock for the whole run).
 Those rules, and the run directory's file names, are ``align.run_dir``'s.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import sys
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from align.cli_checks import ConfigProblem, check_overrides
 from align.paper_settings import describe
 from align.run_dir import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, RESUMABLE_KEYS, SAMPLES_DIR, TB_DIR,
-                           RunMismatch, clear_partial_run, last_checkpoint_step, plan_existing_run, read_metrics)
+                           RunMismatch, claim_run_dir, clear_partial_run, discard_if_unused, hold_run_dir,
+                           last_checkpoint_step, plan_existing_run, prepare_resume, read_metrics)
 
 CONF = os.path.join(os.path.dirname(__file__), "conf")
 
@@ -38,45 +41,68 @@ def _fail(message: str) -> None:
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def _job(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
-    extending = False
-    if not cfg.resume and _reusable_run_dir():
-        try:
-            action = plan_existing_run(run_dir, OmegaConf.to_container(cfg, resolve=True))
-        except RunMismatch as err:
-            _fail(str(err))
-        if action == "skip":
-            print(f"align: {run_dir} already finished, skipping", flush=True)
-            return
-        if action == "resume":
-            print(f"align: {run_dir} has a checkpoint (step {last_checkpoint_step(run_dir)}), resuming", flush=True)
-            with open_dict(cfg):
-                cfg.resume = run_dir
-            extending = os.path.exists(os.path.join(run_dir, FINISHED_FILE))   # a finished run, larger train.steps
-        elif action == "start" and _launch_rank() == 0:
-            clear_partial_run(run_dir)      # other processes decide from the same state but never delete
-    elif cfg.resume:
+    if cfg.resume:
         run_dir = os.path.abspath(str(cfg.resume))
         saved = os.path.join(run_dir, CONFIG_FILE)
         if not os.path.isfile(saved):
             _fail(f"resume={cfg.resume}: {saved} does not exist (is this a run directory?)")
         cfg = _resumed_config(OmegaConf.load(saved), cfg, run_dir)
+    main = _launch_rank() == 0
+    fresh = not (os.path.isdir(run_dir) and os.listdir(run_dir))
+    try:
+        with _sole_writer(run_dir) if main else nullcontext():
+            _run(cfg, run_dir, main)
+    except SystemExit:
+        if fresh and main:
+            discard_if_unused(run_dir)     # leave no half-written run directory
+        raise
+
+
+@contextmanager
+def _sole_writer(run_dir: str) -> Iterator[None]:
+    """Mark ``run_dir`` as ours and hold its lock for the run (refused: a user's folder, a second writer)."""
+    with ExitStack() as stack:
+        try:
+            claim_run_dir(run_dir)
+            stack.enter_context(hold_run_dir(run_dir))
+        except RunMismatch as err:
+            _fail(str(err))
+        yield
+
+
+def _run(cfg: DictConfig, run_dir: str, main: bool) -> None:
+    """Skip, resume or start (only rank ``main`` changes files; the others decide from the same state)."""
+    resuming = bool(cfg.resume)
+    try:
+        if not resuming and _reusable_run_dir():
+            action = plan_existing_run(run_dir, OmegaConf.to_container(cfg, resolve=True))
+            if action == "skip":
+                print(f"align: {run_dir} already finished, skipping", flush=True)
+                return
+            if action == "resume":
+                print(f"align: {run_dir} has a checkpoint (step {last_checkpoint_step(run_dir)}), resuming",
+                      flush=True)
+                with open_dict(cfg):
+                    cfg.resume = run_dir
+                resuming = True
+            elif main:
+                clear_partial_run(run_dir)
+        if resuming and main and prepare_resume(run_dir, int(cfg.train.steps)) is None:
+            print(f"align: {run_dir} has no checkpoint yet, starting afresh", flush=True)
+    except RunMismatch as err:
+        _fail(str(err))
     from align.build import ConfigError
     from align.assemble import build_trainer
     from align.trainer import TrainingDiverged
 
     with open_dict(cfg):
         cfg.run_dir = run_dir
-    if _launch_rank() == 0 and (line := describe(cfg)):   # β / lr filled in from align/paper_settings.py
+    if main and (line := describe(cfg)):   # β / lr filled in from align/paper_settings.py
         print(line, flush=True)
-    fresh = not os.listdir(run_dir) if os.path.isdir(run_dir) else True
     try:
         trainer = build_trainer(cfg, run_dir)
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
-        if fresh and os.path.isdir(run_dir) and not os.listdir(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)   # leave no half-written run directory
         _fail(str(err).strip("'\""))
-    if extending and trainer.is_main:   # after the Trainer's rendezvous: every process has made its decision
-        os.remove(os.path.join(run_dir, FINISHED_FILE))
     if trainer.is_main:
         print(f"align: run directory {run_dir}\n"
               f"       TensorBoard: tensorboard --logdir {os.path.join(run_dir, TB_DIR)}\n"

@@ -15,7 +15,10 @@ Every run gets the directory ``<out>/<its grid overrides, sorted, joined by ','>
 ``--print-hydra``'s command (``hydra.sweep.subdir: ${hydra.job.override_dirname}``, values normalised by
 Hydra's parser, the common keys excluded from the name). Each run is a subprocess
 ``python -m align.run <overrides> run_dir=<dir> train.progress=false threads=<--threads>``, up to
-``--jobs`` at once, its output appended to ``<dir>/run.log``. Before anything starts, every run's config is
+``--jobs`` at once, each in its own process group, its output appended to ``<dir>/run.log``. Ctrl-C
+(SIGINT) or SIGTERM stops the sweep: nothing more starts, the running runs get SIGTERM (SIGKILL after
+STOP_GRACE_S), the summary says which runs finished, were interrupted or never started, and the exit code is
+130; running the same command again resumes. Before anything starts, every run's config is
 composed (a typo fails at once) and compared with what its directory already holds: finished runs are
 skipped, runs with a checkpoint resume, a directory holding another config is an error. The skip/resume
 rule itself lives in ``align.run_dir``, which ``align.run`` applies too, so Hydra launchers (SLURM, ...) get it.
@@ -27,19 +30,27 @@ import concurrent.futures as cf
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from align.cli_checks import ConfigProblem
-from align.run_dir import RunMismatch, keys_with, last_checkpoint_step, plan_existing_run, run_status
+from align.run_dir import (RunMismatch, claim_run_dir, keys_with, last_checkpoint_step, plan_existing_run,
+                           run_status)
 
 LOG_NAME = "run.log"
+OUTCOMES = ("ran", "resumed", "skipped", "failed", "interrupted", "not started")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_GRACE_S = 10.0          # after SIGTERM, how long a stopped run may take before SIGKILL
 
 
 class SweepError(ValueError):
@@ -52,7 +63,7 @@ class Run:
     overrides: list[str]           # common overrides (minus the grid's keys) + the grid overrides
     dir: str
     action: str = ""               # start | resume | skip (planned)
-    outcome: str = ""              # ran | resumed | skipped | failed
+    outcome: str = ""              # one of OUTCOMES
     seconds: float = 0.0
     log_offset: int = 0            # where this attempt's output starts in <dir>/run.log
 
@@ -164,23 +175,96 @@ def quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _execute(run: Run, threads: int, slots: queue.Queue, gpus: list[str]) -> Run:
+class Interrupted(Exception):
+    """SIGINT or SIGTERM reached the sweep."""
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """In the main thread, the first SIGINT / SIGTERM raises Interrupted; later ones are ignored until the end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class Children:
+    """The running runs' processes. Each is the leader of its own process group, so a Ctrl-C in the terminal
+    reaches the sweep alone and the sweep stops them (and whatever they started) itself."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, subprocess.Popen] = {}
+        self.stopping = False
+
+    def run(self, cmd: list[str], **kwargs) -> int | None:
+        """Run ``cmd`` to its end and return its exit code; None if the sweep is stopping (not started)."""
+        with self._lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+            self._running[proc.pid] = proc
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._running.pop(proc.pid, None)
+
+    def stop(self, grace: float) -> None:
+        """Start nothing more; SIGTERM every running run's process group, SIGKILL what is left after ``grace``."""
+        with self._lock:
+            self.stopping = True
+            procs = list(self._running.values())
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for proc in procs:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + grace
+            for proc in procs:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.time()))
+                except subprocess.TimeoutExpired:
+                    pass
+            procs = [p for p in procs if p.poll() is None]
+            if not procs:
+                return
+
+
+def _execute(run: Run, threads: int, slots: queue.Queue, gpus: list[str], children: Children) -> Run:
     slot = slots.get()
     try:
+        if children.stopping:
+            run.outcome = "not started"
+            return run
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-        os.makedirs(run.dir, exist_ok=True)
+        claim_run_dir(run.dir)                 # the marker before run.log: the directory is ours
         cmd = command(run, threads)
         start = time.time()
         with open(os.path.join(run.dir, LOG_NAME), "a", encoding="utf-8") as log:
             run.log_offset = log.tell()
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd[1:])}\n")
             log.flush()
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            rc = children.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         run.seconds = time.time() - start
-        if rc != 0:
-            run.outcome = "failed"
+        if rc is None:
+            run.outcome = "not started"
+        elif rc != 0:
+            run.outcome = "interrupted" if children.stopping else "failed"
         else:
             run.outcome = {"start": "ran", "resume": "resumed", "skip": "skipped"}[run.action]
         return run
@@ -198,7 +282,8 @@ def _tail(path: str, offset: int, n: int = 3) -> str:
 
 
 def execute(sweep: Sweep, jobs: int = 1, threads: int = 1, gpus: list[str] | None = None) -> dict[str, int]:
-    """Run what is not finished, ``jobs`` at once; print one line per run and a summary; return the counts."""
+    """Run what is not finished, ``jobs`` at once; print one line per run and a summary; return the counts
+    of each outcome. On SIGINT / SIGTERM: launch nothing more, stop the running runs, say what became of each."""
     gpus = gpus or []
     todo = [r for r in sweep.runs if r.action != "skip"]
     for r in sweep.runs:
@@ -211,21 +296,38 @@ def execute(sweep: Sweep, jobs: int = 1, threads: int = 1, gpus: list[str] | Non
     slots: queue.Queue = queue.Queue()
     for i in range(jobs):
         slots.put(i)
-    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_execute, r, threads, slots, gpus) for r in todo]
-        for fut in cf.as_completed(futures):
-            r = fut.result()
-            done += 1
-            print(f"[{done}/{total}] {r.outcome:8s} {r.name} ({r.seconds:.0f} s)", flush=True)
-            if r.outcome == "failed":
-                print("    " + _tail(os.path.join(r.dir, LOG_NAME), r.log_offset).replace("\n", "\n    "), flush=True)
-    counts = {k: sum(r.outcome == k for r in sweep.runs) for k in ("ran", "resumed", "skipped", "failed")}
+    children, stopped_by = Children(), ""
+    pool = cf.ThreadPoolExecutor(max_workers=jobs)
+    try:
+        with _interruptible():
+            try:
+                futures = [pool.submit(_execute, r, threads, slots, gpus, children) for r in todo]
+                for fut in cf.as_completed(futures):
+                    r = fut.result()
+                    done += 1
+                    print(f"[{done}/{total}] {r.outcome:8s} {r.name} ({r.seconds:.0f} s)", flush=True)
+                    if r.outcome == "failed":
+                        print("    " + _tail(os.path.join(r.dir, LOG_NAME), r.log_offset).replace("\n", "\n    "),
+                              flush=True)
+            except Interrupted as sig:
+                stopped_by = str(sig)
+                print(f"align.sweep {sweep.name}: {stopped_by}, stopping the running runs", flush=True)
+                children.stop(STOP_GRACE_S)
+    finally:
+        pool.shutdown(wait=True)
+    counts = {k: sum(r.outcome == k for r in sweep.runs) for k in OUTCOMES}
     print(f"align.sweep {sweep.name}: ran {counts['ran']}, resumed {counts['resumed']}, skipped "
           f"{counts['skipped']}, failed {counts['failed']} in {time.time() - start:.0f} s. "
           f"Report: python -m align.report {sweep.out}", flush=True)
     if counts["failed"]:
         print("failed runs (logs): " + ", ".join(os.path.join(r.dir, LOG_NAME) for r in sweep.runs
                                                  if r.outcome == "failed"), flush=True)
+    if stopped_by:
+        groups = {"finished": ("ran", "resumed", "skipped"), "interrupted": ("interrupted",),
+                  "never started": ("not started",)}
+        print(f"align.sweep {sweep.name}: stopped by {stopped_by}. " + "; ".join(
+            f"{label}: {', '.join(r.name for r in sweep.runs if r.outcome in kinds) or '-'}"
+            for label, kinds in groups.items()) + ". Run the same command again to resume.", flush=True)
     return counts
 
 
@@ -277,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{n['resume']}, skip {n['skip']} (out: {os.path.abspath(sweep.out)})")
         return 0
     counts = execute(sweep, max(1, a.jobs), a.threads, [g for g in a.gpus.split(",") if g])
+    if counts["interrupted"] or counts["not started"]:
+        return 130
     return 1 if counts["failed"] else 0
 
 

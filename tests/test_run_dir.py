@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from align.config import CONF_DIR
+from align.registry import register_all
 from align.run_dir import (RESUMABLE_KEYS, clear_partial_run, config_differences, keys_with, last_checkpoint_step,
                            list_checkpoints, read_metrics, run_status)
 
@@ -22,6 +23,7 @@ def test_the_bookkeeping_roles():
 
 
 def test_hydra_leaves_the_name_keys_out_of_a_job_directory():
+    register_all()                                   # the typed configs in ConfigStore
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose(config_name="config", return_hydra_config=True)
@@ -53,7 +55,13 @@ def test_status_and_checkpoints_of_a_run_directory(tmp_path):
     assert list_checkpoints(run) == [4, 12] and last_checkpoint_step(run) == 12
     assert run_status(run) == "checkpoint"
     _touch(os.path.join(run, "samples_final.pt"))
+    assert run_status(run) == "checkpoint"                                  # no config.yaml: steps unknown
+    with open(os.path.join(run, "config.yaml"), "w") as fh:
+        fh.write("train:\n  steps: 12\n")
     assert run_status(run) == "finished"
+    with open(os.path.join(run, "config.yaml"), "w") as fh:                 # an extension, interrupted
+        fh.write("train:\n  steps: 20\n")
+    assert run_status(run) == "checkpoint"
     os.remove(os.path.join(run, "samples_final.pt"))
     clear_partial_run(run)
     assert sorted(os.listdir(run)) == ["run.log"] and run_status(run) == "new"

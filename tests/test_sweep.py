@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from align.cli_checks import check_overrides
 from align.config import CONF_DIR, compose_config
-from align.run_dir import RunMismatch, plan_existing_run, read_metrics
+from align.run_dir import RunMismatch, claim_run_dir, plan_existing_run, read_metrics
 from align.sweep import hydra_commands, load_sweep, main
 
 TINY = ["model=gmm", "reward=linear", "train.steps=2", "train.batch_size=4", "train.checkpoint_every=1",
@@ -86,8 +86,11 @@ def test_a_bad_sweep_fails_before_any_run_starts(tmp_path, capsys, text, needle)
     assert not out.exists()
 
 
-def _fake_run(run_dir, cfg, checkpoint=None, finished=False):
+def _fake_run(run_dir, cfg, checkpoint=None, finished=False, marker=True):
+    """A run directory as align writes it; ``marker=False``: as versions before the marker wrote it."""
     os.makedirs(run_dir)
+    if marker:
+        claim_run_dir(run_dir)
     OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
     open(os.path.join(run_dir, "metrics.jsonl"), "w").close()
     if checkpoint is not None:
@@ -107,6 +110,11 @@ def test_plan_for_an_existing_run_directory(tmp_path):
     assert plan_existing_run(str(tmp_path / "partial"), req()) == "start"
     _fake_run(str(tmp_path / "ckpt"), cfg, checkpoint=1)
     assert plan_existing_run(str(tmp_path / "ckpt"), req("threads=4", "train.progress=false")) == "resume"
+    _fake_run(str(tmp_path / "old"), cfg, checkpoint=1, marker=False)     # config.yaml + checkpoint: ours
+    assert plan_existing_run(str(tmp_path / "old"), req()) == "resume"
+    _fake_run(str(tmp_path / "foreign"), cfg, marker=False)                # no marker, no checkpoint: not ours
+    with pytest.raises(RunMismatch, match="align did not create"):
+        plan_existing_run(str(tmp_path / "foreign"), req())
     _fake_run(str(tmp_path / "done"), cfg, checkpoint=2, finished=True)
     assert plan_existing_run(str(tmp_path / "done"), req()) == "skip"
     assert plan_existing_run(str(tmp_path / "done"), req("train.steps=4")) == "resume"     # extend
