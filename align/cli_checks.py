@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from align.paper_settings import find_missing   # registers ${align_paper:...} (β, α, lr per model × reward × algo)
-from align.registry import SCHEMA_SUFFIX, register_all
+from align.registry import REWARDS, SCHEMA_SUFFIX, register_all
 from align.schema import check, typed_config
 
 GROUPS = ("algo", "model", "reward")
@@ -58,28 +58,14 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _options(conf_dir: str, group: str) -> list[str]:
-    """The group's presets (yaml files) and the typed configs stored without one (e.g. a plugin's)."""
+    """The group's choices: its typed configs (stored by the registries) and presets (yaml files)."""
     d = os.path.join(conf_dir, group)
-    names = {f[:-5] for f in os.listdir(d) if f.endswith(".yaml")} | _stored(group)
-    return sorted(n for n in names if not n.endswith(SCHEMA_SUFFIX))
-
-
-def _stored(group: str) -> set[str]:
+    names = {f[:-5] for f in os.listdir(d) if f.endswith(".yaml")} if os.path.isdir(d) else set()
     try:
-        names = ConfigStore.instance().list(group)
+        names |= {f[:-5] for f in ConfigStore.instance().list(group) if f.endswith(".yaml")}
     except OSError:   # nothing stored in this group
-        return set()
-    return {f[:-5] for f in names if f.endswith(".yaml")}
-
-
-def _group_config(conf_dir: str, group: str, name: str) -> DictConfig:
-    """The preset ``<group>/<name>.yaml`` (or the stored typed config) on its own, without composing."""
-    path = os.path.join(conf_dir, group, f"{name}.yaml")
-    if os.path.isfile(path):
-        return OmegaConf.load(path)
-    if name in _options(conf_dir, group):
-        return ConfigStore.instance().load(f"{group}/{name}.yaml").node
-    raise _unknown_group(conf_dir, group, name)
+        pass
+    return sorted(n for n in names if not n.endswith(SCHEMA_SUFFIX))
 
 
 def _default_choice(conf_dir: str, group: str) -> str:
@@ -160,7 +146,9 @@ def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
     domains = set()
     for combo in combos:
         reward = _group_values(combo, "reward") or _default_choice(conf_dir, "reward")
-        domains.add(str(_group_config(conf_dir, "reward", reward).get("domain", "")))
+        if reward not in _options(conf_dir, "reward"):
+            raise _unknown_group(conf_dir, "reward", reward)
+        domains.add(REWARDS.get(reward).domain)
     if not user_model:
         if len(domains) > 1:
             raise ConfigProblem(f"the swept rewards score different domains ({', '.join(sorted(domains))}); "

@@ -1,10 +1,13 @@
 """Name → class registries for algorithms, models and rewards, and their typed configs.
 
-``@register_algorithm("name", config=NameConfig)`` registers the class and stores its config dataclass with
-Hydra's ConfigStore as ``algo/name_schema``, which the preset ``align/conf/algo/name.yaml`` extends
-(``defaults: [name_schema, _self_]``); without a preset the dataclass is stored as ``algo/name`` too, so a new
-algorithm is one file. The packages are imported lazily by name, and so are plugin modules from outside the
-source tree: ``ALIGN_PLUGINS=module[,module...]`` (importable, e.g. through ``PYTHONPATH``).
+``@register_algorithm("name", config=NameConfig)`` (``register_model``, ``register_reward`` alike) registers the
+class and stores its config dataclass with Hydra's ConfigStore as ``algo/name_schema``, which a preset
+``align/conf/algo/name.yaml`` may extend (``defaults: [name_schema, _self_]``, for values that are
+interpolations); without a preset the dataclass is stored as ``algo/name`` too, so a new algorithm is one file.
+The packages are imported lazily by name, and so are plugin modules from outside the source tree:
+``ALIGN_PLUGINS=module[,module...]`` (importable, e.g. through ``PYTHONPATH``). Composing the runner's config
+needs every typed config stored first: ``register_all()`` (``align.config.compose_config`` and the command line
+call it).
 """
 from __future__ import annotations
 

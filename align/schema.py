@@ -16,9 +16,13 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from align.loading import DTYPES
 from align.registry import REGISTRIES, register_all
 
 ROOT_SCHEMA = "config_schema"
+
+
+Dtype = enum.StrEnum("Dtype", list(DTYPES))   # a network's dtype: bf16 | bfloat16 | fp16 | float16 | fp32 | float32
 
 
 class Device(enum.StrEnum):

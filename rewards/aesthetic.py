@@ -10,13 +10,15 @@ Prompts are ignored. Both files are resolved in ``__init__``: config key → env
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from align.interfaces import Reward
 from align.registry import register_reward
+from align.schema import Dtype
 from align.clip import AlwaysEval, freeze, shared_clip_image_features
 from align.weights import WeightSpec, resolve
 
@@ -63,7 +65,25 @@ class AestheticHead(nn.Module):
         return self.layers(e)
 
 
-@register_reward("aesthetic")
+@dataclass
+class AestheticConfig:
+    """``reward=aesthetic`` (model=sd3): r = MLP(CLIP ViT-L/14 image embedding / ‖·‖), about 1–10. Weights are never
+    downloaded at run time; each path is resolved: the key → its environment variable → the Hugging Face cache →
+    an error saying where to get it."""
+    name: str = "aesthetic"
+    clip_model: str = "ViT-L-14"    # open_clip architecture (OpenAI CLIP ViT-L/14, quick_gelu)
+    quick_gelu: bool = True
+    # OpenAI CLIP ViT-L/14 in open_clip format: open_clip_pytorch_model.bin (or open_clip_model.safetensors) of the
+    # hub repo timm/vit_large_patch14_clip_224.openai (OpenAI's original ViT-L-14.pt also loads).
+    # Env var: ALIGN_AESTHETIC_CLIP_WEIGHTS.
+    clip_weights: Optional[str] = None
+    # MLP head sac+logos+ava1-l14-linearMSE.pth from https://github.com/christophschuhmann/improved-aesthetic-predictor
+    # (mirror: hub repo camenduru/improved-aesthetic-predictor). Env var: ALIGN_AESTHETIC_HEAD_WEIGHTS.
+    head_weights: Optional[str] = None
+    dtype: Dtype = Dtype.fp32       # backbone dtype; scores are returned in fp32
+
+
+@register_reward("aesthetic", config=AestheticConfig)
 class AestheticReward(AlwaysEval, Reward):
     """r(x) = MLP(CLIP-L/14 image embedding / ‖·‖) — LAION aesthetic score, ≈ 1–10."""
 

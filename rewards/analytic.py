@@ -1,7 +1,8 @@
 """Analytic rewards for ``model=gmm``: exact tilts and optimal controls exist for these (reference §6)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, List, Sequence
 
 import torch
 
@@ -9,7 +10,16 @@ from align.interfaces import Reward
 from align.registry import register_reward
 
 
-@register_reward("linear")
+@dataclass
+class LinearConfig:
+    """``reward=linear`` (model=gmm): r(x) = scale · cᵀx; the tilted target and the control optimum are known in
+    closed form."""
+    name: str = "linear"
+    direction: List[float] = field(default_factory=lambda: [1.0, 0.0])   # c
+    scale: float = 1.0              # r × scale (with β ÷ scale every algorithm trains the same model)
+
+
+@register_reward("linear", config=LinearConfig)
 class LinearReward(Reward):
     """r(x) = s·cᵀx with c = ``reward.direction`` and s = ``reward.scale``."""
 
@@ -25,7 +35,16 @@ class LinearReward(Reward):
         return self.scale * (images.float() @ self.c)
 
 
-@register_reward("quadratic")
+@dataclass
+class QuadraticConfig:
+    """``reward=quadratic`` (model=gmm): r(x) = −scale · ½ (x − m)ᵀ Q (x − m)."""
+    name: str = "quadratic"
+    center: List[float] = field(default_factory=lambda: [1.0, 1.0])                    # m
+    precision: List[List[float]] = field(default_factory=lambda: [[1.0, 0.0], [0.0, 1.0]])  # Q
+    scale: float = 1.0              # r × scale (with β ÷ scale every algorithm trains the same model)
+
+
+@register_reward("quadratic", config=QuadraticConfig)
 class QuadraticReward(Reward):
     """r(x) = −½ s (x − m)ᵀ Q (x − m) with m = ``reward.center``, Q = ``reward.precision`` (symmetric PSD) and
     s = ``reward.scale``."""

@@ -11,7 +11,8 @@ Three characters, so the algorithms' trade-offs show:
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -26,7 +27,15 @@ def _check(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-@register_reward("digits_thickness")
+@dataclass
+class DigitsThicknessConfig:
+    """``reward=digits_thickness``: ink mass, r = scale · mean pixel in [0, 1] (real digits ≈ 0.30 → r ≈ 3). A style
+    property that invites reward hacking (smeared, unreadable blobs): watch eval/fid."""
+    name: str = "digits_thickness"
+    scale: float = 10.0
+
+
+@register_reward("digits_thickness", config=DigitsThicknessConfig)
 class DigitsThickness(Reward):
     """r = scale · mean pixel (ink mass). Real digits: mean ≈ 0.30, so r ≈ 3 with scale 10."""
 
@@ -40,7 +49,18 @@ class DigitsThickness(Reward):
         return self.scale * _check(images).flatten(1).mean(1)
 
 
-@register_reward("digits_classifier")
+@dataclass
+class DigitsClassifierConfig:
+    """``reward=digits_classifier``: prompt–image agreement, r = log p(prompted class | image) under the pretrained
+    digit classifier."""
+    name: str = "digits_classifier"
+    # A class name ("eight") or digit: score that fixed class for every prompt instead (a reward that fights the
+    # prompt); null: the prompted class
+    target: Optional[str] = None
+    weights: Optional[str] = None   # null: the shipped classifier (align/models/weights/digits_classifier.safetensors)
+
+
+@register_reward("digits_classifier", config=DigitsClassifierConfig)
 class DigitsClassifier(Reward):
     """r = log p(c | image) under the pretrained digit classifier, c = the prompted class (or ``target``)."""
 
@@ -63,7 +83,15 @@ class DigitsClassifier(Reward):
         return logp.gather(1, labels.to(logp.device).unsqueeze(1)).squeeze(1)
 
 
-@register_reward("digits_symmetry")
+@dataclass
+class DigitsSymmetryConfig:
+    """``reward=digits_symmetry``: left–right mirror symmetry, r = −scale · mean((img − flip(img))²), 0 when
+    symmetric. Most digits are asymmetric, so this reward conflicts with the prior."""
+    name: str = "digits_symmetry"
+    scale: float = 10.0
+
+
+@register_reward("digits_symmetry", config=DigitsSymmetryConfig)
 class DigitsSymmetry(Reward):
     """r = −scale · mean((img − mirror(img))²), left–right mirror; 0 for perfectly symmetric images."""
 

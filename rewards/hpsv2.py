@@ -13,7 +13,8 @@ loading the HPS checkpoint; none of it is needed for the score above.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from align.registry import register_reward
 from align.clip import (AlwaysEval, TextFeatureCache, clip_preprocess, create_open_clip, image_size,
                         register_open_clip_config)
 from align.loading import DTYPES
+from align.schema import Dtype
 from align.weights import WeightSpec, resolve
 
 HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2": "HPS_v2_compressed.pt"}
@@ -38,7 +40,24 @@ def hps_weight_spec(version: str) -> WeightSpec:
                       url=f"https://huggingface.co/xswu/HPSv2/resolve/main/{f}")
 
 
-@register_reward("hpsv2")
+@dataclass
+class HPSv2Config:
+    """``reward=hpsv2`` (model=sd3): r = cosine(image features, text features), about 0.2–0.3. The weights path is
+    resolved: the key → env var ALIGN_HPSV2_WEIGHTS → the Hugging Face cache → an error."""
+    name: str = "hpsv2"
+    version: str = "v2.1"           # v2.1 | v2
+    # HPS_v2.1_compressed.pt (version v2.1) or HPS_v2_compressed.pt (version v2) from the hub repo xswu/HPSv2,
+    # e.g. https://huggingface.co/xswu/HPSv2/resolve/main/HPS_v2.1_compressed.pt. Env var: ALIGN_HPSV2_WEIGHTS.
+    weights: Optional[str] = None
+    clip_model: str = "ViT-H-14"    # open_clip architecture the checkpoint belongs to
+    quick_gelu: bool = False
+    dtype: Dtype = Dtype.fp32       # backbone dtype; scores are returned in fp32
+
+    def validate(self) -> None:
+        hps_weight_spec(str(self.version))
+
+
+@register_reward("hpsv2", config=HPSv2Config)
 class HPSv2Reward(AlwaysEval, Reward):
     """r = cos(image features, text features) of the HPS-finetuned open_clip ViT-H-14."""
 

@@ -12,7 +12,8 @@ returns the tensor — both are handled.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from align.interfaces import Reward
 from align.registry import register_reward
 from align.clip import AlwaysEval, TextFeatureCache, clip_preprocess, freeze
 from align.loading import DTYPES, dtype_kwargs
+from align.schema import Dtype
 from align.weights import WeightSpec, resolve
 
 MODEL_SPEC = WeightSpec(
@@ -42,7 +44,22 @@ def pooled(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-@register_reward("pickscore")
+@dataclass
+class PickScoreConfig:
+    """``reward=pickscore`` (model=sd3): r = exp(logit_scale) · cosine(image embedding, text embedding), about
+    18–24. Each directory is resolved: the key → its environment variable → the Hugging Face cache → an error."""
+    name: str = "pickscore"
+    # A from_pretrained directory of the hub repo yuvalkirstain/PickScore_v1 (config.json + model weights).
+    # Env var: ALIGN_PICKSCORE_MODEL.
+    model: Optional[str] = None
+    # A directory with the tokenizer files (tokenizer.json or vocab.json + merges.txt) of the processor repo
+    # laion/CLIP-ViT-H-14-laion2B-s32B-b79K. Env var: ALIGN_PICKSCORE_PROCESSOR.
+    processor: Optional[str] = None
+    max_length: int = 77
+    dtype: Dtype = Dtype.fp32       # model dtype; scores are returned in fp32
+
+
+@register_reward("pickscore", config=PickScoreConfig)
 class PickScoreReward(AlwaysEval, Reward):
     """r = exp(logit_scale) · cos(image embedding, text embedding) of PickScore_v1."""
 

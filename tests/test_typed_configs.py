@@ -1,5 +1,5 @@
-"""Bad values are refused by the typed configs (align/schema.py, the algorithms' config dataclasses) before any
-work, in one line naming the key, the value and, for a choice, the valid ones."""
+"""Bad values are refused by the typed configs (align/schema.py; the algorithms', models' and rewards' config
+dataclasses) before any work, in one line naming the key, the value and, for a choice, the valid ones."""
 import os
 import subprocess
 import sys
@@ -42,6 +42,12 @@ BAD = [
     (["eval.final_samples=0"], ["eval.final_samples must be >= 1"]),
     (["device=gpu"], ["device=gpu", "auto, cpu, cuda"]),
     (["threads=all"], ["threads", "all"]),
+    (["model=gmm", "model.weights=[1,2,3]"], ["model.weights has 3 entries but model.means has 2 components"]),
+    (["model=sd3", "model.decoder=vqgan"], ["model.decoder=vqgan", "taesd3, vae"]),
+    (["model=digits", "model.lora_rank=eight"], ["model.lora_rank", "eight"]),
+    (["reward=aesthetic", "reward.dtype=fp64"], ["reward.dtype=fp64", "fp16", "fp32"]),
+    (["reward=hpsv2", "reward.version=v3"], ["reward.version must be one of", "v3"]),
+    (["reward=linear", "reward.scale=big"], ["reward.scale", "big"]),
 ]
 
 

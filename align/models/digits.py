@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from align.digits_classifier import (CLASSIFIER_WEIGHTS, DIGIT_NAMES, NULL_INDEX
 from align.models.flow_transformer import LORA_TARGET_MODULES, FlowTransformerModel
 from align.models.value_unet import ValueUNet
 from align.registry import register_model
+from align.schema import Grid
 from align.weights import WeightSpec, resolve
 
 FLOW_WEIGHTS = os.path.join(WEIGHTS_DIR, "digits_flow.safetensors")
@@ -94,7 +96,25 @@ def build_transformer(config: dict[str, Any] | None = None) -> nn.Module:
 
 
 # ---- the backend ------------------------------------------------------------------------------------------
-@register_model("digits")
+@dataclass
+class DigitsConfig:
+    """``model=digits`` (see the module docstring). Weights: align/models/weights/ (regenerate:
+    ``python -m align.pretrain model=digits``)."""
+    name: str = "digits"
+    grid: Grid = Grid.sd3           # SD3's shifted 20-step grid (shift 3), the paper's sampler; also good on uniform
+    # CFG w (SD3 uses 5). w = 2 keeps 100 % recognisable digits at about half the real feature variance; w = 1:
+    # 98.5 %, real-like variance; w = 3–5: less diverse still.
+    guidance_scale: float = 2.0
+    weights: Optional[str] = None   # null: align/models/weights/digits_flow.safetensors (+ .json beside it)
+    classifier_weights: Optional[str] = None  # null: the shipped classifier (features for FID/diversity)
+    lora_rank: int = 8              # paper: r = 8, lora_alpha = 8, gaussian init, on to_q, to_k, to_v, to_out.0
+    lora_alpha: float = 8.0
+    # VGG-Flow's ν_φ: a scaled-down UNet2DConditionModel (its keyword arguments), conv_out × out_scale
+    value_net: Dict[str, Any] = field(default_factory=lambda: {
+        "block_out_channels": [32, 64], "attention_head_dim": 8, "out_scale": 1.0e-3})
+
+
+@register_model("digits", config=DigitsConfig)
 class DigitsFlow(FlowTransformerModel):
     """Pretrained class-conditional flow on 8×8 digits, finetuned through LoRA (see the module docstring)."""
 

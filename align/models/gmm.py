@@ -8,7 +8,8 @@ The finetuned model is v_θ = v_base + MLP_θ(x, t) with a zero-initialised outp
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, List, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +17,23 @@ from torch import nn
 
 from align.interfaces import FlowModel
 from align.registry import register_model
+from align.schema import Grid
+
+
+@dataclass
+class GMMConfig:
+    """``model=gmm``: any dimension d, K components; the finetuned part is an MLP residual."""
+    name: str = "gmm"
+    grid: Grid = Grid.uniform
+    weights: List[float] = field(default_factory=lambda: [0.5, 0.5])                   # K mixture weights π_k
+    means: List[List[float]] = field(default_factory=lambda: [[-1.5, 0.0], [1.5, 0.0]])  # K means μ_k of length d
+    covs: List[List[List[float]]] = field(                                              # K d×d covariances Σ_k
+        default_factory=lambda: [[[0.25, 0.0], [0.0, 0.25]], [[0.25, 0.0], [0.0, 0.25]]])
+    hidden: int = 128               # width of the MLP residual
+    depth: int = 3                  # its layers
+
+    def validate(self) -> None:
+        validate_gmm(*(torch.as_tensor(v, dtype=torch.float64) for v in (self.weights, self.means, self.covs)))
 
 
 def gmm_velocity(x: torch.Tensor, t: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor,
@@ -61,7 +79,7 @@ class TimeMLP(nn.Module):
         return self.out(self.body(feats))
 
 
-@register_model("gmm")
+@register_model("gmm", config=GMMConfig)
 class GaussianMixtureFlow(FlowModel):
     """Analytic GMM prior (frozen) + MLP residual (finetuned)."""
 

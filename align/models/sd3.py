@@ -26,9 +26,11 @@ config (the SD3 VAE's 1.5305 / 0.0609; TAESD3's 1 / 0: it takes the diffusion la
 """
 from __future__ import annotations
 
+import enum
 import gc
 import os
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +43,7 @@ from align.models.flow_transformer import (LORA_TARGET_MODULES, LORA_WEIGHT_NAME
 from align.models.sd3_text import SD3TextEncoders
 from align.models.value_unet import ValueUNet
 from align.registry import register_model
+from align.schema import Dtype, Grid
 from align.weights import WEIGHT_GLOBS, WeightSpec, looks_local, resolve
 
 DEFAULT_PRETRAINED = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -104,7 +107,64 @@ def _checkpoint_specs(pretrained: str, t5: bool, vae: bool) -> tuple[WeightSpec,
 
 
 # ---- the backend ------------------------------------------------------------------------------------------------
-@register_model("sd3")
+Decoder = enum.StrEnum("Decoder", "taesd3 vae")
+
+
+@dataclass
+class SD3Config:
+    """``model=sd3``: Stable Diffusion 3 (medium) as the flow prior, finetuned with LoRA (the paper's image setting,
+    §5, reference §1.8). Needs a GPU in practice; the weights are gated on the hub (accept the license, then
+    ``huggingface-cli download stabilityai/stable-diffusion-3-medium-diffusers``)."""
+    name: str = "sd3"
+    # A hub id (resolved through the HF cache / hub, only the needed subfolders) or a local diffusers directory.
+    # SD3.5 loads through the same code: stabilityai/stable-diffusion-3.5-medium (2.5B; dual attention in blocks
+    # 0-12, QK RMS-norm, position embedding of 384² patches) or stabilityai/stable-diffusion-3.5-large (8.1B, QK
+    # RMS-norm, ≈ 16 GB in bf16; 192² patches as SD3). Both ship the diffusers folders, the same scheduler (static
+    # shift 3) and SD3's VAE and text encoders; the LoRA targets also match the dual-attention projections. Their
+    # model cards sample with w = 4.5 / 40 steps (medium) and w = 3.5 / 28 steps (large); the paper's settings
+    # (w 5, 20 steps, β, lr) are SD3-medium's, so on SD3.5 they are a starting point, not the paper's numbers.
+    pretrained: str = DEFAULT_PRETRAINED
+    dtype: Dtype = Dtype.bfloat16   # transformer and text encoders (bfloat16 | float16 | float32); LoRA weights fp32
+    # false: skip text_encoder_3 (T5-XXL, ~9.5 GB in bf16) and feed zero T5 embeddings, as the diffusers pipeline
+    # does with text_encoder_3=None (lower prompt fidelity)
+    t5: bool = True
+    max_sequence_length: int = 256  # T5 tokens (the pipeline's default; the context is 77 CLIP + this many tokens)
+    # pixels; latents are 16 × res/8 × res/8. 1024 = SD3-medium's native size and the authors' code. 512 is 4×
+    # cheaper per transformer call but off-distribution for SD3
+    resolution: int = 1024
+    decoder: Decoder = Decoder.taesd3  # taesd3 (AutoencoderTiny, the authors' decoder for reward gradients) | vae
+    taesd3_path: str = DEFAULT_TAESD3  # hub id or local directory of TAESD3 (used when decoder=taesd3)
+    gradient_checkpointing: bool = False  # recompute transformer (and decoder) activations in backward: less memory
+    guidance_scale: float = 5.0     # CFG w, at sampling and in training (the unconditional branch is detached in losses)
+    lora_rank: int = 8              # paper: r = 8, lora_alpha = 8, gaussian init, on to_q, to_k, to_v, to_out.0
+    lora_alpha: float = 8.0
+    grid: Grid = Grid.sd3           # SD3's shifted 20-step Euler grid (t = 1 − σ of FlowMatchEulerDiscreteScheduler)
+    sampler_shift: Optional[float] = None  # checked against the checkpoint's scheduler shift (preset: ${sampler.shift})
+    # The run's prompt set, encoded once at start, then the text encoders are freed (preset: ${prompts}). null:
+    # animals (aesthetic); hpdv2 for HPSv2, pickapic for PickScore
+    prompts: Optional[str] = None
+    keep_text_encoders: bool = False  # true: keep them (on the CPU) to encode prompts outside the set on the fly
+    encode_device: str = "auto"     # where the text encoders run for the one-off encoding (auto: cuda if available)
+    decode_batch_size: int = 8      # images decoded per decoder call (evaluation batches)
+    forward_batch_size: Optional[int] = 16  # transformer batch under no_grad (evaluation / rollouts); null: no chunking
+    # VGG-Flow's ν_φ: the paper's scaled-down SD1.5 UNet2DConditionModel on latents (its keyword arguments),
+    # cross-attending to the prompt embeddings (dim 4096); conv_out weight and bias × out_scale (ν ≈ 0 at the start)
+    value_net: Dict[str, Any] = field(default_factory=lambda: {
+        "block_out_channels": [64, 128, 256, 256], "layers_per_block": 1, "attention_head_dim": 8,
+        "out_scale": 1.0e-3})
+    # Image features of the diversity and FID metrics (align/features.py): kind clip (OpenAI CLIP ViT-L/14 image
+    # embeddings; weights null: $ALIGN_CLIP_FEATURES_WEIGHTS, else the HF cache of open_clip's ViT-L-14/openai) |
+    # inception (FID's Inception-v3 pool features: needs `pip install torch-fidelity` and its weights file in
+    # `weights` or $ALIGN_INCEPTION_WEIGHTS) | pixels (8×8 average-pooled image) | dreamsim (the paper's diversity
+    # features: DreamSim's ensemble DINO ViT-B/16 + CLIP ViT-B/16 + OpenCLIP ViT-B/16 with its LoRA merged;
+    # `weights` = DreamSim's cache directory, i.e. its release zip extracted, plus
+    # checkpoints/dino_vitbase16_pretrain.pth, or $ALIGN_DREAMSIM_DIR; single branch:
+    # +model.features.dreamsim_type=open_clip_vitb32 | clip_vitb32 | dino_vitb16)
+    features: Dict[str, Any] = field(default_factory=lambda: {"kind": "clip", "model_name": "ViT-L-14",
+                                                             "weights": None})
+
+
+@register_model("sd3", config=SD3Config)
 class SD3Model(FlowTransformerModel):
     """SD3 latents as the paper's flow: v_θ(x, t, c) = −[u_uncond + w (u_cond − u_uncond)] at σ = 1 − t."""
 
