@@ -152,14 +152,24 @@ def typed(schema: type, cfg: Any) -> DictConfig:
     return cfg
 
 
+# Keys that configs saved before the typed configs carry and that are no longer settings (the domain presets,
+# align/conf/preset/, and align/paper_settings.py hold them now): dropped when such a config.yaml is typed again.
+RETIRED_KEYS = {"model": ("default_reward", "train_steps", "batch_size", "eval_every", "eval_samples",
+                          "vggflow_beta", "vggflow_alpha", "am_beta", "fid_reference"),
+                "reward": ("domain",)}
+
+
 def typed_config(cfg: Any) -> DictConfig:
     """A saved (untyped, resolved) config, e.g. a run's config.yaml, merged onto the root schema and the typed
     configs of its algorithm, model and reward, and checked again; raises ValueError naming the key."""
     register_all()
-    given = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    given = OmegaConf.to_container(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=False)
     root = OmegaConf.structured(RootConfig)
     for registry in REGISTRIES:
-        schema = registry.config(given[registry.group]["name"])
+        section = given[registry.group]
+        for key in RETIRED_KEYS.get(registry.group, ()):
+            section.pop(key, None)
+        schema = registry.config(section["name"])
         if schema is not None:
             root[registry.group] = OmegaConf.structured(schema)
     root = OmegaConf.merge(root, given)

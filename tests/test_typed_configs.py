@@ -104,3 +104,14 @@ def test_a_resumed_runs_config_is_checked_before_any_work(tmp_path):
     OmegaConf.save(saved, tmp_path / "config.yaml")
     with pytest.raises(ConfigProblem, match=r"resume=.*algo.adjoint=half is not a valid choice.*full, lean"):
         check_overrides([f"resume={tmp_path}"], CONF_DIR)
+
+
+def test_a_config_saved_before_the_typed_configs_is_typed_again():
+    cfg = compose_config(["algo=vggflow"], run_dir="r")
+    saved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    saved.pop("default_reward")
+    saved["model"].update(vggflow_beta=10.0, vggflow_alpha=10.0, am_beta=10.0, default_reward="digits_thickness",
+                          train_steps=60, batch_size=8, eval_every=20, eval_samples=160, fid_reference="paired")
+    saved["reward"]["domain"] = "digits"
+    typed = typed_config(saved)
+    assert "vggflow_beta" not in typed.model and typed.algo.beta == 10.0 and typed.train.steps == 60
