@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from align.clip import ClipImageFeatures, clip_preprocess
 from helpers.tiny_clip import write_aesthetic_head, write_tiny_hf_clip, write_tiny_open_clip
 
-CONF = Path(__file__).resolve().parents[1] / "align" / "conf" / "reward"
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at dusk", "a photo of a cat"]
 ENV_VARS = ("ALIGN_AESTHETIC_CLIP_WEIGHTS", "ALIGN_AESTHETIC_HEAD_WEIGHTS", "ALIGN_HPSV2_WEIGHTS",
             "ALIGN_PICKSCORE_MODEL", "ALIGN_PICKSCORE_PROCESSOR", "ALIGN_CLIP_FEATURES_WEIGHTS")
@@ -283,25 +281,28 @@ def test_weights_from_env_var_and_hf_cache(tiny, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- (5)
 @pytest.mark.parametrize("name", ["aesthetic", "hpsv2", "pickscore"])
-def test_registry_and_hydra_config(name):
+def test_registry_and_typed_config(name):
+    from align.config import compose_config
     from align.registry import REWARDS
 
     cls = REWARDS.get(name)
     assert cls.name == name and cls.domain == "sd3"
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    assert cfg.name == name and cfg.domain == "sd3" and cfg.dtype == "fp32"
+    cfg = compose_config([f"reward={name}"])                 # the reward's registered config dataclass
+    assert cfg.model.name == "sd3" and cfg.reward.name == name and cfg.reward.dtype == "fp32"
     params = set(inspect.signature(cls.__init__).parameters) - {"self", "_"}
-    unknown = set(cfg.keys()) - {"name", "domain"} - params
-    assert not unknown, f"{name}.yaml keys the constructor does not take: {unknown}"
-    text = (CONF / f"{name}.yaml").read_text()
+    unknown = set(cfg.reward.keys()) - {"name"} - params
+    assert not unknown, f"{name}'s config has keys the constructor does not take: {unknown}"
+    text = inspect.getsource(REWARDS.config(name))
     env = {"aesthetic": ["ALIGN_AESTHETIC_CLIP_WEIGHTS", "ALIGN_AESTHETIC_HEAD_WEIGHTS"],
            "hpsv2": ["ALIGN_HPSV2_WEIGHTS"], "pickscore": ["ALIGN_PICKSCORE_MODEL", "ALIGN_PICKSCORE_PROCESSOR"]}
     for v in env[name]:
-        assert v in text, f"{name}.yaml should say that {v} overrides the weights path"
+        assert v in text, f"{name}'s config should say that {v} overrides the weights path"
 
 
-def test_constructed_from_yaml_config(tiny):
-    """Each yaml, with only its weight keys pointed at the tiny models, builds a working reward."""
+def test_constructed_from_the_composed_config(tiny):
+    """Each reward's config, with only its weight keys pointed at the tiny models, builds a working reward."""
+    from align.build import _kwargs
+    from align.config import compose_config
     from align.registry import REWARDS
 
     overrides = {
@@ -311,10 +312,8 @@ def test_constructed_from_yaml_config(tiny):
     }
     x = _images(2, 224, 224)
     for name, over in overrides.items():
-        cfg = OmegaConf.merge(OmegaConf.load(CONF / f"{name}.yaml"), over)
-        kwargs = OmegaConf.to_container(cfg, resolve=True)
-        kwargs.pop("name")
-        reward = REWARDS.get(name)(**kwargs)
+        cfg = compose_config([f"reward={name}", *(f"reward.{k}='{v}'" for k, v in over.items())])
+        reward = REWARDS.get(name)(**_kwargs(cfg.reward))
         with torch.no_grad():
             r = reward(x, PROMPTS[:2])
         assert r.shape == (2,) and torch.isfinite(r).all()

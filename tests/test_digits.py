@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from align.config import compose_config
 from align.digits_classifier import (CLASSIFIER_WEIGHTS, DIGIT_NAMES, REGENERATE, load_digit_classifier,
                                      prompt_to_class)
 from align.metrics import feature_diversity, frechet_distance
@@ -22,7 +23,6 @@ from samplers import euler_integrate, make_grid, one_step_prediction
 
 HAVE_WEIGHTS = os.path.isfile(FLOW_WEIGHTS) and os.path.isfile(CLASSIFIER_WEIGHTS)
 needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason=f"digits weights missing; run `{REGENERATE}`")
-CONF = os.path.join(os.path.dirname(__file__), os.pardir, "align", "conf")
 
 
 def _model(**kw) -> DigitsFlow:
@@ -85,10 +85,9 @@ def test_prompts_and_registry():
         prompt_to_class("a cat")
     for name in ("digits_thickness", "digits_classifier", "digits_symmetry"):
         assert REWARDS.get(name).domain == "digits"
-        text = open(os.path.join(CONF, "reward", f"{name}.yaml"), encoding="utf-8").read()
-        assert f"name: {name}" in text and "domain: digits" in text
-    model_yaml = open(os.path.join(CONF, "model", "digits.yaml"), encoding="utf-8").read()
-    assert "grid:" in model_yaml                   # the domain's β / α live in align/paper_settings.py
+        cfg = compose_config([f"reward={name}"])                  # the reward's domain picks the model
+        assert cfg.reward.name == name and cfg.model.name == "digits"
+    assert compose_config(["model=digits"]).model.grid == "sd3"   # the domain's β / α: align/paper_settings.py
     assert {"beta", "alpha"} <= set(DOMAIN["digits"]["vggflow"]) and "beta" in DOMAIN["digits"]["adjoint_matching"]
 
 
