@@ -35,15 +35,21 @@ class DigitsThicknessConfig:
     scale: float = 10.0
 
 
-@register_reward("digits_thickness", config=DigitsThicknessConfig)
-class DigitsThickness(Reward):
-    """r = scale · mean pixel (ink mass). Real digits: mean ≈ 0.30, so r ≈ 3 with scale 10."""
+class _ScaledPixelReward(Reward):
+    """A pixel statistic of the image times ``scale``."""
 
-    name, domain = "digits_thickness", "digits"
+    domain = "digits"
 
     def __init__(self, scale: float = 10.0, **_: Any):
         super().__init__()
         self.scale = float(scale)
+
+
+@register_reward("digits_thickness", config=DigitsThicknessConfig)
+class DigitsThickness(_ScaledPixelReward):
+    """r = scale · mean pixel (ink mass). Real digits: mean ≈ 0.30, so r ≈ 3 with scale 10."""
+
+    name = "digits_thickness"
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         return self.scale * _check(images).flatten(1).mean(1)
@@ -92,14 +98,10 @@ class DigitsSymmetryConfig:
 
 
 @register_reward("digits_symmetry", config=DigitsSymmetryConfig)
-class DigitsSymmetry(Reward):
+class DigitsSymmetry(_ScaledPixelReward):
     """r = −scale · mean((img − mirror(img))²), left–right mirror; 0 for perfectly symmetric images."""
 
-    name, domain = "digits_symmetry", "digits"
-
-    def __init__(self, scale: float = 10.0, **_: Any):
-        super().__init__()
-        self.scale = float(scale)
+    name = "digits_symmetry"
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         images = _check(images)
