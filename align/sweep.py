@@ -16,7 +16,7 @@ Every run gets the directory ``<out>/<its grid overrides, sorted, joined by ','>
 Hydra's parser, the common keys excluded from the name). Each run is a subprocess
 ``python -m align.run <overrides> run_dir=<dir> train.progress=false threads=<--threads>``, up to
 ``--jobs`` at once, each in its own process group, its output appended to ``<dir>/run.log``. Ctrl-C
-(SIGINT) or SIGTERM stops the sweep: nothing more starts, the running runs get SIGTERM (SIGKILL after
+(SIGINT), SIGTERM or SIGHUP stops the sweep: nothing more starts, the running runs get SIGTERM (SIGKILL after
 STOP_GRACE_S), the summary says which runs finished, were interrupted or never started, and the exit code is
 130; running the same command again resumes. Before anything starts, every run's config is
 composed (a typo fails at once) and compared with what its directory already holds: finished runs are
@@ -49,7 +49,8 @@ from align.run_dir import (RunMismatch, claim_run_dir, keys_with, last_checkpoin
 
 LOG_NAME = "run.log"
 OUTCOMES = ("ran", "resumed", "skipped", "failed", "interrupted", "not started")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP too: the runs are in their own sessions, so a closed terminal's hangup reaches the sweep alone
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP_GRACE_S = 10.0          # after SIGTERM, how long a stopped run may take before SIGKILL
 
 
@@ -176,12 +177,12 @@ def quote(value: str) -> str:
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM reached the sweep."""
+    """SIGINT, SIGTERM or SIGHUP reached the sweep."""
 
 
 @contextmanager
 def _interruptible() -> Iterator[None]:
-    """In the main thread, the first SIGINT / SIGTERM raises Interrupted; later ones are ignored until the end."""
+    """In the main thread, the first of STOP_SIGNALS raises Interrupted; later ones are ignored until the end."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -283,7 +284,7 @@ def _tail(path: str, offset: int, n: int = 3) -> str:
 
 def execute(sweep: Sweep, jobs: int = 1, threads: int = 1, gpus: list[str] | None = None) -> dict[str, int]:
     """Run what is not finished, ``jobs`` at once; print one line per run and a summary; return the counts
-    of each outcome. On SIGINT / SIGTERM: launch nothing more, stop the running runs, say what became of each."""
+    of each outcome. On one of STOP_SIGNALS: launch nothing more, stop the running runs, say what became of each."""
     gpus = gpus or []
     todo = [r for r in sweep.runs if r.action != "skip"]
     for r in sweep.runs:
@@ -311,8 +312,10 @@ def execute(sweep: Sweep, jobs: int = 1, threads: int = 1, gpus: list[str] | Non
                               flush=True)
             except Interrupted as sig:
                 stopped_by = str(sig)
-                print(f"align.sweep {sweep.name}: {stopped_by}, stopping the running runs", flush=True)
-                children.stop(STOP_GRACE_S)
+                try:
+                    print(f"align.sweep {sweep.name}: {stopped_by}, stopping the running runs", flush=True)
+                finally:                       # after a hangup, printing may fail: stop the runs all the same
+                    children.stop(STOP_GRACE_S)
     finally:
         pool.shutdown(wait=True)
     counts = {k: sum(r.outcome == k for r in sweep.runs) for k in OUTCOMES}
