@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from align.config import compose_config
 from align.assemble import build_trainer
+from align.trainer import Trainer
 
 torch.set_num_threads(1)
 
