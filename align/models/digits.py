@@ -26,9 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# CLASSIFIER_WEIGHTS is imported from here by align/pretrain.py
-from align.digits_classifier import (CLASSIFIER_WEIGHTS, DIGIT_NAMES, NULL_INDEX, REGENERATE_HOW,  # noqa: F401
-                                     WEIGHTS_DIR, DigitClassifier, load_digit_classifier, prompts_to_classes)
+from align.digits_classifier import (DIGIT_NAMES, NULL_INDEX, REGENERATE_HOW, WEIGHTS_DIR, DigitClassifier,
+                                     load_digit_classifier, prompts_to_classes)
 from align.models.flow_transformer import LORA_TARGET_MODULES, FlowTransformerModel
 from align.models.value_unet import ValueUNet
 from align.registry import register_model

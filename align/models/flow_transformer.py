@@ -205,8 +205,6 @@ class FlowTransformerModel(FlowModel):
     Subclasses set ``data_shape``, implement ``encode``/``negative_cond`` and ``decode``.
     """
 
-    default_grid = "sd3"
-
     def __init__(self, transformer: nn.Module, guidance_scale: float = 5.0, lora_rank: int = 8,
                  lora_alpha: float = 8.0, lora_target_modules: Sequence[str] = LORA_TARGET_MODULES):
         super().__init__()

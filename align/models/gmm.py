@@ -84,8 +84,6 @@ class GaussianMixtureFlow(FlowModel):
     """Analytic GMM prior (frozen) + MLP residual (finetuned)."""
 
     name = "gmm"
-    default_grid = "uniform"
-
     def __init__(self, weights: Sequence[float], means: Sequence[Sequence[float]],
                  covs: Sequence[Sequence[Sequence[float]]], hidden: int = 128, depth: int = 3, **_: Any):
         super().__init__()
@@ -131,10 +129,6 @@ class GaussianMixtureFlow(FlowModel):
         rgb = torch.from_numpy(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
         plt.close(fig)
         return rgb.permute(2, 0, 1).float() / 255.0
-
-    def sample_data(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Exact samples of the prior x_1 ~ GMM (float64)."""
-        return sample_gmm(n, self.log_pi.exp(), self.mu, self.cov, generator)
 
 
 def validate_gmm(w: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> None:
