@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from datetime import datetime
-
 import re
+from datetime import datetime
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
