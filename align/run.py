@@ -47,13 +47,13 @@ def _job(cfg: DictConfig) -> None:
         if not os.path.isfile(saved):
             _fail(f"resume={cfg.resume}: {saved} does not exist (is this a run directory?)")
         cfg = _resumed_config(OmegaConf.load(saved), cfg, run_dir)
-    main = _launch_rank() == 0
+    is_main = _launch_rank() == 0
     fresh = not (os.path.isdir(run_dir) and os.listdir(run_dir))
     try:
-        with _sole_writer(run_dir) if main else nullcontext():
-            _run(cfg, run_dir, main)
+        with _sole_writer(run_dir) if is_main else nullcontext():
+            _run(cfg, run_dir, is_main)
     except SystemExit:
-        if fresh and main:
+        if fresh and is_main:
             discard_if_unused(run_dir)     # leave no half-written run directory
         raise
 
@@ -70,8 +70,8 @@ def _sole_writer(run_dir: str) -> Iterator[None]:
         yield
 
 
-def _run(cfg: DictConfig, run_dir: str, main: bool) -> None:
-    """Skip, resume or start (only rank ``main`` changes files; the others decide from the same state)."""
+def _run(cfg: DictConfig, run_dir: str, is_main: bool) -> None:
+    """Skip, resume or start; only the main process (rank 0) changes files, the others decide from the same state."""
     resuming = bool(cfg.resume)
     try:
         if not resuming and _reusable_run_dir():
@@ -85,9 +85,9 @@ def _run(cfg: DictConfig, run_dir: str, main: bool) -> None:
                 with open_dict(cfg):
                     cfg.resume = run_dir
                 resuming = True
-            elif main:
+            elif is_main:
                 clear_partial_run(run_dir)
-        if resuming and main and prepare_resume(run_dir, int(cfg.train.steps)) is None:
+        if resuming and is_main and prepare_resume(run_dir, int(cfg.train.steps)) is None:
             print(f"align: {run_dir} has no checkpoint yet, starting afresh", flush=True)
     except RunMismatch as err:
         _fail(str(err))
@@ -97,7 +97,7 @@ def _run(cfg: DictConfig, run_dir: str, main: bool) -> None:
 
     with open_dict(cfg):
         cfg.run_dir = run_dir
-    if main and (line := describe(cfg)):   # β / lr filled in from align/paper_settings.py
+    if is_main and (line := describe(cfg)):   # β / lr filled in from align/paper_settings.py
         print(line, flush=True)
     try:
         trainer = build_trainer(cfg, run_dir)
