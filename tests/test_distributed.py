@@ -16,14 +16,14 @@ def _torchrun(tmp_path, run_dir, steps, out, mode="fresh", extra=(), env_extra=N
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE)]), **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "dist_worker.py"), str(run_dir), str(steps), str(out), mode, *extra]
+           os.path.join(HERE, "helpers", "dist_worker.py"), str(run_dir), str(steps), str(out), mode, *extra]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
-    from dist_worker import OVERRIDES
+    from helpers.dist_worker import OVERRIDES
 
     from align.assemble import build_trainer
 
@@ -65,7 +65,7 @@ VGG = ["algo=vggflow", "reward=quadratic", "reward.center=[1.0,0.5]", "reward.pr
 def test_vggflow_two_processes_with_accumulation_equal_one_big_batch(tmp_path):
     """The reward-gradient clip threshold is the quantile over the whole update: 2 processes × 2 micro-batches of
     2 trajectories give the update of one process with all 8 (parameters of θ and φ to 1e-6)."""
-    from dist_worker import BASE
+    from helpers.dist_worker import BASE
 
     from align.assemble import build_trainer
 

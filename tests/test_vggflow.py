@@ -11,7 +11,7 @@ from align.value_gradient import consistency_residual
 from algorithms.vggflow import VGGFlow
 from rewards.analytic import QuadraticReward
 from samplers import euler_integrate, one_step_prediction, uniform_grid
-from tests.riccati import exact_g
+from helpers.riccati import exact_g
 
 MU = torch.tensor([0.4, -0.3], dtype=torch.float64)
 COV = torch.tensor([[0.6, 0.2], [0.2, 1.4]], dtype=torch.float64)
