@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from accelerate import Accelerator
 
-from align.run_dir import METRICS_FILE, flatten
+from align.run_dir import METRICS_FILE, flatten, truncate_metrics
 
 
 def _clean(v: Any) -> Any:
@@ -40,13 +40,8 @@ class RunLogger:
         self.path = os.path.join(run_dir, METRICS_FILE)
         if not self.enabled:
             return
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as fh:
-                rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.writelines(rows)
-            os.replace(tmp, self.path)
+        if resume_step is not None:
+            truncate_metrics(run_dir, resume_step)
         accelerator.init_trackers("align")
         if config is not None:
             for tracker in accelerator.trackers:

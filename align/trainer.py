@@ -21,7 +21,7 @@ from align.build import preflight
 from align.checkpoint import load_latest, save_checkpoint
 from align.evaluation import Evaluator
 from align.interfaces import Algorithm, FlowModel, Reward
-from align.run_dir import CONFIG_FILE, FINISHED_FILE, SAMPLES_DIR
+from align.run_dir import CONFIG_FILE, FINISHED_FILE, SAMPLES_DIR, claim_run_dir
 from align.run_logging import RunLogger
 from align.schema import EvalConfig, TrainConfig
 from align.trackers import make_trackers
@@ -64,7 +64,8 @@ class Trainer:
         # and the trackers need its step (TensorBoard purges the events after it).
         loaded = load_latest(run_dir) if resume else None
         self.resume_step = None if loaded is None else loaded[0]
-        self.accelerator = Accelerator(cpu=str(device) == "cpu",
+        cpu = str(device) == "cpu" or (str(device) == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu,
                                        log_with=make_trackers(list(train.trackers), run_dir, self.resume_step))
         self.is_main = self.accelerator.is_main_process
         self.model, self.reward, self.algo, self.ts, self.prompt_set = model, reward, algorithm, grid, prompts
@@ -197,7 +198,7 @@ class Trainer:
     def train(self) -> None:
         t = self.train_cfg
         if self.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
+            claim_run_dir(self.run_dir)
             if self.config is not None:
                 OmegaConf.save(OmegaConf.create(self.config), os.path.join(self.run_dir, CONFIG_FILE))
         logger = RunLogger(self.run_dir, self.accelerator, self.resume_step, self.config)
