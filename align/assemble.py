@@ -7,20 +7,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from align.build import build_algorithm, build_grid, build_model, build_reward
 from align.prompts import load_prompts
-from align.schema import EvalConfig, TrainConfig, validated
+from align.schema import EvalConfig, TrainConfig, typed
 from align.trainer import Trainer
 
 
-def typed_section(schema: type, node: DictConfig):
-    """A config section as its checked dataclass (also for a resumed run's untyped config.yaml)."""
-    values = OmegaConf.to_container(node, resolve=True, enum_to_str=True)   # interpolations reach the root
-    return validated(OmegaConf.merge(OmegaConf.structured(schema), values))
+def _section(schema: type, node: DictConfig):
+    """A config section as its checked dataclass (also for a resumed run's untyped config.yaml); resolved
+    first, since its interpolations reach the root (``train.lr: ${algo.lr}``)."""
+    return OmegaConf.to_object(typed(schema, OmegaConf.to_container(node, resolve=True, enum_to_str=True)))
 
 
 def build_trainer(cfg: DictConfig, run_dir: str) -> Trainer:
     """Seed, build model, reward, grid, prompts (resolved once, here) and algorithm, and hand them to the
     Trainer. Every process builds identical parts (the same seed before the first random initialisation)."""
-    train, evaluation = typed_section(TrainConfig, cfg.train), typed_section(EvalConfig, cfg.eval)
+    train, evaluation = _section(TrainConfig, cfg.train), _section(EvalConfig, cfg.eval)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     set_seed(int(cfg.seed))

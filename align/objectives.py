@@ -16,11 +16,6 @@ from align.interfaces import FlowModel, Reward
 OBJECTIVES = ("relu", "hinge", "raw")
 
 
-def check_objective(cfg: Any) -> None:
-    if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"unknown algo.objective={cfg.objective!r}; valid choices: {', '.join(OBJECTIVES)}")
-
-
 def objective_loss(r: torch.Tensor, objective: str, hinge_c: float = 0.0) -> torch.Tensor:
     """ℓ(r) per sample [B] (see the module docstring)."""
     if objective == "relu":

@@ -106,6 +106,9 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from align.registry import register_all
+
+    register_all()                     # every typed config in Hydra's ConfigStore before composing
     conf = os.path.join(os.path.dirname(__file__), "..", "align", "conf")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=os.path.abspath(conf), version_base=None):
@@ -114,7 +117,10 @@ def _compose(overrides: list[str]):
 
 def test_config_composes_with_the_domain_beta():
     cfg = _compose(["algo=vggflow_pmp"])
-    assert cfg.algo.beta == cfg.model.vggflow_beta and cfg.algo.adjoint == "full" and cfg.algo.target == "next"
+    from align.paper_settings import DOMAIN
+
+    assert cfg.algo.beta == DOMAIN["digits"]["vggflow_pmp"]["beta"]
+    assert cfg.algo.adjoint == "full" and cfg.algo.target == "next"
 
 
 # ---- training reaches the deterministic optimum (reference §6.3) ------------------------------------------
