@@ -63,6 +63,8 @@ BOOKKEEPING: dict[str, tuple[Role, ...]] = {
     "train.progress": ("resume", "rerun", "group", "name"),
     "train.checkpoint_every": ("resume", "rerun", "group"),
     "train.keep_checkpoints": ("resume", "rerun", "group"),
+    "train.max_bad_steps": ("resume", "rerun", "group"),       # the divergence guard's advice, on resume
+    "train.max_param_growth": ("resume", "rerun", "group"),
     "device": ("resume", "rerun", "group", "name"),
 }
 

@@ -53,6 +53,9 @@ class TrainConfig:
     adam_eps: float = 1.0e-8
     grad_clip: float = 1.0          # max grad norm, applied to each parameter group separately (θ and φ)
     max_bad_steps: int = 5          # consecutive non-finite updates before the run stops (with an intact checkpoint)
+    # An update that leaves a parameter group non-finite, or its norm above this many times its norm at the start
+    # of training, stops the run at once (diverged), without checkpointing the broken parameters
+    max_param_growth: float = 100.0
     log_every: int = 1
     checkpoint_every: int = 50
     keep_checkpoints: int = 3

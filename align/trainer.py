@@ -21,7 +21,7 @@ from align.build import preflight
 from align.checkpoint import load_latest, save_checkpoint
 from align.evaluation import Evaluator
 from align.interfaces import Algorithm, FlowModel, Reward
-from align.run_dir import CONFIG_FILE, FINISHED_FILE, SAMPLES_DIR, claim_run_dir
+from align.run_dir import CONFIG_FILE, FINISHED_FILE, SAMPLES_DIR, claim_run_dir, list_checkpoints
 from align.run_logging import RunLogger
 from align.schema import EvalConfig, TrainConfig
 from align.trackers import make_trackers
@@ -84,6 +84,7 @@ class Trainer:
                                    int(evaluation.group_size), self.seed,
                                    fid_reference=str(evaluation.fid_reference))
         self.step, self.bad_in_row, self.skipped, self.elapsed = 0, 0, 0, 0.0
+        self.start_norms, self.broken = self._param_norms(), []   # the divergence guard's reference
         if loaded is not None:
             self.load_state(loaded[1])
 
@@ -92,7 +93,8 @@ class Trainer:
         """Everything a resume needs; ``rng`` holds one entry per process (each draws its own noise)."""
         return {"step": self.step, "model": self.model.finetune_state_dict(), "algo": self.algo.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng_states or [self._rng_state()],
-                "bad_in_row": self.bad_in_row, "skipped": self.skipped, "elapsed": self.elapsed}
+                "bad_in_row": self.bad_in_row, "skipped": self.skipped, "elapsed": self.elapsed,
+                "start_norms": self.start_norms}
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
@@ -110,6 +112,7 @@ class Trainer:
         self.generator.set_state(state["rng"][rank]["generator"])
         torch.set_rng_state(state["rng"][rank]["torch"])
         self.bad_in_row, self.skipped, self.elapsed = state["bad_in_row"], state["skipped"], state["elapsed"]
+        self.start_norms = state.get("start_norms", self.start_norms)   # older checkpoints: the resumed norms
 
     def save(self) -> None:
         from accelerate.utils import gather_object
@@ -170,12 +173,22 @@ class Trainer:
         if finite:
             self.optimizer.step()
             self.bad_in_row = 0
+            norms = self._param_norms()
+            row.update({f"param_norm/{k}": v for k, v in norms.items()})
+            limit = float(self.train_cfg.max_param_growth)
+            self.broken = [f"{k} (norm {v:.3g}, {self.start_norms[k]:.3g} at the start)" for k, v in norms.items()
+                           if not math.isfinite(v) or v > limit * max(self.start_norms[k], 1.0)]
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_row += 1
             self.skipped += 1
         row.update(skipped=int(not finite), skipped_total=self.skipped)
         return row
+
+    def _param_norms(self) -> dict[str, float]:
+        """‖params‖₂ of each optimizer group."""
+        with torch.no_grad():
+            return {g["name"]: float(torch.nn.utils.get_total_norm(g["params"])) for g in self.groups}
 
     def _agree(self, finite: bool) -> bool:
         """Step only if every process's loss and gradients are finite, so the replicas never diverge."""
@@ -212,13 +225,26 @@ class Trainer:
             while self.step < steps:
                 row = self.update()
                 self.step += 1
-                if self.bad_in_row >= int(t.max_bad_steps):
-                    self.elapsed = time.time() - start_time
+                if self.broken:       # the parameters themselves are broken: log the row, checkpoint nothing
+                    self.elapsed = row["time_s"] = time.time() - start_time
+                    logger.log({"step": self.step, **row})
+                    saved = list_checkpoints(self.run_dir)
+                    kept = (f"the newest checkpoint (step {saved[-1]}) holds the last good parameters" if saved
+                            else "no checkpoint had been written yet")
+                    raise TrainingDiverged(
+                        f"the update of step {self.step} left the parameters of {', '.join(self.broken)} beyond "
+                        f"train.max_param_growth={t.max_param_growth}; nothing was saved after it, {kept}. Lower "
+                        "train.lr or algo.beta (a new run), or raise train.max_param_growth (resume=<run_dir> "
+                        "accepts it).")
+                if self.bad_in_row >= int(t.max_bad_steps):   # skipped updates: the parameters are the last good
+                    self.elapsed = row["time_s"] = time.time() - start_time
+                    logger.log({"step": self.step, **row})
                     self.save()
                     raise TrainingDiverged(
                         f"{self.bad_in_row} consecutive updates had a non-finite loss or gradient (step "
-                        f"{self.step}); the last good parameters are saved in {self.run_dir}/checkpoints. "
-                        "Lower train.lr or algo.beta, or raise train.max_bad_steps.")
+                        f"{self.step}); they were skipped, and the last good parameters are saved in "
+                        f"{self.run_dir}/checkpoints. Lower train.lr or algo.beta (a new run), or raise "
+                        "train.max_bad_steps (resume=<run_dir> accepts it).")
                 if self.step == steps or (every > 0 and self.step % every == 0):
                     row.update(self._evaluate(logger))
                 self.elapsed = time.time() - start_time

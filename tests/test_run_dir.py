@@ -14,9 +14,9 @@ from align.run_dir import (RESUMABLE_KEYS, clear_partial_run, config_differences
 
 def test_the_bookkeeping_roles():
     assert RESUMABLE_KEYS == ("train.steps", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
-                              "device")
+                              "train.max_bad_steps", "train.max_param_growth", "device")
     rerun = {"run_dir", "resume", "threads", "device", "train.progress", "train.checkpoint_every",
-             "train.keep_checkpoints", "train.steps"}
+             "train.keep_checkpoints", "train.max_bad_steps", "train.max_param_growth", "train.steps"}
     assert set(keys_with("rerun")) == rerun
     assert set(keys_with("group")) == rerun - {"train.steps"} | {"seed"}
     assert set(keys_with("name")) == {"run_dir", "resume", "train.progress", "threads", "device"}

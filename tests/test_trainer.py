@@ -98,8 +98,8 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monke
     with pytest.raises(TrainingDiverged, match="3 consecutive"):
         trainer.train()
     rows = read_metrics(run_dir)
-    assert [r["skipped"] for r in rows[1:]] == [0, 0, 1, 1]
-    assert rows[-1]["skipped_total"] == 2                   # the third bad step stops before logging
+    assert [r["skipped"] for r in rows[1:]] == [0, 0, 1, 1, 1]
+    assert rows[-1]["skipped_total"] == 3                   # the third bad step is logged, then the run stops
     assert list_checkpoints(run_dir) == [2, 4, 5]
     state = torch.load(os.path.join(run_dir, "checkpoints", "step_0000005", "state.pt"), weights_only=False)
     after_two = torch.load(os.path.join(run_dir, "checkpoints", "step_0000002", "state.pt"), weights_only=False)
@@ -114,3 +114,35 @@ def test_metrics_are_json_lines(tmp_path):
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         for line in fh:
             assert isinstance(json.loads(line), dict)
+
+
+def test_parameters_blown_up_by_finite_updates_stop_the_run_and_are_never_checkpointed(tmp_path):
+    """lr = 1e6 (finite loss and gradients): the first update multiplies ‖θ‖ by ~10⁶; the run stops there, logs
+    that row, and no checkpoint holds the broken parameters."""
+    run_dir = str(tmp_path / "run")
+    cfg = compose_config(FAST + ["algo=refl", "train.lr=1e6", "train.checkpoint_every=1", "train.steps=4"],
+                         run_dir=run_dir)
+    trainer = build_trainer(cfg, run_dir)
+    start = trainer.start_norms["theta"]
+    original = Trainer.update
+    calls = {"n": 0}
+
+    def blow_up_at_step_3(self):                   # two ordinary updates (lr 1e-4), then lr 1e6
+        calls["n"] += 1
+        for g in self.optimizer.param_groups:
+            g["lr"] = 1e6 if calls["n"] == 3 else 1e-4
+        return original(self)
+
+    Trainer.update = blow_up_at_step_3
+    try:
+        with pytest.raises(TrainingDiverged, match=r"step 3 left the parameters of theta .*newest checkpoint "
+                                                   r"\(step 2\)"):
+            trainer.train()
+    finally:
+        Trainer.update = original
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[-1]["param_norm/theta"] > 100 * start
+    assert list_checkpoints(run_dir) == [1, 2]
+    kept = torch.load(os.path.join(run_dir, "checkpoints", "step_0000002", "state.pt"), weights_only=False)
+    norm = torch.cat([v.flatten() for v in kept["model"].values()]).norm()
+    assert norm < 2 * start and kept["start_norms"]["theta"] == start
