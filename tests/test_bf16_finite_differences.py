@@ -90,7 +90,7 @@ def test_bf16_transformer_gets_the_pipeline_fp32_timestep(tmp_path):
     from align.registry import MODELS
 
     model = MODELS.get("sd3")(pretrained=path, dtype="bf16", resolution=RESOLUTION, decoder="vae", t5=False,
-                              features={"kind": "pixels"}, prompts=None, keep_text_encoders=True)
+                              features={"kind": "pixels"}, keep_text_encoders=True)
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.bfloat16, text_encoder_3=None,
                                                     tokenizer_3=None)
     assert pipe.transformer.dtype == model.transformer.dtype == torch.bfloat16
@@ -211,7 +211,7 @@ def test_residual_terms_on_the_tiny_sd3_in_bf16_match_fp64_autograd(tmp_path, al
 
     path = build_tiny_sd3(str(tmp_path / "tiny_sd3"), t5=False)
     kw = dict(pretrained=path, resolution=RESOLUTION, decoder="vae", t5=False, features={"kind": "pixels"},
-              prompts=None, keep_text_encoders=True)
+              keep_text_encoders=True)
     torch.manual_seed(0)
     m16 = MODELS.get("sd3")(dtype="bf16", **kw)
     torch.manual_seed(0)

@@ -22,7 +22,8 @@ from algorithms.draft import DRaFT
 from algorithms.vggflow_pmp import VGGFlowPMP
 from align.config import CONF_DIR
 from align.interfaces import Reward
-from align.models.digits import CLASSIFIER_WEIGHTS, FLOW_WEIGHTS, DigitsFlow
+from align.digits_classifier import CLASSIFIER_WEIGHTS
+from align.models.digits import FLOW_WEIGHTS, DigitsFlow
 from align.registry import MODELS
 from samplers import Trajectory, euler_integrate, sd3_grid
 from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3
@@ -69,7 +70,7 @@ def sd3_dir(tmp_path_factory) -> str:
 
 def _sd3(path: str, **kw):
     args = dict(pretrained=path, dtype="float32", resolution=RESOLUTION, decoder="vae", t5=False,
-                features={"kind": "pixels"}, prompts=None, keep_text_encoders=True)
+                features={"kind": "pixels"}, keep_text_encoders=True)
     args.update(kw)
     torch.manual_seed(0)
     model = MODELS.get("sd3")(**args)

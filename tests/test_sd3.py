@@ -17,6 +17,7 @@ from align.models.flow_transformer import LORA_WEIGHT_NAME
 from align.models.sd3 import SD3Model
 from align.models.value_unet import ValueUNet
 from align.prompt_sets import NAMED_SETS, load_named_set
+from align.prompts import load_prompts
 from align.weights import WeightsError
 from samplers import euler_integrate, one_step_prediction, sd3_grid
 from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3, build_tiny_taesd3
@@ -43,6 +44,8 @@ def taesd_dir(tmp_path_factory) -> str:
 @pytest.mark.parametrize("t5", [False, True])
 def test_loads_the_pipeline_directory_and_embeds_prompts_like_diffusers(sd3_dir, t5):
     model = _model(sd3_dir, t5=t5, keep_text_encoders=False)
+    assert model._text is not None and not model._cache           # nothing encoded before prepare
+    model.prepare(load_named_set("animals"), "sd3", 3.0)
     assert model.data_shape == (16, RESOLUTION // 8, RESOLUTION // 8)
     assert model.scheduler_shift == 3.0 and model.guidance_scale == 5.0
     assert model._text is None                                    # text encoders freed after caching
@@ -257,20 +260,23 @@ def test_missing_or_wrong_checkpoint_gives_a_clear_error(sd3_dir, tmp_path):
         _model(sd3_dir, decoder="taesd3", taesd3_path=str(tmp_path / "no_taesd3"))
     with pytest.raises(ValueError, match="model.resolution"):
         _model(sd3_dir, resolution=36)
-    with pytest.raises(ValueError, match=r"sampler.shift=3.0"):      # the grid must be the scheduler's
-        _model(sd3_dir, sampler_shift=1.0)
+    with pytest.raises(ValueError, match=r"sampler.shift=1.0"):      # the grid must be the scheduler's
+        _model(sd3_dir).prepare(["a cat"], "sd3", 1.0)
 
 
 def test_prompt_sets_and_empty_prompt_file(sd3_dir, tmp_path, monkeypatch):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
     with pytest.raises(ValueError, match="no prompts"):
-        _model(sd3_dir, prompts=f"file:{empty}")
+        load_prompts(f"file:{empty}", None)
     for name in NAMED_SETS:
         prompts = load_named_set(name)
         assert len(prompts) >= 20 and len(set(prompts)) == len(prompts) and all(p.strip() == p for p in prompts)
     assert len(load_named_set("animals")) >= 40
-    assert _model(sd3_dir, prompts="pickapic").prompt_set == load_named_set("pickapic")
+    model = _model(sd3_dir)
+    assert load_prompts(None, model) == load_named_set("animals")            # the domain's default set
+    model.prepare(load_prompts("pickapic", model), "sd3", 3.0)
+    assert model.prompt_set == load_named_set("pickapic") and set(model._cache) == {"", *model.prompt_set}
     real = tmp_path / "photo.json"
     real.write_text('[{"prompt": "a real hpd prompt"}, "another one"]', encoding="utf-8")
     monkeypatch.setenv("ALIGN_HPDV2_PROMPTS", str(real))
@@ -308,13 +314,15 @@ def test_every_algorithm_trains_two_steps_on_tiny_sd3(sd3_dir, tmp_path, algo, t
     if algo in ("vggflow", "vggflow_pmp"):
         overrides.append("algo.subsample_bins=2")
     cfg = compose_config(overrides, run_dir=run_dir)
-    assert cfg.model.prompts == "hpdv2" and cfg.model.sampler_shift == 3.0
-    if algo in ("vggflow", "adjoint_matching"):           # the per-domain β of sd3.yaml reaches the algorithm
+    assert "prompts" not in cfg.model and "sampler_shift" not in cfg.model       # read once, from the root
+    if algo in ("vggflow", "adjoint_matching"):           # the sd3 domain row of paper_settings reaches the algorithm
         assert cfg.algo.beta == {"vggflow": 5e4, "adjoint_matching": 5e3}[algo]
     with open_dict(cfg):
         cfg.reward = {"name": tiny_reward_registered}
     trainer = build_trainer(cfg, run_dir)
     assert isinstance(trainer.model, SD3Model)
+    assert trainer.model.prompt_set == trainer.prompt_set == load_named_set("hpdv2")   # resolved once, encoded once
+    assert trainer.model._text is None                                                # then the encoders went
     before = [p.detach().clone() for p in trainer.model.trainable_parameters()]
     trainer.train()
     rows = read_metrics(run_dir)

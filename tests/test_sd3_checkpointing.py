@@ -120,7 +120,7 @@ def test_base_velocity_jacobian_under_checkpointing_is_the_lora_free_transformer
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = MODELS.get("sd3")(pretrained=sd3_dir, dtype="float32", resolution=RESOLUTION, decoder="vae", t5=False,
-                              features={"kind": "pixels"}, prompts=None, keep_text_encoders=True,
+                              features={"kind": "pixels"}, keep_text_encoders=True,
                               gradient_checkpointing=True)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

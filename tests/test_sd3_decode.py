@@ -46,7 +46,7 @@ def test_decode_equals_the_pipeline_with_the_same_autoencoder(sd3_dir, taesd_dir
 
     torch.manual_seed(0)
     model = MODELS.get("sd3")(pretrained=sd3_dir, dtype="float32", resolution=RESOLUTION, decoder=decoder,
-                              taesd3_path=taesd_dir, t5=False, features={"kind": "pixels"}, prompts=None,
+                              taesd3_path=taesd_dir, t5=False, features={"kind": "pixels"},
                               keep_text_encoders=True)
     kw = {"text_encoder_3": None, "tokenizer_3": None}
     if decoder == "taesd3":

@@ -29,7 +29,7 @@ def sd3_dir(tmp_path_factory) -> str:
 def _model(path: str, **kw):
     torch.set_num_threads(1)
     args = dict(pretrained=path, dtype="bfloat16", resolution=RESOLUTION, decoder="vae", t5=True,
-                features={"kind": "pixels"}, prompts=None, keep_text_encoders=True, encode_device="cpu")
+                features={"kind": "pixels"}, keep_text_encoders=True, encode_device="cpu")
     args.update(kw)
     torch.manual_seed(0)
     return MODELS.get("sd3")(**args)

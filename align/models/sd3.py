@@ -139,11 +139,10 @@ class SD3Config:
     lora_rank: int = 8              # paper: r = 8, lora_alpha = 8, gaussian init, on to_q, to_k, to_v, to_out.0
     lora_alpha: float = 8.0
     grid: Grid = Grid.sd3           # SD3's shifted 20-step Euler grid (t = 1 − σ of FlowMatchEulerDiscreteScheduler)
-    sampler_shift: Optional[float] = None  # checked against the checkpoint's scheduler shift (preset: ${sampler.shift})
-    # The run's prompt set, encoded once at start, then the text encoders are freed (preset: ${prompts}). null:
-    # animals (aesthetic); hpdv2 for HPSv2, pickapic for PickScore
-    prompts: Optional[str] = None
-    keep_text_encoders: bool = False  # true: keep them (on the CPU) to encode prompts outside the set on the fly
+    # The run's prompt set (top-level `prompts=`; null: animals, the aesthetic task's) is encoded once before
+    # training (``prepare``), then the text encoders are freed; true: keep them (on the CPU) to encode prompts
+    # outside the set on the fly
+    keep_text_encoders: bool = False
     encode_device: str = "auto"     # where the text encoders run for the one-off encoding (auto: cuda if available)
     decode_batch_size: int = 8      # images decoded per decoder call (evaluation batches)
     forward_batch_size: Optional[int] = 16  # transformer batch under no_grad (evaluation / rollouts); null: no chunking
@@ -176,19 +175,15 @@ class SD3Model(FlowTransformerModel):
                  guidance_scale: float = 5.0, lora_rank: int = 8, lora_alpha: float = 8.0,
                  lora_target_modules: Sequence[str] = LORA_TARGET_MODULES, grid: str = "sd3",
                  value_net: dict[str, Any] | None = None, features: dict[str, Any] | None = None,
-                 prompts: str | None = None, keep_text_encoders: bool = False, encode_device: str = "auto",
-                 decode_batch_size: int = 8, forward_batch_size: int | None = None,
-                 sampler_shift: float | None = None, **_: Any):
+                 keep_text_encoders: bool = False, encode_device: str = "auto",
+                 decode_batch_size: int = 8, forward_batch_size: int | None = None, **_: Any):
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype={dtype!r}: valid choices are {', '.join(DTYPES)}")
         if decoder not in ("vae", "taesd3"):
             raise ValueError(f"model.decoder={decoder!r}: valid choices are vae, taesd3")
         net_dtype = DTYPES[dtype]
         enable_tf32()
-        # cheap checks first: the prompt set and the feature extractor's weights, before gigabytes load
-        from align.prompts import load_prompts
-
-        prompt_set = load_prompts(prompts, self)
+        # cheap checks first: the feature extractor's weights, before gigabytes load
         feature_net = build_features(features).eval().requires_grad_(False)
         spec, taesd_spec = _checkpoint_specs(pretrained, t5, decoder == "vae")
         root = resolve(spec, pretrained)
@@ -201,7 +196,7 @@ class SD3Model(FlowTransformerModel):
         transformer = load_component("transformer", spec, lambda: SD3Transformer2DModel.from_pretrained(
             root, subfolder="transformer", **dtype_kwargs("diffusers", net_dtype)))
         sched_cfg = FlowMatchEulerDiscreteScheduler.load_config(root, subfolder="scheduler")
-        check_scheduler(sched_cfg, sampler_shift)
+        check_scheduler(sched_cfg, None)
         vae_cfg = AutoencoderKL.load_config(root, subfolder="vae")
         if decoder == "vae":
             dec = load_component("VAE", spec, lambda: AutoencoderKL.from_pretrained(
@@ -253,7 +248,7 @@ class SD3Model(FlowTransformerModel):
                 self.decoder.enable_gradient_checkpointing()
         self.feature_net = feature_net
 
-        # prompt embeddings: the run's prompt set + the empty negative prompt, then the encoders go
+        # prompt embeddings: cached on demand; ``prepare`` encodes the run's set and frees the encoders
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._t5_len = int(max_sequence_length)
         dev = encode_device
@@ -261,14 +256,22 @@ class SD3Model(FlowTransformerModel):
             dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         text = SD3TextEncoders(toks, [e.eval().requires_grad_(False) for e in encs], max_sequence_length)
         self._text: SD3TextEncoders | None = text.to(dev)
-        self.prompt_set = prompt_set
+        self.keep_text_encoders, self.prompt_set = bool(keep_text_encoders), []
+        self._sched_cfg = sched_cfg
+
+    # -- prompts
+    def prepare(self, prompts: list[str], grid: str, shift: float) -> None:
+        """Check the sampler's shift against the checkpoint's scheduler, encode the run's prompt set and the
+        empty negative prompt once, then free the text encoders (or move them to the CPU with
+        ``keep_text_encoders``)."""
+        check_scheduler(self._sched_cfg, shift)
+        self.prompt_set = list(prompts)
         self.cache_prompts(["", *self.prompt_set])
-        if keep_text_encoders:
+        if self.keep_text_encoders:
             self._text.to("cpu")
         else:
             self.free_text_encoders()
 
-    # -- prompts
     def default_prompts(self) -> list[str]:
         """The aesthetic task's prompt set: our list of common animals (``prompts=animals``)."""
         from align.prompt_sets import load_named_set

@@ -127,7 +127,7 @@ def load_model(path: str, **kw):
     from align.registry import MODELS
 
     args = dict(pretrained=path, dtype="float32", resolution=RESOLUTION, decoder="vae", t5=False,
-                features={"kind": "pixels"}, prompts=None, keep_text_encoders=True)
+                features={"kind": "pixels"}, keep_text_encoders=True)
     args.update(kw)
     torch.manual_seed(0)
     return MODELS.get("sd3")(**args)
