@@ -24,7 +24,7 @@ from align.adjoint import costate_sweep
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_and_grad
-from align.schema import typed
+from align.schema import positive, require, typed
 from align.subsampling import binned_time_indices, gather_states, per_sample_mse
 from samplers import Trajectory
 
@@ -45,8 +45,7 @@ class VGGFlowPMPConfig:
     subsample_bins: int = 5         # one state per bin of the N transitions + the last grid state (§1.7)
 
     def validate(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"algo.beta must be > 0, got {self.beta}")
+        require(positive(self.beta), "algo.beta", self.beta, "finite and > 0")
 
 
 @register_algorithm("vggflow_pmp", config=VGGFlowPMPConfig)

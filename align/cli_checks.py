@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import tempfile
 from datetime import datetime
 
 from hydra import compose, initialize_config_dir
@@ -18,7 +19,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from align.paper_settings import find_missing   # registers ${align_paper:...} (β, α, lr per model × reward × algo)
-from align.registry import REWARDS, SCHEMA_SUFFIX, register_all
+from align.prompts import load_prompts
+from align.registry import MODELS, REWARDS, SCHEMA_SUFFIX, register_all
 from align.schema import check, typed_config
 
 GROUPS = ("algo", "model", "reward")
@@ -211,6 +213,40 @@ def _check_combo(conf_dir: str, combo: list[str]) -> None:
         if missing is not None:       # no paper setting for this model × reward × algo: say which key to give
             raise ConfigProblem(str(missing)) from None
         raise ConfigProblem(bad_value_message(err, combo)) from None
+    _check_parts(cfg, explicit_run_dir=_group_values(combo, "run_dir") is not None)
+
+
+def _check_parts(cfg: DictConfig, explicit_run_dir: bool) -> None:
+    """What needs the composed config but no built part: the reward's domain against the model (before any
+    weights are looked for), the prompts against the model, and a given ``run_dir`` creatable."""
+    domain = REWARDS.get(cfg.reward.name).domain
+    if domain not in ("any", cfg.model.name):
+        raise ConfigProblem(f"reward={cfg.reward.name} scores the '{domain}' domain but model={cfg.model.name}; "
+                            f"use model={domain} or a reward of the {cfg.model.name} domain")
+    if cfg.prompts is not None:
+        try:
+            load_prompts(cfg.prompts, MODELS.get(cfg.model.name))
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigProblem(str(err)) from None
+    if explicit_run_dir:
+        _check_run_dir(str(cfg.run_dir))
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """``run_dir`` is a directory, or can be made, and is writable (Hydra creates it before the job starts)."""
+    path = os.path.abspath(os.path.expanduser(run_dir))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise ConfigProblem(f"run_dir={run_dir} {where}; give a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing):   # a real write (os.access says yes to root, even on /proc)
+            pass
+    except OSError:
+        where = "is" if existing == path else f"cannot be created: {existing} is"
+        raise ConfigProblem(f"run_dir={run_dir} {where} not writable") from None
 
 
 _CHOICES = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from align.weights import WeightSpec, resolve
+from align.weights import WeightSpec, load_state, load_tensors, resolve
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NULL_INDEX = 10                      # the null prompt "" (CFG's unconditional branch)
@@ -71,10 +71,9 @@ class DigitClassifier(nn.Module):
 
 def load_digit_classifier(path: str | None = None, config_key: str = "reward.weights") -> DigitClassifier:
     """The pretrained classifier (``path``, else the shipped file), frozen and in eval mode."""
-    from safetensors.torch import load_file
-
     spec = WeightSpec(what="digits: the pretrained digit classifier", filename=os.path.basename(CLASSIFIER_WEIGHTS),
                       config_key=config_key, get=REGENERATE_HOW, default=CLASSIFIER_WEIGHTS)
     clf = DigitClassifier()
-    clf.load_state_dict(load_file(resolve(spec, path)))
+    path = resolve(spec, path)
+    load_state(spec, clf, load_tensors(spec, path), path)
     return clf.eval().requires_grad_(False)

@@ -42,6 +42,11 @@ class FlowModel(nn.Module, abc.ABC):
         """The domain's prompt set (used when no ``prompts=`` is configured)."""
         return [""]
 
+    @classmethod
+    def check_prompts(cls, prompts: list[str]) -> None:
+        """Raise ValueError naming a prompt this model cannot condition on (default: every prompt is accepted).
+        A classmethod, so the command line checks ``prompts=`` before building anything."""
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -20,6 +22,17 @@ from align.loading import DTYPES
 from align.registry import REGISTRIES, register_all
 
 ROOT_SCHEMA = "config_schema"
+
+
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise ValueError ``<key> must be <rule>, got <value>`` unless ``ok`` (a ``validate()``'s one check)."""
+    if not ok:
+        raise ValueError(f"{key} must be {rule}, got {value}")
+
+
+def positive(value: float) -> bool:
+    """``value`` is finite and > 0 (NaN and inf are not)."""
+    return math.isfinite(value) and value > 0
 
 
 Dtype = enum.StrEnum("Dtype", list(DTYPES))   # a network's dtype: bf16 | bfloat16 | fp16 | float16 | fp32 | float32
@@ -65,13 +78,16 @@ class TrainConfig:
     trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        require(self.steps >= 1, "train.steps", self.steps, ">= 1")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be a positive multiple of "
                              f"train.grad_accum ({self.grad_accum})")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        require(positive(self.lr), "train.lr", self.lr, "finite and > 0")
+        # -1 would reverse the gradient, 0 zero it
+        require(positive(self.grad_clip), "train.grad_clip", self.grad_clip, "finite and > 0")
+        for key in ("log_every", "checkpoint_every", "max_bad_steps"):
+            require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), ">= 1")
+        require(self.max_param_growth > 1, "train.max_param_growth", self.max_param_growth, "> 1")
 
 
 @dataclass
@@ -94,8 +110,10 @@ class EvalConfig:
     final_samples: int = 1000       # samples written to samples_final.pt
 
     def validate(self) -> None:
-        if self.final_samples < 1:
-            raise ValueError(f"eval.final_samples must be >= 1, got {self.final_samples}")
+        require(self.every >= 0, "eval.every", self.every, ">= 0 (0: only at the end)")
+        for key in ("n_samples", "group_size"):
+            require(getattr(self, key) >= 2, f"eval.{key}", getattr(self, key), ">= 2")
+        require(self.final_samples >= 1, "eval.final_samples", self.final_samples, ">= 1")
 
 
 @dataclass
@@ -118,6 +136,12 @@ class RootConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        require(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1 (or null: all cores)")
+        if self.device == Device.cuda and not torch.cuda.is_available():
+            raise ValueError("device=cuda but torch sees no GPU (torch.cuda.is_available() is False); "
+                                 "use device=cpu or device=auto")
 
 
 ConfigStore.instance().store(name=ROOT_SCHEMA, node=RootConfig)

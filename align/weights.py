@@ -15,8 +15,10 @@ Heavy imports (huggingface_hub) are local so that importing this module is cheap
 from __future__ import annotations
 
 import glob
+import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 
@@ -132,3 +134,41 @@ def _hf_cached(repo: str, filename: str, cache_dir: str | None) -> str | None:
     except Exception:  # noqa: BLE001 - a malformed cache is the same as no cache
         return None
     return found if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def load_tensors(spec: WeightSpec, path: str) -> dict[str, Any]:
+    """The tensors of the safetensors file ``path`` (found by ``resolve(spec, ...)``); a file that is not one is
+    a WeightsError naming it and the key."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: the file is unusable either way
+        raise spec.error(f"{path} is not a readable safetensors file ({_first_line(err)})") from None
+
+
+def load_json(spec: WeightSpec, path: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object in ``path`` (a weight file's companion, e.g. its architecture), holding ``keys``; anything
+    else is a WeightsError naming the file and the key."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as err:   # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise spec.error(f"{path} is not a readable JSON file ({_first_line(err)})") from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise spec.error(f"{path} lacks {', '.join(missing)}")
+    return data
+
+
+def load_state(spec: WeightSpec, module: Any, state: dict[str, Any], path: str) -> None:
+    """``module.load_state_dict(state)``; tensors that do not fit (missing, unexpected, other shapes) are a
+    WeightsError naming ``path`` and the key."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise spec.error(f"{path} does not hold this architecture's tensors ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -17,7 +17,6 @@ prior-preservation (FID) metrics.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
@@ -32,7 +31,7 @@ from align.models.flow_transformer import LORA_TARGET_MODULES, FlowTransformerMo
 from align.models.value_unet import ValueUNet
 from align.registry import register_model
 from align.schema import Grid
-from align.weights import WeightSpec, resolve
+from align.weights import WeightSpec, load_json, load_state, load_tensors, resolve
 
 FLOW_WEIGHTS = os.path.join(WEIGHTS_DIR, "digits_flow.safetensors")
 FLOW_CONFIG = os.path.join(WEIGHTS_DIR, "digits_flow.json")
@@ -125,8 +124,6 @@ class DigitsFlow(FlowTransformerModel):
                  lora_target_modules: Sequence[str] = LORA_TARGET_MODULES,
                  value_net: dict[str, Any] | None = None, pretrained: bool = True, **_: Any):
         """``pretrained=False`` builds random weights of the shipped architecture (tests only)."""
-        from safetensors.torch import load_file
-
         config: dict[str, Any] = {"transformer": dict(TRANSFORMER_CONFIG), "prompt_tokens": PROMPT_TOKENS}
         state = None
         if pretrained:
@@ -134,18 +131,16 @@ class DigitsFlow(FlowTransformerModel):
             cfg_path = os.path.splitext(weights)[0] + ".json"
             if not os.path.isfile(cfg_path):
                 raise FLOW_SPEC.error(f"{cfg_path}, the architecture beside the weights, is missing")
-            with open(cfg_path, encoding="utf-8") as fh:
-                config = json.load(fh)
-            state = load_file(weights)
+            config = load_json(FLOW_SPEC, cfg_path, keys=("transformer", "prompt_tokens"))
+            state = load_tensors(FLOW_SPEC, weights)
         tcfg = config["transformer"]
         transformer = build_transformer(tcfg)
         embedding = PromptEmbedding(config["prompt_tokens"], tcfg["joint_attention_dim"],
                                     tcfg["pooled_projection_dim"])
         if state is not None:
-            transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items()
-                                         if k.startswith("transformer.")})
-            embedding.load_state_dict({k[len("prompt_embedding."):]: v for k, v in state.items()
-                                       if k.startswith("prompt_embedding.")})
+            for prefix, part in (("transformer.", transformer), ("prompt_embedding.", embedding)):
+                load_state(FLOW_SPEC, part, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                           weights)
         super().__init__(transformer, guidance_scale, lora_rank, lora_alpha, lora_target_modules)
         self.prompt_embedding = embedding.requires_grad_(False)
         self.config = config
@@ -159,6 +154,11 @@ class DigitsFlow(FlowTransformerModel):
     # -- prompts
     def default_prompts(self) -> list[str]:
         return list(DIGIT_NAMES)
+
+    @classmethod
+    def check_prompts(cls, prompts: list[str]) -> None:
+        """Only the class names (and the forms ``prompt_to_class`` reads) are known."""
+        prompts_to_classes(prompts)
 
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():

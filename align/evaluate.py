@@ -1,0 +1,152 @@
+"""Evaluate and sample without training.
+
+    python -m align.evaluate <run_dir> [--step N] [--samples K] [--out DIR]     a run's checkpoint (default: the
+                                                                                 newest intact one)
+    python -m align.evaluate model=… reward=… [overrides] [--samples K] [--out DIR]   the base model
+
+Both write what a run's evaluation writes, from the same parts (``align.assemble.build_parts``), the same
+``Evaluator`` and so the same fixed noise and prompts for the same seed and ``eval.*`` settings: the step-N
+evaluation of a run equals its metrics.jsonl eval row at step N, and the base model's equals a run's step-0 row.
+Into ``--out`` (default ``<run_dir>/evaluate/step_XXXXXXX/``, or ``evaluations/<date>-<time>_<model>_<reward>/``
+for the base model): ``metrics.json`` ({"step", "eval/*"}), ``samples.png`` (the sample grid) and, with
+``--samples K``, ``samples.pt`` in samples_final.pt's format ({"x1", "x0", "prompts"}: K samples from the final
+samples' noise). It only reads the run directory: no lock, nothing written to its metrics.jsonl or checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import sys
+from datetime import datetime
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from align.assemble import Parts, build_parts, section
+from align.evaluation import Evaluator
+from align.run_dir import CONFIG_FILE, STATE_FILE, checkpoint_path, list_checkpoints
+from align.schema import EvalConfig, typed_config
+from align.trainer import preview_order
+
+METRICS_NAME, GRID_NAME, SAMPLES_NAME = "metrics.json", "samples.png", "samples.pt"
+FINAL_SAMPLES_SEED = 2_000_003   # the final samples' noise stream: seed + this (Trainer._final_samples)
+
+
+class EvaluateError(ValueError):
+    """A problem with the arguments, found before any work; the message says which."""
+
+
+def final_samples(parts: Parts, evaluator: Evaluator, n: int, seed: int) -> dict[str, Any]:
+    """``n`` samples of the current model in samples_final.pt's format: x_0 from the final samples' stream,
+    prompts taken in turn from the prompt set."""
+    gen = torch.Generator().manual_seed(seed + FINAL_SAMPLES_SEED)
+    prompts = [parts.prompts[i % len(parts.prompts)] for i in range(n)]
+    x0 = parts.model.sample_noise(n, gen)
+    x1 = evaluator.sample(parts.model.velocity, x0, prompts)
+    return {"x1": x1.cpu(), "x0": x0.cpu(), "prompts": prompts}
+
+
+def evaluate(cfg: DictConfig, out: str, state: dict[str, Any] | None = None, samples: int = 0) -> dict[str, Any]:
+    """Build ``cfg``'s parts, load the checkpoint ``state`` (None: the base model), evaluate as the trainer does
+    and write metrics.json, samples.png and (``samples`` > 0) samples.pt into ``out``; returns the metrics row."""
+    ev = section(EvalConfig, cfg.eval)
+    parts = build_parts(cfg)
+    device = "cuda" if str(cfg.device) != "cpu" and torch.cuda.is_available() else "cpu"
+    parts.model.to(device)
+    parts.reward.to(device).requires_grad_(False).eval()
+    step = 0
+    if state is not None:
+        step = int(state["step"])
+        parts.model.load_finetune_state_dict(state["model"])
+    evaluator = Evaluator(parts.model, parts.reward, parts.grid, parts.prompts, int(ev.n_samples),
+                          int(ev.group_size), int(cfg.seed), fid_reference=str(ev.fid_reference))
+    metrics, x1 = evaluator()
+    row = {"step": step, **metrics}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, METRICS_NAME), "w", encoding="utf-8") as fh:
+        json.dump(row, fh, indent=1)
+    grid = parts.model.preview_grid(x1[preview_order(evaluator.prompts)])
+    if grid is not None:
+        from torchvision.utils import save_image
+
+        save_image(grid.float().clamp(0, 1).cpu(), os.path.join(out, GRID_NAME))
+    if samples > 0:
+        torch.save(final_samples(parts, evaluator, samples, int(cfg.seed)), os.path.join(out, SAMPLES_NAME))
+    return row
+
+
+def load_run(run_dir: str, step: int | None) -> tuple[DictConfig, dict[str, Any]]:
+    """A run's typed config.yaml and the state of its checkpoint ``step`` (None: the newest intact one)."""
+    from align.checkpoint import load_latest
+
+    saved = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(saved):
+        raise EvaluateError(f"{run_dir}: no {CONFIG_FILE} (is this a run directory?)")
+    try:
+        cfg = typed_config(OmegaConf.load(saved))
+    except (ValueError, KeyError) as err:
+        raise EvaluateError(f"{saved}: {err}") from None
+    steps = list_checkpoints(run_dir)
+    if step is None:
+        loaded = load_latest(run_dir)
+        if loaded is None:
+            raise EvaluateError(f"{run_dir} has no checkpoint yet")
+        return cfg, loaded[1]
+    if step not in steps:
+        raise EvaluateError(f"--step {step}: {run_dir} has no checkpoint of that step; it has "
+                            f"{', '.join(map(str, steps)) or 'none'}")
+    path = os.path.join(checkpoint_path(run_dir, step), STATE_FILE)
+    try:
+        return cfg, torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise EvaluateError(f"--step {step}: {path} is damaged ({type(err).__name__})") from None
+
+
+def _base_config(overrides: list[str]) -> DictConfig:
+    from align.cli_checks import ConfigProblem
+    from align.config import compose_config
+
+    try:
+        return compose_config(overrides)
+    except ConfigProblem as err:
+        raise EvaluateError(str(err)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m align.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("target", nargs="*", help="a run directory, or key=value overrides (the base model)")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the newest intact)")
+    p.add_argument("--samples", type=int, default=0, help="also write K samples to samples.pt")
+    p.add_argument("--out", default=None, help="output folder")
+    a = p.parse_intermixed_args(argv)
+    from align.build import ConfigError
+
+    try:
+        if a.samples < 0:
+            raise EvaluateError(f"--samples must be >= 0, got {a.samples}")
+        if a.target and "=" not in a.target[0]:
+            run_dir, *rest = a.target
+            if rest:
+                raise EvaluateError(f"a run is evaluated with its own config.yaml; drop {' '.join(rest)}")
+            cfg, state = load_run(run_dir, a.step)
+            out = a.out or os.path.join(run_dir, "evaluate", f"step_{int(state['step']):07d}")
+        else:
+            if a.step is not None:
+                raise EvaluateError("--step needs a run directory")
+            cfg, state = _base_config(a.target), None
+            out = a.out or os.path.join("evaluations",
+                                        f"{datetime.now():%Y%m%d-%H%M%S}_{cfg.model.name}_{cfg.reward.name}")
+        row = evaluate(cfg, out, state, a.samples)
+    except (EvaluateError, ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"align.evaluate: {str(err).strip(chr(39) + chr(34))}", file=sys.stderr)
+        return 2
+    print(f"align.evaluate: step {row['step']}: eval reward {row['eval/reward']:.4g}, diversity "
+          f"{row['eval/diversity']:.4g}, FID vs base {row['eval/fid']:.4g}\n       written to {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
