@@ -40,7 +40,7 @@ from align.adjoint import costate_sweep
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_and_grad
-from align.schema import typed
+from align.schema import positive, require, typed
 from align.subsampling import gather_states
 from samplers import (Trajectory, memoryless_drift, memoryless_noise_level, memoryless_sde_integrate,
                       training_grid)
@@ -74,6 +74,7 @@ class AdjointMatchingConfig:
     loss_clip: Optional[float] = None
 
     def validate(self) -> None:
+        require(positive(self.beta), "algo.beta", self.beta, "finite and > 0")
         if self.h is not None and self.h <= 0:
             raise ValueError(f"algo.h must be > 0 (or null for Δt_0/2), got {self.h}")
 

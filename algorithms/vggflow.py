@@ -28,7 +28,7 @@ from omegaconf import MISSING
 from align.batching import index_cond
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
-from align.schema import typed
+from align.schema import positive, require, typed
 from align.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad
 from align.subsampling import binned_time_indices, gather_states, per_sample_mse
 from align.value_gradient import consistency_residual, network_dtype, use_network_jvp
@@ -80,8 +80,7 @@ class VGGFlowConfig:
     boundary_at: BoundaryAt = BoundaryAt.t1  # t1 (paper: ν at x_1, t = 1) | last_state (preview code: ‖ν‖² at x_{N−1})
 
     def validate(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"algo.beta must be > 0, got {self.beta}")
+        require(positive(self.beta), "algo.beta", self.beta, "finite and > 0")
 
 
 def _per_sample(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
