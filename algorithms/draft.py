@@ -35,7 +35,7 @@ import torch
 from omegaconf import MISSING
 
 from algorithms.objective_config import ObjectiveConfig
-from align.batching import index_cond
+from align.batching import index_cond, per_sample
 from align.interfaces import Algorithm
 from align.objectives import reward_loss
 from align.registry import register_algorithm
@@ -99,7 +99,7 @@ class DRaFT(Algorithm):
         for j in range(s0, N):
             x_next = euler_integrate(v, x, self.ts, j, j + 1, grad=True, record=False)
             # Trajectories whose window starts later stay on the no-grad path.
-            waiting = (j + 1 <= start).reshape(-1, *([1] * (x.dim() - 1)))
+            waiting = per_sample(j + 1 <= start, x)
             x = torch.where(waiting, x_next.detach(), x_next)
             states.append(x)
         return Trajectory(xs=torch.stack(states), ts=self.ts, cond=cond, prompts=prompts, extras={"K": K})
