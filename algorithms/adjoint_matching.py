@@ -37,6 +37,7 @@ import torch
 from omegaconf import MISSING
 
 from align.adjoint import costate_sweep
+from align.batching import per_sample
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_and_grad
@@ -155,7 +156,7 @@ class AdjointMatching(Algorithm):
         M = idx.shape[1]
         x, t, cond, _, k, sample = gather_states(traj, idx)
         a_next = a[k + 1, sample].to(x.dtype)
-        sigma = memoryless_noise_level(traj.ts[k], self.h).to(x).reshape(-1, *([1] * (x.dim() - 1)))
+        sigma = per_sample(memoryless_noise_level(traj.ts[k], self.h).to(x), x)
 
         v_theta = model.velocity(x, t, cond)                                        # grad → θ
         with torch.no_grad():

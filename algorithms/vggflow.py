@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import MISSING
 
-from align.batching import index_cond
+from align.batching import index_cond, per_sample
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.schema import positive, require, typed
@@ -83,10 +83,6 @@ class VGGFlowConfig:
         require(positive(self.beta), "algo.beta", self.beta, "finite and > 0")
 
 
-def _per_sample(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return w.reshape(-1, *([1] * (like.dim() - 1)))
-
-
 @register_algorithm("vggflow", config=VGGFlowConfig)
 class VGGFlow(Algorithm):
     name = "vggflow"
@@ -135,7 +131,7 @@ class VGGFlow(Algorithm):
                 with torch.no_grad():
                     x_hat = one_step_prediction(x, t, self.model.velocity(x, t, cond))
             _, grad_r = reward_and_grad(self.model, self.reward, x_hat, prompts)
-        g = -_per_sample(self.eta(t.float()), x) * clip_per_sample(grad_r, tau).to(x.dtype)
+        g = -per_sample(self.eta(t.float()), x) * clip_per_sample(grad_r, tau).to(x.dtype)
         if self.value_net is not None:
             g = g + self.value_net(x, t, cond) / self.beta
         return g
@@ -215,7 +211,7 @@ class VGGFlow(Algorithm):
             u = torch.rand(len(k), generator=generator, dtype=torch.float64)
             h = (traj.ts[k + 1] - traj.ts[k]).cpu() * u
             step = h.to(x)
-            xc = x + _per_sample(step, x) * v_theta.detach()
+            xc = x + per_sample(step, x) * v_theta.detach()
             tc = t + step
             gc = self.value_gradient(xc, tc, cond, prompts, tau)
             vbc = v_base_field(xc, tc)
