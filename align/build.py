@@ -41,13 +41,3 @@ def build_algorithm(cfg: DictConfig, model: FlowModel, reward: Reward, ts: torch
     """The algorithm with its typed config (each class merges an untyped one, e.g. a resumed run's, onto its
     config dataclass)."""
     return ALGORITHMS.get(cfg.algo.name)(cfg.algo, model, reward, ts)
-
-
-def preflight(model: FlowModel, reward: Reward, prompts: list[str]) -> None:
-    """Score two noise samples so that shape or weight problems surface before sampling starts."""
-    gen = torch.Generator().manual_seed(0)
-    x = model.sample_noise(2, gen)
-    with torch.no_grad():
-        r = reward(model.decode(x).float(), [prompts[0]] * 2)
-    if r.shape != (2,):
-        raise ConfigError(f"reward={reward.name} returned shape {tuple(r.shape)} for 2 samples, expected (2,)")

@@ -37,6 +37,8 @@ class Registry:
             if name in self._entries and self._entries[name] is not cls:
                 raise KeyError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = cls
+            if "name" not in vars(cls):        # the registered name is the part's name (logs, messages)
+                cls.name = name
             if config is not None:
                 self._configs[name] = config
                 store = ConfigStore.instance().store

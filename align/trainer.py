@@ -17,7 +17,6 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from align.build import preflight
 from align.checkpoint import load_latest, save_checkpoint
 from align.evaluation import Evaluator
 from align.interfaces import Algorithm, FlowModel, Reward
@@ -72,7 +71,7 @@ class Trainer:
         self.model.to(self.accelerator.device)
         self.reward.to(self.accelerator.device).requires_grad_(False).eval()
         self.algo.to(self.accelerator.device)
-        preflight(self.model, self.reward, self.prompt_set)
+        self._preflight()
 
         self.groups = self.algo.param_groups()
         self.optimizer = torch.optim.AdamW(
@@ -87,6 +86,15 @@ class Trainer:
         self.start_norms, self.broken = self._param_norms(), []   # the divergence guard's reference
         if loaded is not None:
             self.load_state(loaded[1])
+
+    def _preflight(self) -> None:
+        """Score two noise samples so that shape or weight problems surface before sampling starts."""
+        x = self.model.sample_noise(2, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            r = self.reward(self.model.decode(x).float(), [self.prompt_set[0]] * 2)
+        if r.shape != (2,):
+            raise ValueError(f"reward={self.reward.name} returned shape {tuple(r.shape)} for 2 samples, "
+                             "expected (2,)")
 
     # ---- checkpoint state -------------------------------------------------------------------------------
     def state(self, rng_states: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:

@@ -56,6 +56,30 @@ def test_models_and_rewards_do_not_import_each_other(a, b):
     assert not bad, bad
 
 
+LOOP = ("align.trainer", "align.evaluation", "align.run_logging", "align.trackers", "align.checkpoint")
+CORE = ("align.interfaces", "align.batching", "align.registry", "align.schema", "align.weights", "align.loading",
+        "align.clip", "align.features", "align.dreamsim", "align.digits_classifier", "align.metrics", "align.run_dir")
+
+
+@pytest.mark.parametrize("package, forbidden", [
+    ("samplers", PACKAGES),                                                    # the time convention stands alone
+    ("algorithms", ("align.models", "rewards")),                               # algorithms see only interfaces
+    ("align.trainer", ("align.registry", "align.build", "align.assemble", "align.config", "algorithms",
+                       "align.models", "rewards")),                            # the loop is handed objects
+])
+def test_layers_import_only_downwards(package, forbidden):
+    bad = sorted(f"{m} -> {t}" for m, ts in GRAPH.items() if _in(m, package) for t in ts
+                 if any(_in(t, f) for f in forbidden) and not _in(t, package))
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("module", LOOP + CORE)
+def test_the_loop_and_the_core_reach_no_entry_point_and_no_assembly(module):
+    up = ("align.run", "align.sweep", "align.report", "align.evaluate", "align.bench", "align.assemble",
+          "align.build", "align.config", "align.cli_checks", "experiments")
+    assert not [t for t in GRAPH[module] if any(_in(t, u) for u in up)]
+
+
 def test_the_sweep_and_the_report_do_not_import_the_entry_point():
     for m in ("align.sweep", "align.report"):
         assert "align.run" not in GRAPH[m]
