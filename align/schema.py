@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
@@ -44,6 +45,12 @@ class Device(enum.StrEnum):
     cuda = "cuda"
 
 
+class Tracker(enum.StrEnum):
+    tensorboard = "tensorboard"  # <run_dir>/tb (always installed)
+    wandb = "wandb"              # extra [wandb]; WANDB_MODE=offline works without an account
+    mlflow = "mlflow"            # extra [mlflow]; a local SQLite store <run_dir>/mlflow.db unless MLFLOW_TRACKING_URI
+
+
 class Grid(enum.StrEnum):
     uniform = "uniform"  # t_k = k/N
     sd3 = "sd3"          # SD3's shifted grid, t = 1 − σ
@@ -75,7 +82,7 @@ class TrainConfig:
     progress: bool = True           # tqdm bar
     # experiment trackers (accelerate's tracking API): tensorboard (<run_dir>/tb) | wandb | mlflow (extras of
     # the same names); metrics.jsonl is always written (align/trackers.py)
-    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    trackers: List[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
 
     def validate(self) -> None:
         require(self.steps >= 1, "train.steps", self.steps, ">= 1")
@@ -88,6 +95,11 @@ class TrainConfig:
         for key in ("log_every", "checkpoint_every", "max_bad_steps"):
             require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), ">= 1")
         require(self.max_param_growth > 1, "train.max_param_growth", self.max_param_growth, "> 1")
+        for name in self.trackers:
+            module = {"wandb": "wandb", "mlflow": "mlflow"}.get(str(name))
+            if module and importlib.util.find_spec(module) is None:
+                raise ValueError(f"train.trackers includes {name} but the {module} package is not installed: "
+                                 f'pip install -e ".[{name}]"')
 
 
 @dataclass

@@ -11,7 +11,6 @@ are purged, so the curves continue exactly as ``metrics.jsonl`` does. The option
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Sequence
 
@@ -19,28 +18,12 @@ from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracke
 
 from align.run_dir import TB_DIR
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-# tracker -> (module it needs, the extra that installs it)
-_NEEDS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
-
-
-def check_trackers(names: Sequence[str]) -> None:
-    """Refuse unknown or uninstalled trackers before any work (``train.trackers``)."""
-    for name in names:
-        if name not in TRACKERS:
-            raise ValueError(f"train.trackers: unknown tracker {name!r}; valid choices: {', '.join(TRACKERS)}")
-        module, extra = _NEEDS.get(name, (None, None))
-        if module and importlib.util.find_spec(module) is None:
-            raise ValueError(f"train.trackers includes {name} but the {module} package is not installed: "
-                             f'pip install -e ".[{extra}]"')
-
-
 def make_trackers(names: Sequence[str], run_dir: str, resume_step: int | None) -> list[GeneralTracker]:
-    """Tracker objects for ``accelerate.Accelerator(log_with=...)``; they start at ``init_trackers``."""
-    check_trackers(names)
+    """Tracker objects for ``accelerate.Accelerator(log_with=...)``; they start at ``init_trackers``. The names
+    are checked (known, installed) by the typed config, ``align.schema.TrainConfig``."""
     run_name = os.path.basename(os.path.abspath(run_dir))
     trackers: list[GeneralTracker] = []
-    for name in dict.fromkeys(names):
+    for name in dict.fromkeys(str(n) for n in names):
         if name == "tensorboard":
             purge = None if resume_step is None else resume_step + 1
             trackers.append(TensorBoardTracker(TB_DIR, run_dir, purge_step=purge))

@@ -106,14 +106,19 @@ def test_tensorboard_continues_exactly_on_resume(tmp_path):
     assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3]
 
 
-def test_an_uninstalled_or_unknown_tracker_is_refused_before_any_work(tmp_path, monkeypatch):
-    from align.trackers import check_trackers
+def test_an_uninstalled_or_unknown_tracker_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from align.run import main
 
-    with pytest.raises(ValueError, match="valid choices: tensorboard, wandb, mlflow"):
-        check_trackers(["tensorbored"])
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        main(OVERRIDES + ["train.trackers=[tensorbored]", f"run_dir={run_dir}"])
+    assert err.value.code == 2 and "valid choices for train.trackers[0]: tensorboard, wandb, mlflow" in \
+        capsys.readouterr().err
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ValueError, match=r'pip install -e "\.\[wandb\]"'):
-        check_trackers(["tensorboard", "wandb"])
+    with pytest.raises(SystemExit) as err:
+        main(OVERRIDES + ["train.trackers=[tensorboard,wandb]", f"run_dir={run_dir}"])
+    assert err.value.code == 2 and 'pip install -e ".[wandb]"' in capsys.readouterr().err
+    assert not run_dir.exists()
