@@ -75,7 +75,7 @@ class VGGFlowConfig:
     consistency_weight: float = 1.0     # 1 (paper, on ‖β·R‖²); the preview code's ‖R/β‖² corresponds to 1/β⁴
     # Where the consistency residual is enforced: grid (paper: at the sub-sampled grid states) | within_step (at a
     # uniform time inside each state's Euler step, on the sampler's own segment: ν_φ is then constrained between
-    # grid times too; on SD3's shifted grid `grid` leaves the late gaps 0.73 → 0.85 → 0.99 free, see README)
+    # grid times too; on SD3's shifted grid `grid` leaves the late gaps 0.73 → 0.85 → 0.99 free, see docs/vggflow.md)
     consistency_times: ConsistencyTimes = ConsistencyTimes.grid
     boundary_at: BoundaryAt = BoundaryAt.t1  # t1 (paper: ν at x_1, t = 1) | last_state (preview code: ‖ν‖² at x_{N−1})
 

@@ -1,6 +1,6 @@
 """``python -m experiments.sample_panel OUT.png "Title=path/to/grid.png" ...``: put sample grids (a run's
 ``samples/*.png``) into one labelled figure, top to bottom, or left to right with ``--side-by-side`` (the
-README's sample figure: the grids are one row of 8 samples per prompt, so they are tall)."""
+the sample figure of docs/results.md: the grids are one row of 8 samples per prompt, so they are tall)."""
 from __future__ import annotations
 
 import argparse
