@@ -56,6 +56,7 @@ ROLES: dict[Role, str] = {
 }
 BOOKKEEPING: dict[str, tuple[Role, ...]] = {
     "seed": ("group",),
+    "default_reward": ("rerun", "group"),     # the domain preset's; only chooses reward= (compared itself)
     "run_dir": ("rerun", "group", "name"),
     "resume": ("rerun", "group", "name"),
     "threads": ("rerun", "group", "name"),
@@ -77,6 +78,12 @@ def keys_with(role: Role) -> tuple[str, ...]:
 RESUMABLE_KEYS = keys_with("resume")
 # Keys added after runs were saved without them: an absent key equals the behaviour those runs had.
 ABSENT_MEANS = {"eval.fid_reference": "paired", "model.fid_reference": "paired"}
+# Keys that configs saved by earlier versions carry and that are no longer settings (the domain presets,
+# align/conf/preset/, align/paper_settings.py and the root's prompts / sampler.shift hold them now): dropped when
+# such a config.yaml is typed again (align.schema.typed_config) or compared with a re-run (flat_config).
+RETIRED_KEYS = tuple(f"model.{k}" for k in ("default_reward", "train_steps", "batch_size", "eval_every",
+                                            "eval_samples", "vggflow_beta", "vggflow_alpha", "am_beta",
+                                            "fid_reference", "prompts", "sampler_shift")) + ("reward.domain",)
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
@@ -92,8 +99,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def flat_config(cfg: dict) -> dict:
-    """``flatten(cfg)`` with the keys a run saved before they existed filled in as ABSENT_MEANS says."""
-    return {**ABSENT_MEANS, **flatten(cfg)}
+    """``flatten(cfg)`` with the keys a run saved before they existed filled in as ABSENT_MEANS says, and the
+    RETIRED_KEYS left out."""
+    return {k: v for k, v in {**ABSENT_MEANS, **flatten(cfg)}.items() if k not in RETIRED_KEYS}
 
 
 def read_config(run_dir: str, resolve: bool = True) -> dict:

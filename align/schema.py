@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from align.loading import DTYPES
 from align.registry import REGISTRIES, register_all
+from align.run_dir import RETIRED_KEYS
 
 ROOT_SCHEMA = "config_schema"
 
@@ -191,13 +192,6 @@ def typed(schema: type, cfg: Any) -> DictConfig:
     return cfg
 
 
-# Keys that configs saved before the typed configs carry and that are no longer settings (the domain presets,
-# align/conf/preset/, and align/paper_settings.py hold them now): dropped when such a config.yaml is typed again.
-RETIRED_KEYS = {"model": ("default_reward", "train_steps", "batch_size", "eval_every", "eval_samples",
-                          "vggflow_beta", "vggflow_alpha", "am_beta", "fid_reference"),
-                "reward": ("domain",)}
-
-
 def typed_config(cfg: Any) -> DictConfig:
     """A saved (untyped, resolved) config, e.g. a run's config.yaml, merged onto the root schema and the typed
     configs of its algorithm, model and reward, and checked again; raises ValueError naming the key."""
@@ -206,8 +200,10 @@ def typed_config(cfg: Any) -> DictConfig:
     root = OmegaConf.structured(RootConfig)
     for registry in REGISTRIES:
         section = given[registry.group]
-        for key in RETIRED_KEYS.get(registry.group, ()):
-            section.pop(key, None)
+        for key in RETIRED_KEYS:
+            group, _, name = key.partition(".")
+            if group == registry.group:
+                section.pop(name, None)
         schema = registry.config(section["name"])
         if schema is not None:
             root[registry.group] = OmegaConf.structured(schema)

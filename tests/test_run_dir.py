@@ -16,7 +16,7 @@ def test_the_bookkeeping_roles():
     assert RESUMABLE_KEYS == ("train.steps", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
                               "train.max_bad_steps", "train.max_param_growth", "device")
     rerun = {"run_dir", "resume", "threads", "device", "train.progress", "train.checkpoint_every",
-             "train.keep_checkpoints", "train.max_bad_steps", "train.max_param_growth", "train.steps"}
+             "train.keep_checkpoints", "train.max_bad_steps", "train.max_param_growth", "train.steps", "default_reward"}
     assert set(keys_with("rerun")) == rerun
     assert set(keys_with("group")) == rerun - {"train.steps"} | {"seed"}
     assert set(keys_with("name")) == {"run_dir", "resume", "train.progress", "threads", "device"}
@@ -72,3 +72,20 @@ def test_read_metrics_stops_at_a_line_cut_short(tmp_path):
     with open(tmp_path / "metrics.jsonl", "w") as fh:
         fh.write("".join(json.dumps(r) + "\n" for r in rows) + "\n" + '{"step": 2, "lo')
     assert read_metrics(str(tmp_path)) == rows
+
+
+def test_a_config_saved_by_an_earlier_version_matches_its_re_run():
+    """Runs saved before the typed configs carry model.vggflow_beta, the budgets, reward.domain, model.prompts …
+    and no top-level default_reward: a re-run of the same settings is the same run."""
+    from align.config import compose_config
+    from omegaconf import OmegaConf
+
+    requested = OmegaConf.to_container(compose_config(["model=sd3", "reward=aesthetic"], run_dir="/x"), resolve=True,
+                                       enum_to_str=True)
+    saved = {**requested, "model": {**requested["model"], "vggflow_beta": 5e4, "train_steps": 400,
+                                    "prompts": None, "sampler_shift": 3.0},
+             "reward": {**requested["reward"], "domain": "sd3"}}
+    del saved["default_reward"]
+    assert config_differences(saved, requested) == []
+    saved["model"]["guidance_scale"] = 4.0                                   # a real difference still counts
+    assert config_differences(saved, requested) == ["model.guidance_scale: saved 4.0, requested 5.0"]
