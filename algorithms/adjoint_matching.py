@@ -41,7 +41,7 @@ from align.batching import per_sample
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_and_grad
-from align.schema import positive, require, typed
+from align.schema import positive, require
 from align.subsampling import gather_states
 from samplers import (Trajectory, memoryless_drift, memoryless_noise_level, memoryless_sde_integrate,
                       training_grid)
@@ -112,11 +112,10 @@ def loss_time_indices(n_steps: int, last: float, random: float, batch: int,
 
 @register_algorithm("adjoint_matching", config=AdjointMatchingConfig)
 class AdjointMatching(Algorithm):
-    name = "adjoint_matching"
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        cfg = typed(AdjointMatchingConfig, cfg)
-        super().__init__(cfg, model, reward, ts)
+        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
+        cfg = self.cfg
         self.beta = float(cfg.beta)
         self.train_ts = training_grid(cfg.train_grid, ts, cfg.train_steps)
         self.h = default_offset(self.train_ts) if cfg.h is None else float(cfg.h)

@@ -39,7 +39,6 @@ from align.batching import index_cond, per_sample
 from align.interfaces import Algorithm
 from align.objectives import reward_loss
 from align.registry import register_algorithm
-from align.schema import typed
 from samplers import Trajectory, euler_integrate, one_step_prediction
 
 Variant = enum.StrEnum("Variant", "lv k")
@@ -68,11 +67,10 @@ class DRaFTConfig(ObjectiveConfig):
 
 @register_algorithm("draft", config=DRaFTConfig)
 class DRaFT(Algorithm):
-    name = "draft"
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        cfg = typed(DRaFTConfig, cfg)
-        super().__init__(cfg, model, reward, ts)
+        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
+        cfg = self.cfg
         N = len(ts) - 1
         if cfg.variant == "k" and not 1 <= cfg.k <= N:
             raise ValueError(f"algo.k={cfg.k} must be between 1 and sampler.steps={N}")

@@ -22,7 +22,6 @@ from algorithms.objective_config import ObjectiveConfig
 from align.interfaces import Algorithm
 from align.objectives import reward_loss
 from align.registry import register_algorithm
-from align.schema import typed
 from samplers import Trajectory, euler_integrate, one_step_prediction
 
 
@@ -59,11 +58,10 @@ def truncation_range(truncation: Any, ref_steps: int, n_steps: int) -> tuple[int
 
 @register_algorithm("refl", config=ReFLConfig)
 class ReFL(Algorithm):
-    name = "refl"
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        cfg = typed(ReFLConfig, cfg)
-        super().__init__(cfg, model, reward, ts)
+        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
+        cfg = self.cfg
         self.k_lo, self.k_hi = truncation_range(cfg.truncation, int(cfg.truncation_grid_steps), len(ts) - 1)
 
     def draw_truncation(self, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -28,7 +28,7 @@ from omegaconf import MISSING
 from align.batching import index_cond, per_sample
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
-from align.schema import positive, require, typed
+from align.schema import positive, require
 from align.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad
 from align.subsampling import binned_time_indices, gather_states, per_sample_mse
 from align.value_gradient import consistency_residual, network_dtype, use_network_jvp
@@ -85,12 +85,11 @@ class VGGFlowConfig:
 
 @register_algorithm("vggflow", config=VGGFlowConfig)
 class VGGFlow(Algorithm):
-    name = "vggflow"
     update_wide = True      # prepare() sees every micro-batch of an update before any loss (the clip threshold)
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        cfg = typed(VGGFlowConfig, cfg)
-        super().__init__(cfg, model, reward, ts)
+        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
+        cfg = self.cfg
         self.beta, self.alpha, self.eta = float(cfg.beta), float(cfg.alpha), ETA[cfg.eta]
         self.value_net = model.make_value_network() if cfg.learn_value else None   # outputs N_φ = β ν_φ
         # bf16/fp16 networks: forward-mode AD through the network in the residual (align/value_gradient.py)

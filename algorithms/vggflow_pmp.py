@@ -24,7 +24,7 @@ from align.adjoint import costate_sweep
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_and_grad
-from align.schema import positive, require, typed
+from align.schema import positive, require
 from align.subsampling import binned_time_indices, gather_states, per_sample_mse
 from samplers import Trajectory
 
@@ -50,11 +50,10 @@ class VGGFlowPMPConfig:
 
 @register_algorithm("vggflow_pmp", config=VGGFlowPMPConfig)
 class VGGFlowPMP(Algorithm):
-    name = "vggflow_pmp"
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        cfg = typed(VGGFlowPMPConfig, cfg)
-        super().__init__(cfg, model, reward, ts)
+        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
+        cfg = self.cfg
         self.beta = float(cfg.beta)
 
     # ---- the Hamiltonian of step k (summed over the batch) ------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from align.schema import typed
 from samplers import Trajectory, euler_integrate
 
 
@@ -133,8 +134,14 @@ class Algorithm(nn.Module, abc.ABC):
     # of them (statistics over the whole update, e.g. VGG-Flow's clip threshold). Rollouts must then hold no graph.
     update_wide: bool = False
 
+    # the config dataclass (set by ``@register_algorithm(name, config=...)``): ``cfg`` — a typed config, or an
+    # untyped one such as a resumed run's config.yaml section — is merged onto it and checked
+    config_class: type | None = None
+
     def __init__(self, cfg: Any, model: FlowModel, reward: Reward, ts: torch.Tensor):
         super().__init__()
+        if self.config_class is not None:
+            cfg = typed(self.config_class, cfg)
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "reward", reward)
         self.cfg = cfg

@@ -41,6 +41,7 @@ class Registry:
                 cls.name = name
             if config is not None:
                 self._configs[name] = config
+                cls.config_class = config
                 store = ConfigStore.instance().store
                 store(group=self.group, name=name + SCHEMA_SUFFIX, node=config)
                 if not os.path.isfile(os.path.join(CONF_DIR, self.group, f"{name}.yaml")):
