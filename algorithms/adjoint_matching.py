@@ -112,6 +112,7 @@ def loss_time_indices(n_steps: int, last: float, random: float, batch: int,
 
 @register_algorithm("adjoint_matching", config=AdjointMatchingConfig)
 class AdjointMatching(Algorithm):
+    """Regress (2/σ_k)(v_θ − v_base) onto −σ_k ã_{k+1}, ã the lean adjoint of the memoryless SDE."""
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
         super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass

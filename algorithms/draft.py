@@ -67,6 +67,7 @@ class DRaFTConfig(ObjectiveConfig):
 
 @register_algorithm("draft", config=DRaFTConfig)
 class DRaFT(Algorithm):
+    """Backpropagate the reward through the last K sampler steps (see the module docstring)."""
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
         super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass

@@ -58,6 +58,7 @@ def truncation_range(truncation: Any, ref_steps: int, n_steps: int) -> tuple[int
 
 @register_algorithm("refl", config=ReFLConfig)
 class ReFL(Algorithm):
+    """Backpropagate the reward of a one-step prediction from a late state (see the module docstring)."""
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
         super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass

@@ -50,6 +50,7 @@ class VGGFlowPMPConfig:
 
 @register_algorithm("vggflow_pmp", config=VGGFlowPMPConfig)
 class VGGFlowPMP(Algorithm):
+    """Match ṽ_θ = v_θ − v_base to −β a_{k+1}, the costate of the relaxed control problem (module docstring)."""
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
         super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
