@@ -54,8 +54,7 @@ class VGGFlowPMP(Algorithm):
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
         super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
-        cfg = self.cfg
-        self.beta = float(cfg.beta)
+        self.beta = float(self.cfg.beta)
 
     # ---- the Hamiltonian of step k (summed over the batch) ------------------------------------------------
     def hamiltonian(self, cond: Any):

@@ -33,30 +33,21 @@ from omegaconf import DictConfig, OmegaConf
 RESOLVER = "align_paper"
 SOURCE = "align/paper_settings.py"
 
+# The paper's Table 1 on SD3 (reference §1.8, §3), one row per reward:
+#   reward: (β of VGG-Flow and VGG-Flow-PMP, lr of VGG-Flow-PMP, β of Adjoint Matching)
+# Every reward: VGG-Flow lr 5e-4 and α 1e4; ReFL, DRaFT and Adjoint Matching lr 1e-4.
+SD3_TABLE_1: dict[str, tuple[float, float, float]] = {
+    "aesthetic": (5.0e4, 1.0e-4, 5.0e3),
+    "hpsv2":     (3.0e7, 5.0e-5, 3.0e5),
+    "pickscore": (5.0e5, 5.0e-5, 1.0e4),
+}
 # (model, reward) -> algorithm -> setting -> value
 TABLE: dict[tuple[str, str], dict[str, dict[str, float]]] = {
-    # ---- SD3, the paper's Table 1 (reference §1.8, §3) ---------------------------------------------------
-    ("sd3", "aesthetic"): {
-        "vggflow":          {"beta": 5.0e4, "alpha": 1.0e4, "lr": 5.0e-4},
-        "vggflow_pmp":      {"beta": 5.0e4, "lr": 1.0e-4},
-        "adjoint_matching": {"beta": 5.0e3, "lr": 1.0e-4},
-        "refl":             {"lr": 1.0e-4},
-        "draft":            {"lr": 1.0e-4},
-    },
-    ("sd3", "hpsv2"): {
-        "vggflow":          {"beta": 3.0e7, "alpha": 1.0e4, "lr": 5.0e-4},
-        "vggflow_pmp":      {"beta": 3.0e7, "lr": 5.0e-5},
-        "adjoint_matching": {"beta": 3.0e5, "lr": 1.0e-4},
-        "refl":             {"lr": 1.0e-4},
-        "draft":            {"lr": 1.0e-4},
-    },
-    ("sd3", "pickscore"): {
-        "vggflow":          {"beta": 5.0e5, "alpha": 1.0e4, "lr": 5.0e-4},
-        "vggflow_pmp":      {"beta": 5.0e5, "lr": 5.0e-5},
-        "adjoint_matching": {"beta": 1.0e4, "lr": 1.0e-4},
-        "refl":             {"lr": 1.0e-4},
-        "draft":            {"lr": 1.0e-4},
-    },
+    ("sd3", reward): {"vggflow": {"beta": beta, "alpha": 1.0e4, "lr": 5.0e-4},
+                      "vggflow_pmp": {"beta": beta, "lr": lr_pmp},
+                      "adjoint_matching": {"beta": beta_am, "lr": 1.0e-4},
+                      "refl": {"lr": 1.0e-4}, "draft": {"lr": 1.0e-4}}
+    for reward, (beta, lr_pmp, beta_am) in SD3_TABLE_1.items()
 }
 # model -> algorithm -> setting -> value, for every reward of the domain without a TABLE row.
 DOMAIN: dict[str, dict[str, dict[str, float]]] = {

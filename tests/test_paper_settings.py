@@ -132,7 +132,8 @@ def test_digits_and_gmm_keep_their_domain_values(model, reward):
 def test_sd3_alpha_is_unchanged_and_unknown_sd3_rewards_fall_back_to_the_domain_default():
     cfg = compose_config(["model=sd3", "reward=hpsv2", "algo=vggflow"])
     assert float(cfg.algo.alpha) == 1e4
-    cfg = compose_config(["model=sd3", "reward=linear", "algo=vggflow"])         # no row: the sd3 domain's β, said so
+    cfg = compose_config(["model=sd3", "reward=aesthetic", "algo=vggflow"])
+    cfg.reward.name = "my_sd3_reward"           # an SD3 reward without a Table-1 row: the sd3 domain's β, said so
     assert float(cfg.algo.beta) == 5e4 and "algo.beta=5e4 (the sd3 domain's value)" in describe(cfg)
 
 
