@@ -26,11 +26,11 @@ def build_model(cfg: DictConfig) -> FlowModel:
 
 
 def build_reward(cfg: DictConfig, model: FlowModel) -> Reward:
-    reward = REWARDS.get(cfg.reward.name)(**_kwargs(cfg.reward))
-    if reward.domain not in ("any", model.name):
-        raise ConfigError(f"reward={cfg.reward.name} scores the '{reward.domain}' domain but model={model.name}; "
-                          f"use model={reward.domain} or a reward of the {model.name} domain")
-    return reward
+    cls = REWARDS.get(cfg.reward.name)
+    if cls.domain not in ("any", model.name):     # before the reward looks for its weights
+        raise ConfigError(f"reward={cfg.reward.name} scores the '{cls.domain}' domain but model={model.name}; "
+                          f"use model={cls.domain} or a reward of the {model.name} domain")
+    return cls(**_kwargs(cfg.reward))
 
 
 def build_grid(cfg: DictConfig) -> torch.Tensor:

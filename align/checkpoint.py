@@ -58,18 +58,27 @@ def load_latest(run_dir: str) -> tuple[int, dict[str, Any]] | None:
     without a checksum (older runs) is accepted if it loads. CheckpointError if every checkpoint is damaged."""
     steps = list_checkpoints(run_dir)
     for step in reversed(steps):
-        path = os.path.join(checkpoint_path(run_dir, step), STATE_FILE)
-        problem = _damage(path)
-        if problem is None:
-            try:
-                return step, torch.load(path, map_location="cpu", weights_only=False)
-            except (RuntimeError, EOFError, pickle.UnpicklingError) as err:   # truncated zip, garbage, empty
-                problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        warnings.warn(f"{path} is damaged ({problem}); falling back to the previous checkpoint", stacklevel=2)
+        try:
+            return step, load_step(run_dir, step)
+        except CheckpointError as err:
+            warnings.warn(f"{err}; falling back to the previous checkpoint", stacklevel=2)
     if steps:
         raise CheckpointError(f"{run_dir}: no intact checkpoint in {CHECKPOINTS_DIR}/ (see the warnings above); "
                               f"delete {os.path.join(run_dir, CHECKPOINTS_DIR)} to start the run afresh")
     return None
+
+
+def load_step(run_dir: str, step: int) -> dict[str, Any]:
+    """The state of checkpoint ``step``, verified against its checksum; CheckpointError naming the file if it is
+    damaged (checksum mismatch, or unreadable)."""
+    path = os.path.join(checkpoint_path(run_dir, step), STATE_FILE)
+    problem = _damage(path)
+    if problem is None:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:   # truncated zip, garbage, empty
+            problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    raise CheckpointError(f"{path} is damaged ({problem})")
 
 
 def _damage(path: str) -> str | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 from datetime import datetime
 from typing import Any
@@ -25,28 +24,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from align.assemble import Parts, build_parts, section
+from align.assemble import build_parts, section
 from align.evaluation import Evaluator
-from align.run_dir import CONFIG_FILE, STATE_FILE, checkpoint_path, list_checkpoints
+from align.run_dir import CONFIG_FILE, list_checkpoints
 from align.schema import EvalConfig, typed_config
 from align.trainer import preview_order
 
 METRICS_NAME, GRID_NAME, SAMPLES_NAME = "metrics.json", "samples.png", "samples.pt"
-FINAL_SAMPLES_SEED = 2_000_003   # the final samples' noise stream: seed + this (Trainer._final_samples)
 
 
 class EvaluateError(ValueError):
     """A problem with the arguments, found before any work; the message says which."""
-
-
-def final_samples(parts: Parts, evaluator: Evaluator, n: int, seed: int) -> dict[str, Any]:
-    """``n`` samples of the current model in samples_final.pt's format: x_0 from the final samples' stream,
-    prompts taken in turn from the prompt set."""
-    gen = torch.Generator().manual_seed(seed + FINAL_SAMPLES_SEED)
-    prompts = [parts.prompts[i % len(parts.prompts)] for i in range(n)]
-    x0 = parts.model.sample_noise(n, gen)
-    x1 = evaluator.sample(parts.model.velocity, x0, prompts)
-    return {"x1": x1.cpu(), "x0": x0.cpu(), "prompts": prompts}
 
 
 def evaluate(cfg: DictConfig, out: str, state: dict[str, Any] | None = None, samples: int = 0) -> dict[str, Any]:
@@ -74,13 +62,13 @@ def evaluate(cfg: DictConfig, out: str, state: dict[str, Any] | None = None, sam
 
         save_image(grid.float().clamp(0, 1).cpu(), os.path.join(out, GRID_NAME))
     if samples > 0:
-        torch.save(final_samples(parts, evaluator, samples, int(cfg.seed)), os.path.join(out, SAMPLES_NAME))
+        torch.save(evaluator.final_samples(samples), os.path.join(out, SAMPLES_NAME))
     return row
 
 
 def load_run(run_dir: str, step: int | None) -> tuple[DictConfig, dict[str, Any]]:
     """A run's typed config.yaml and the state of its checkpoint ``step`` (None: the newest intact one)."""
-    from align.checkpoint import load_latest
+    from align.checkpoint import CheckpointError, load_latest, load_step
 
     saved = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(saved):
@@ -98,11 +86,10 @@ def load_run(run_dir: str, step: int | None) -> tuple[DictConfig, dict[str, Any]
     if step not in steps:
         raise EvaluateError(f"--step {step}: {run_dir} has no checkpoint of that step; it has "
                             f"{', '.join(map(str, steps)) or 'none'}")
-    path = os.path.join(checkpoint_path(run_dir, step), STATE_FILE)
     try:
-        return cfg, torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise EvaluateError(f"--step {step}: {path} is damaged ({type(err).__name__})") from None
+        return cfg, load_step(run_dir, step)
+    except CheckpointError as err:
+        raise EvaluateError(f"--step {step}: {err}") from None
 
 
 def _base_config(overrides: list[str]) -> DictConfig:

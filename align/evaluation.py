@@ -8,7 +8,7 @@ untouched model scores exactly 0. Both reference sets are sampled once per run a
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -34,7 +34,7 @@ class Evaluator:
         if fid_reference not in self.FID_REFERENCES:
             raise ValueError(f"eval.fid_reference={fid_reference!r}: valid choices are "
                              f"{', '.join(self.FID_REFERENCES)}")
-        self.fid_reference, self.seed = fid_reference, int(seed)
+        self.fid_reference, self.seed, self.prompt_set = fid_reference, int(seed), list(prompt_set)
         self.model, self.reward, self.ts, self.batch_size = model, reward, ts, batch_size
         n_groups = max(1, n_samples // group_size)
         self.prompts = [prompt_set[g % len(prompt_set)] for g in range(n_groups) for _ in range(group_size)]
@@ -86,6 +86,16 @@ class Evaluator:
             x1 = self.sample(self.model.base_velocity, self.reference_noise())
             self._reference = self._score(x1)[1]
         return self._reference
+
+    @torch.no_grad()
+    def final_samples(self, n: int) -> dict[str, Any]:
+        """``n`` samples of the current model in samples_final.pt's format: x_0 from the final samples' own
+        stream (seed + 2000003), prompts taken in turn from the prompt set."""
+        gen = torch.Generator().manual_seed(self.seed + 2_000_003)
+        prompts = [self.prompt_set[i % len(self.prompt_set)] for i in range(n)]
+        x0 = self.model.sample_noise(n, gen)
+        x1 = self.sample(self.model.velocity, x0, prompts)
+        return {"x1": x1.cpu(), "x0": x0.cpu(), "prompts": prompts}
 
     def __call__(self) -> tuple[dict[str, float], torch.Tensor]:
         x1 = self.sample(self.model.velocity)

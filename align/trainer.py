@@ -279,11 +279,6 @@ class Trainer:
     def _final_samples(self) -> None:
         if not self.is_main:
             return
-        n = int(self.eval_cfg.final_samples)
-        gen = torch.Generator().manual_seed(self.seed + 2_000_003)
-        prompts = [self.prompt_set[i % len(self.prompt_set)] for i in range(n)]
-        x0 = self.model.sample_noise(n, gen)
-        x1 = self.evaluator.sample(self.model.velocity, x0, prompts)
         path = os.path.join(self.run_dir, FINISHED_FILE)
-        torch.save({"x1": x1.cpu(), "x0": x0.cpu(), "prompts": prompts}, path + ".tmp")
+        torch.save(self.evaluator.final_samples(int(self.eval_cfg.final_samples)), path + ".tmp")
         os.replace(path + ".tmp", path)
