@@ -12,6 +12,7 @@ import torch
 
 from align.config import compose_config
 from align.assemble import build_trainer
+from align.trainer import Trainer
 
 torch.set_num_threads(1)
 
