@@ -252,7 +252,7 @@ def test_every_algorithm_trains_two_steps_on_tiny_sd35(sd35_dirs, tmp_path, algo
     from align.run_dir import read_metrics
 
     run_dir = str(tmp_path / "run")
-    overrides = [f"algo={algo}", "model=sd3", "reward=linear", f"model.pretrained={sd35_dirs['medium']}",
+    overrides = [f"algo={algo}", "model=sd3", "reward=aesthetic", f"model.pretrained={sd35_dirs['medium']}",
                  "model.dtype=float32", f"model.resolution={RESOLUTION}", "model.decoder=vae", "model.t5=false",
                  "model.features.kind=pixels", "model.value_net.block_out_channels=[8,16]",
                  "model.value_net.attention_head_dim=4", "prompts=hpdv2", "sampler.steps=4", "train.steps=2",

@@ -39,7 +39,7 @@ def _trainer(sd3_dir, tmp_path, algo: str, extra: list[str], checkpointing: bool
     from align.config import compose_config
 
     run_dir = str(tmp_path / f"run_{algo}_{int(checkpointing)}")
-    overrides = [f"algo={algo}", "model=sd3", "reward=linear", f"model.pretrained={sd3_dir}",
+    overrides = [f"algo={algo}", "model=sd3", "reward=aesthetic", f"model.pretrained={sd3_dir}",
                  "model.dtype=bfloat16", f"model.gradient_checkpointing={str(checkpointing).lower()}",
                  f"model.resolution={RESOLUTION}", "model.decoder=vae", "model.t5=false",
                  "model.features.kind=pixels", "model.value_net.block_out_channels=[8,16]",
