@@ -25,12 +25,17 @@ def build_model(cfg: DictConfig) -> FlowModel:
     return MODELS.get(cfg.model.name)(**_kwargs(cfg.model))
 
 
+def check_domain(reward: str, model: str) -> None:
+    """ConfigError unless the reward ``reward`` scores the model ``model``'s domain (from the class: no weights)."""
+    domain = REWARDS.get(reward).domain
+    if domain not in ("any", model):
+        raise ConfigError(f"reward={reward} scores the '{domain}' domain but model={model}; "
+                          f"use model={domain} or a reward of the {model} domain")
+
+
 def build_reward(cfg: DictConfig, model: FlowModel) -> Reward:
-    cls = REWARDS.get(cfg.reward.name)
-    if cls.domain not in ("any", model.name):     # before the reward looks for its weights
-        raise ConfigError(f"reward={cfg.reward.name} scores the '{cls.domain}' domain but model={model.name}; "
-                          f"use model={cls.domain} or a reward of the {model.name} domain")
-    return cls(**_kwargs(cfg.reward))
+    check_domain(cfg.reward.name, model.name)     # before the reward looks for its weights
+    return REWARDS.get(cfg.reward.name)(**_kwargs(cfg.reward))
 
 
 def build_grid(cfg: DictConfig) -> torch.Tensor:

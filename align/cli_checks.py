@@ -19,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from align.build import ConfigError, check_domain
 from align.paper_settings import find_missing   # registers ${align_paper:...} (β, α, lr per model × reward × algo)
 from align.prompts import load_prompts
 from align.registry import MODELS, REWARDS, SCHEMA_SUFFIX, register_all
@@ -220,10 +221,10 @@ def _check_combo(conf_dir: str, combo: list[str]) -> None:
 def _check_parts(cfg: DictConfig, explicit_run_dir: bool) -> None:
     """What needs the composed config but no built part: the reward's domain against the model (before any
     weights are looked for), the prompts against the model, and a given ``run_dir`` creatable."""
-    domain = REWARDS.get(cfg.reward.name).domain
-    if domain not in ("any", cfg.model.name):
-        raise ConfigProblem(f"reward={cfg.reward.name} scores the '{domain}' domain but model={cfg.model.name}; "
-                            f"use model={domain} or a reward of the {cfg.model.name} domain")
+    try:
+        check_domain(str(cfg.reward.name), str(cfg.model.name))
+    except ConfigError as err:
+        raise ConfigProblem(str(err)) from None
     if cfg.prompts is not None:
         try:
             load_prompts(cfg.prompts, MODELS.get(cfg.model.name))

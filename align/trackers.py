@@ -18,6 +18,7 @@ from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracke
 
 from align.run_dir import TB_DIR
 
+
 def make_trackers(names: Sequence[str], run_dir: str, resume_step: int | None) -> list[GeneralTracker]:
     """Tracker objects for ``accelerate.Accelerator(log_with=...)``; they start at ``init_trackers``. The names
     are checked (known, installed) by the typed config, ``align.schema.TrainConfig``."""

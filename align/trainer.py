@@ -39,7 +39,7 @@ def preview_order(prompts: list[str], per_prompt: int = 8) -> list[int]:
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite updates."""
+    """Too many consecutive non-finite updates, or parameters blown up by an update."""
 
 
 class Trainer:
@@ -120,7 +120,8 @@ class Trainer:
         self.generator.set_state(state["rng"][rank]["generator"])
         torch.set_rng_state(state["rng"][rank]["torch"])
         self.bad_in_row, self.skipped, self.elapsed = state["bad_in_row"], state["skipped"], state["elapsed"]
-        self.start_norms = state.get("start_norms", self.start_norms)   # older checkpoints: the resumed norms
+        # older checkpoints: the norms of this trainer's fresh initialisation (the same seed: the run's own start)
+        self.start_norms = state.get("start_norms", self.start_norms)
 
     def save(self) -> None:
         from accelerate.utils import gather_object
