@@ -40,7 +40,7 @@ from align.adjoint import costate_sweep
 from align.batching import per_sample
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
-from align.reward_grad import per_sample_norms, reward_and_grad
+from align.reward_grad import per_sample_norms, reward_grad_at_x1
 from align.schema import positive, require
 from align.subsampling import gather_states
 from samplers import (Trajectory, memoryless_drift, memoryless_noise_level, memoryless_sde_integrate,
@@ -142,7 +142,7 @@ class AdjointMatching(Algorithm):
             drift = v if k == n - 1 else memoryless_drift(v, x, float(traj.ts[k]), h)
             return (a * drift).sum()
 
-        _, grad_r = reward_and_grad(model, self.reward, traj.xs[-1], traj.prompts)
+        grad_r = reward_grad_at_x1(model, self.reward, traj)
         return costate_sweep(traj.xs, traj.ts, -self.beta * grad_r, hamiltonian, stop=stop)
 
     # ---- one update ---------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from align.batching import index_cond, per_sample
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.schema import positive, require
-from align.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad
+from align.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad, reward_grad_at_x1
 from align.subsampling import binned_time_indices, gather_states, per_sample_mse
 from align.value_gradient import consistency_residual, network_dtype, use_network_jvp
 from samplers import Trajectory, euler_integrate, one_step_prediction
@@ -152,7 +152,7 @@ class VGGFlow(Algorithm):
             _, grad_r = reward_and_grad(self.model, self.reward, one_step_prediction(x, t, v), prompts)
             traj.extras.update(vgg_idx=idx, vgg_grad_r=grad_r)
             if self.value_net is not None and self.cfg.boundary_at == "t1":
-                traj.extras["vgg_grad_r1"] = reward_and_grad(self.model, self.reward, traj.x1, traj.prompts)[1]
+                traj.extras["vgg_grad_r1"] = reward_grad_at_x1(self.model, self.reward, traj)
             norms.append(per_sample_norms(grad_r))
         self.tau = self.clip_threshold(gather(torch.cat(norms)))
 

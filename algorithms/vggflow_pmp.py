@@ -23,7 +23,7 @@ from omegaconf import MISSING
 from align.adjoint import costate_sweep
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
-from align.reward_grad import per_sample_norms, reward_and_grad
+from align.reward_grad import per_sample_norms, reward_grad_at_x1
 from align.schema import positive, require
 from align.subsampling import binned_time_indices, gather_states, per_sample_mse
 from samplers import Trajectory
@@ -72,7 +72,7 @@ class VGGFlowPMP(Algorithm):
 
     def costate(self, traj: Trajectory, stop: int = 0) -> torch.Tensor:
         """a_k for k = N..stop along the trajectory [N+1, B, ...] (float32 or wider; NaN below stop)."""
-        _, grad_r = reward_and_grad(self.model, self.reward, traj.xs[-1], traj.prompts)
+        grad_r = reward_grad_at_x1(self.model, self.reward, traj)
         return costate_sweep(traj.xs, traj.ts, -grad_r, self.hamiltonian(traj.cond), stop=stop)
 
     # ---- one update ---------------------------------------------------------------------------------------

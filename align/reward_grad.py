@@ -5,6 +5,7 @@ import torch
 
 from align.interfaces import FlowModel, Reward
 from align.batching import per_sample
+from samplers import Trajectory
 
 
 def reward_and_grad(model: FlowModel, reward: Reward, x: torch.Tensor, prompts: list[str]
@@ -15,6 +16,13 @@ def reward_and_grad(model: FlowModel, reward: Reward, x: torch.Tensor, prompts: 
         r = reward(model.decode(x), prompts).float()
         (grad,) = torch.autograd.grad(r.sum(), x)
     return r.detach(), grad.detach()
+
+
+def reward_grad_at_x1(model: FlowModel, reward: Reward, traj: Trajectory) -> torch.Tensor:
+    """∇r(decode(x_1)) of a trajectory; r(x_1) is kept as ``traj.reward_x1`` (the trainer logs it)."""
+    r, grad = reward_and_grad(model, reward, traj.x1, traj.prompts)
+    traj.reward_x1 = r
+    return grad
 
 
 def per_sample_norms(g: torch.Tensor) -> torch.Tensor:

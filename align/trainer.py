@@ -161,9 +161,8 @@ class Trainer:
         rewards = []
         finite = True
         for traj in trajs:
-            with torch.no_grad():
-                rewards.append(self.reward(self.model.decode(traj.x1).float(), traj.prompts).float())
             loss, parts = self.algo.loss(traj, self.generator)
+            rewards.append(self._reward_x1(traj))
             finite &= bool(torch.isfinite(loss))
             if finite:
                 (loss / int(self.train_cfg.grad_accum)).backward()
@@ -193,6 +192,13 @@ class Trainer:
             self.skipped += 1
         row.update(skipped=int(not finite), skipped_total=self.skipped)
         return row
+
+    def _reward_x1(self, traj: Trajectory) -> torch.Tensor:
+        """r(x_1) for the log: the algorithm's own value when it computed one (PMP, AM, VGG-Flow), else scored."""
+        if traj.reward_x1 is not None:
+            return traj.reward_x1.detach().float()
+        with torch.no_grad():
+            return self.reward(self.model.decode(traj.x1).float(), traj.prompts).float()
 
     def _param_norms(self) -> dict[str, float]:
         """‖params‖₂ of each optimizer group."""

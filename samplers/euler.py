@@ -15,7 +15,9 @@ class Trajectory:
 
     xs: [K+1, B, ...] (detached unless integrated with grad; x_0 = xs[0] is the rollout's noise), ts: [K+1]
     float64 grid times, cond: the model's conditioning for this batch, prompts: the B prompts, extras: what an
-    algorithm's rollout keeps for its loss (e.g. VGG-Flow's v_θ(x_k, t_k) as ``extras["vs"]``).
+    algorithm's rollout keeps for its loss (e.g. VGG-Flow's v_θ(x_k, t_k) as ``extras["vs"]``). reward_x1:
+    r(decode(x_1)) [B] (fp32, detached) once an algorithm has computed it; the trainer logs it instead of scoring
+    x_1 a second time.
     """
 
     xs: torch.Tensor
@@ -23,6 +25,7 @@ class Trajectory:
     cond: Any = None
     prompts: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    reward_x1: torch.Tensor | None = None
 
     @property
     def x1(self) -> torch.Tensor:
