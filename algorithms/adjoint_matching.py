@@ -36,8 +36,8 @@ from typing import Any, Optional
 import torch
 from omegaconf import MISSING
 
-from align.adjoint import costate_sweep
-from align.batching import per_sample
+from align.adjoint import Sweep, costate_sweep, kept_at
+from align.batching import index_cond, per_sample
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_grad_at_x1
@@ -132,15 +132,16 @@ class AdjointMatching(Algorithm):
         return Trajectory(xs=xs, ts=self.train_ts, cond=cond, prompts=prompts)
 
     # ---- the lean adjoint --------------------------------------------------------------------------------
-    def lean_adjoint(self, traj: Trajectory, stop: int = 1) -> torch.Tensor:
-        """ã_k for k = N..stop [N+1, B, ...] on the trajectory's (training) grid: the exact discrete adjoint of the
-        base chain the SDE rollout runs, so the last (noiseless base Euler) step uses v_base itself, not b_base."""
+    def sweep(self, traj: Trajectory, stop: int = 1) -> Sweep:
+        """The lean adjoint ã_k for k = N..stop [N+1, B, ...] on the trajectory's (training) grid: the exact discrete adjoint of the
+        base chain the SDE rollout runs, so the last (noiseless base Euler) step uses v_base itself, not b_base;
+        and v_base(X_k, t_k) for k = N−1..stop (``Sweep.kept``)."""
         model, cond, n, h = self.model, traj.cond, traj.n_steps, self.h
 
-        def hamiltonian(k: int, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        def hamiltonian(k: int, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             v = model.base_velocity(x, t, cond)
             drift = v if k == n - 1 else memoryless_drift(v, x, float(traj.ts[k]), h)
-            return (a * drift).sum()
+            return (a * drift).sum(), v
 
         grad_r = reward_grad_at_x1(model, self.reward, traj)
         return costate_sweep(traj.xs, traj.ts, -self.beta * grad_r, hamiltonian, stop=stop)
@@ -148,7 +149,9 @@ class AdjointMatching(Algorithm):
     # ---- one update ---------------------------------------------------------------------------------------
     def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         model, N, B = self.model, traj.n_steps, traj.xs.shape[1]
-        a = self.lean_adjoint(traj)
+        stop = 1                                        # ã_0 pairs with no loss state
+        swept = self.sweep(traj, stop)
+        a = swept.costates
 
         # Loss states K ⊂ {0, …, N−1}. X_{N−1} is included although the SDE's last step uses v_base: the ODE
         # that produces the final samples uses v_θ there, and its target −(σ²/2)ã_N is as well defined.
@@ -159,8 +162,8 @@ class AdjointMatching(Algorithm):
         sigma = per_sample(memoryless_noise_level(traj.ts[k], self.h).to(x), x)
 
         v_theta = model.velocity(x, t, cond)                                        # grad → θ
-        with torch.no_grad():
-            v_base = model.base_velocity(x, t, cond)
+        # v_base from the sweep; only X_0 (below its stop) is evaluated here
+        v_base = kept_at(swept.kept, k, sample, stop, lambda r: model.base_velocity(x[r], t[r], index_cond(cond, r)))
         sq = ((2.0 / sigma) * (v_theta - v_base) + sigma * a_next.detach()).pow(2).flatten(1)   # [B·M, D]
 
         # Per-sample loss clipping (LCT), in AM's units: Σ over loss times and elements, threshold loss_clip·β².

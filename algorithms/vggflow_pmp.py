@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from omegaconf import MISSING
 
-from align.adjoint import costate_sweep
+from align.adjoint import Sweep, costate_sweep, kept_at
+from align.batching import index_cond
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_grad_at_x1
@@ -56,30 +57,36 @@ class VGGFlowPMP(Algorithm):
         super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
         self.beta = float(self.cfg.beta)
 
-    # ---- the Hamiltonian of step k (summed over the batch) ------------------------------------------------
+    # ---- the Hamiltonian of step k (summed over the batch), keeping v_base(x_k, t_k) for the loss -----------
     def hamiltonian(self, cond: Any):
         model, lam = self.model, 1.0 / self.beta
 
-        def full(k: int, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-            v = model.velocity(x, t, cond)
-            resid = v - model.base_velocity(x, t, cond)
-            return (a * v).sum() + 0.5 * lam * resid.pow(2).sum()
+        def full(k: int, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            v, v_base = model.velocity(x, t, cond), model.base_velocity(x, t, cond)
+            return (a * v).sum() + 0.5 * lam * (v - v_base).pow(2).sum(), v_base
 
-        def lean(k: int, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-            return (a * model.base_velocity(x, t, cond)).sum()
+        def lean(k: int, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            v_base = model.base_velocity(x, t, cond)
+            return (a * v_base).sum(), v_base
 
         return full if self.cfg.adjoint == "full" else lean
 
-    def costate(self, traj: Trajectory, stop: int = 0) -> torch.Tensor:
-        """a_k for k = N..stop along the trajectory [N+1, B, ...] (float32 or wider; NaN below stop)."""
+    def sweep(self, traj: Trajectory, stop: int = 0) -> Sweep:
+        """The costate a_k for k = N..stop along the trajectory [N+1, B, ...] (float32 or wider; NaN below stop),
+        and v_base(x_k, t_k) for k = N−1..stop (``Sweep.kept``)."""
         grad_r = reward_grad_at_x1(self.model, self.reward, traj)
         return costate_sweep(traj.xs, traj.ts, -grad_r, self.hamiltonian(traj.cond), stop=stop)
+
+    def costate(self, traj: Trajectory, stop: int = 0) -> torch.Tensor:
+        """a_k for k = N..stop along the trajectory [N+1, B, ...] (float32 or wider; NaN below stop)."""
+        return self.sweep(traj, stop).costates
 
     # ---- one update ---------------------------------------------------------------------------------------
     def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         model, N, B = self.model, traj.n_steps, traj.xs.shape[1]
         first = 1 if self.cfg.target == "next" else 0   # a_0 is a target only with target: same
-        a = self.costate(traj, stop=first)
+        swept = self.sweep(traj, stop=first)
+        a = swept.costates
 
         # States: x_{N−1} (its target a_N = −∇r is exact and carries the reward directly) plus one per bin
         # (§1.7). Unlike VGG-Flow, x_0 is allowed: its costate target is as exact as any other, and the ODE
@@ -90,8 +97,8 @@ class VGGFlowPMP(Algorithm):
         a_k = a[target_k, sample].to(x.dtype)
 
         v_theta = model.velocity(x, t, cond)                                       # grad → θ
-        with torch.no_grad():
-            v_base = model.base_velocity(x, t, cond)
+        # v_base from the sweep; only states below its stop (x_0 with target: next) are evaluated here
+        v_base = kept_at(swept.kept, k, sample, first, lambda r: model.base_velocity(x[r], t[r], index_cond(cond, r)))
         loss = per_sample_mse(v_theta, (v_base - self.beta * a_k).detach()).mean()
         logs = {"loss_match": loss.item(), "costate_norm_1": per_sample_norms(a[-1]).mean().item(),
                 "costate_norm_start": per_sample_norms(a[first]).mean().item(),

@@ -3,11 +3,14 @@ training reaches the exponentially tilted target p_base·exp(β r) (reference §
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from align.interfaces import Reward
+from align.models.digits import DigitsFlow
 from align.models.gmm import GaussianMixtureFlow
 from algorithms.adjoint_matching import AdjointMatching, default_offset, loss_time_indices
 from rewards.analytic import LinearReward, QuadraticReward
@@ -46,7 +49,7 @@ def test_lean_adjoint_is_the_reward_gradient_through_the_sampled_chain():
     ts = uniform_grid(8)
     algo = AdjointMatching(_cfg(), model, reward, ts)
     traj = algo.rollout(_x0(5), [""] * 5, None, torch.Generator().manual_seed(3))
-    a = algo.lean_adjoint(traj, stop=0)
+    a = algo.sweep(traj, stop=0).costates
     N, xs, h = traj.n_steps, traj.xs, algo.h
 
     def base_step(x: torch.Tensor, j: int) -> torch.Tensor:
@@ -77,7 +80,7 @@ def test_lean_adjoint_converges_to_the_closed_form():
         ts = uniform_grid(n)
         algo = AdjointMatching(_cfg(), model, LinearReward(direction=c.tolist()), ts)
         traj = algo.rollout(_x0(3), [""] * 3, None, torch.Generator().manual_seed(0))
-        a = algo.lean_adjoint(traj, stop=0).double()
+        a = algo.sweep(traj, stop=0).costates.double()
         t = ts.reshape(-1, 1, 1)
         C = t ** 2 * cov + (1 - t) ** 2 * torch.eye(2, dtype=torch.float64)
         exact = -BETA * t.squeeze(-1) * torch.linalg.solve(C, (cov @ c).expand(n + 1, 2))   # [N+1, 2]
@@ -141,6 +144,77 @@ def test_loss_clip_averages_over_the_kept_samples():
     assert algo.loss(traj, torch.Generator())[0].item() == pytest.approx(single.mean().item(), rel=1e-9)
 
 
+# ---- the loss takes v_base from the lean adjoint's sweep instead of evaluating it again (issue 12) -----------
+class _Contrast(Reward):
+    """A smooth nonlinear image score (tests only)."""
+
+    name, domain = "am_test_contrast", ""
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return -(images.float() - 0.3).pow(2).flatten(1).mean(1)
+
+
+def _am_traj(domain: str, loss_times: dict):
+    """(algo, an SDE trajectory): the float64 GMM of above, or the pretrained digits model (CFG, w = 2) in float64
+    with perturbed LoRA weights, 3 prompts, 4 uniform training steps."""
+    if domain == "gmm":
+        model = _gmm([0.3, 0.7], [[-1.0, 0.5], [1.2, -0.3]], [[[0.3, 0.1], [0.1, 0.2]], [[0.5, -0.2], [-0.2, 0.4]]],
+                     residual_scale=0.5)
+        algo = AdjointMatching(_cfg(loss_times=loss_times), model, QuadraticReward(center=[0.5, 1.0],
+                               precision=[[1.0, 0.3], [0.3, 0.6]]), uniform_grid(8))
+        return algo, algo.rollout(_x0(5), [""] * 5, None, torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    model = DigitsFlow().double()
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    prompts = ["three", "seven", "one"]
+    algo = AdjointMatching(_cfg(loss_times=loss_times), model, _Contrast(), uniform_grid(4))
+    x0 = model.sample_noise(len(prompts), torch.Generator().manual_seed(3)).double()
+    cond = {n: c.double() for n, c in model.encode(prompts).items()}
+    return algo, algo.rollout(x0, prompts, cond, torch.Generator().manual_seed(4))
+
+
+def _reference_loss(algo, traj, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """AM's loss (no clip) with v_base evaluated afresh (no grad) at every loss state, and the loss states [B, M]."""
+    model, B, N = algo.model, traj.xs.shape[1], traj.n_steps
+    a = algo.sweep(traj, stop=1).costates
+    idx = loss_time_indices(N, algo.last, algo.random, B, torch.Generator().manual_seed(seed))
+    k, sample = idx.flatten(), torch.arange(B).repeat_interleave(idx.shape[1])
+    x, t = traj.xs[k, sample], traj.ts[k].to(traj.xs)
+    cond = None if traj.cond is None else {n: c[sample] for n, c in traj.cond.items()}
+    sigma = memoryless_noise_level(traj.ts[k], algo.h).to(x).reshape(-1, *[1] * (x.dim() - 1))
+    with torch.no_grad():
+        v_base = model.base_velocity(x, t, cond)
+    return ((2 / sigma) * (model.velocity(x, t, cond) - v_base) + sigma * a[k + 1, sample]).pow(2).mean(), idx
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.mark.parametrize("domain", ["gmm", "digits"])
+def test_loss_takes_v_base_from_the_sweep(domain):
+    algo, traj = _am_traj(domain, {"last": 0.25, "random": 0.5})
+    model = algo.model
+    params = model.trainable_parameters()
+    with mock.patch.object(model, "base_velocity", wraps=model.base_velocity) as base:
+        loss, _ = algo.loss(traj, torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(loss, params)
+    base_rows = sum(call.args[0].shape[0] for call in base.call_args_list)
+    ref, idx = _reference_loss(algo, traj, seed=0)
+    ref_grads = torch.autograd.grad(ref, params)
+    # float64 throughout: the same v_base up to rounding (the float32 digits model differs from the former no-grad
+    # evaluation by ~1e-6 of |v_base| with CFG, which runs both branches as one batch without grad, two with it)
+    assert _rel_err(loss, ref) < 1e-12 and all(_rel_err(g, r) < 1e-12 for g, r in zip(grads, ref_grads))
+    # v_base rows (outside v_θ; the GMM's v_θ calls it too): the sweep's (N − 1)·B, plus only the loss states at X_0
+    if domain == "digits":
+        B, N = traj.xs.shape[1], traj.n_steps
+        below = int((idx == 0).sum())
+        assert 0 < below < idx.numel()
+        assert base_rows == (N - 1) * B + below
+
+
 # ---- the training grid: AM's discrete fixed point on SD3's shifted grid (reference §3, §6.2) ----------------
 class _PiecewiseLinearInT(torch.nn.Module):
     """ṽ(x, t): the table ``values`` [M, d] at ``grid`` [M], linear in t between grid times and beyond the ends."""
@@ -167,7 +241,7 @@ def _fixed_point_mean_shift(train_grid: str, cov, c, beta: float = 1.0) -> torch
     algo = AdjointMatching(_cfg(beta=beta, train_grid=train_grid), model, LinearReward(direction=c), sd3)
     traj = algo.rollout(_x0(1), [""], None, torch.Generator().manual_seed(0))
     assert torch.equal(traj.ts, algo.train_ts)
-    a = algo.lean_adjoint(traj, stop=0)[:, 0].double()
+    a = algo.sweep(traj, stop=0).costates[:, 0].double()
     s = traj.ts[:-1]
     table = -(memoryless_noise_level(s, algo.h) ** 2 / 2).unsqueeze(1) * a[1:]
     x0 = _x0(4, seed=5)
@@ -229,7 +303,7 @@ def test_loss_is_zero_at_the_discrete_optimum():
     ts = uniform_grid(10)
     algo = AdjointMatching(_cfg(loss_times={"last": 1.0, "random": 0.0}), model, LinearReward(direction=[1.0, 0.5]),
                            ts)
-    a = algo.lean_adjoint(algo.rollout(_x0(1), [""], None, torch.Generator()), stop=0)[:, 0].double()
+    a = algo.sweep(algo.rollout(_x0(1), [""], None, torch.Generator()), stop=0).costates[:, 0].double()
     sigma2 = memoryless_noise_level(ts[:-1], algo.h) ** 2
     table = -(sigma2 / 2).unsqueeze(1) * a[1:]                     # ṽ at t_k, k = 0..N−1
 

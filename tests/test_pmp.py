@@ -3,12 +3,16 @@ deterministic optimum of the relaxed problem (reference §2, §6.3)."""
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from align.interfaces import Reward
+from align.models.digits import DigitsFlow
 from align.models.gmm import GaussianMixtureFlow
+from align.subsampling import binned_time_indices
 from algorithms.vggflow_pmp import VGGFlowPMP
 from rewards.analytic import QuadraticReward
 from samplers import Trajectory, euler_integrate, sd3_grid
@@ -100,6 +104,79 @@ def test_loss_runs_and_trains_theta_only(adjoint, target):
     loss.backward()
     assert all(p.grad is not None for p in model.trainable_parameters())
     assert not list(algo.parameters())                            # no networks of its own
+
+
+# ---- the loss takes v_base from the sweep instead of evaluating it again (issue 12) ------------------------
+class _Contrast(Reward):
+    """A smooth nonlinear image score (tests only)."""
+
+    name, domain = "pmp_test_contrast", ""
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return -(images.float() - 0.3).pow(2).flatten(1).mean(1)
+
+
+def _digits_setup(target: str):
+    """The pretrained digits model (CFG, w = 2) in float64 with perturbed LoRA weights, 3 prompts, 4 SD3 steps,
+    2 bins."""
+    torch.manual_seed(0)
+    model = DigitsFlow().double()
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    cfg = OmegaConf.create({"name": "vggflow_pmp", "lr": 1e-4, "beta": BETA, "adjoint": "full", "target": target,
+                            "subsample_bins": 2})
+    prompts = ["three", "seven", "one"]
+    algo = VGGFlowPMP(cfg, model, _Contrast(), sd3_grid(4))
+    x0 = model.sample_noise(len(prompts), torch.Generator().manual_seed(3)).double()
+    cond = {n: c.double() for n, c in model.encode(prompts).items()}
+    return algo, algo.rollout(x0, prompts, cond, torch.Generator())
+
+
+def _reference_loss(algo, traj, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matching loss with v_base evaluated afresh (no grad) at every loss state, and the loss states [B, M]."""
+    model, next_ = algo.model, algo.cfg.target == "next"
+    a = algo.costate(traj, stop=int(next_))
+    B, N = traj.xs.shape[1], traj.n_steps
+    idx = binned_time_indices(N, algo.cfg.subsample_bins, B, torch.Generator().manual_seed(seed), min_index=0)
+    k, sample = idx.flatten(), torch.arange(B).repeat_interleave(idx.shape[1])
+    x, t = traj.xs[k, sample], traj.ts[k].to(traj.xs)
+    cond = None if traj.cond is None else {n: c[sample] for n, c in traj.cond.items()}
+    with torch.no_grad():
+        v_base = model.base_velocity(x, t, cond)
+    target = v_base - BETA * a[k + int(next_), sample].to(x.dtype)
+    return (model.velocity(x, t, cond) - target).pow(2).mean(), idx
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.mark.parametrize("domain,adjoint,target", [("gmm", "full", "next"), ("gmm", "lean", "same"),
+                                                   ("digits", "full", "next")])
+def test_loss_takes_v_base_from_the_sweep(domain, adjoint, target):
+    if domain == "gmm":
+        algo, model, _, _ = _setup(adjoint, target)
+        traj = algo.rollout(_x0(), [""] * 6, None, torch.Generator())
+    else:
+        algo, traj = _digits_setup(target)
+        model = algo.model
+    params = model.trainable_parameters()
+    with mock.patch.object(model, "base_velocity", wraps=model.base_velocity) as base:
+        loss, _ = algo.loss(traj, torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(loss, params)
+    base_rows = sum(call.args[0].shape[0] for call in base.call_args_list)
+    ref, idx = _reference_loss(algo, traj, seed=0)
+    ref_grads = torch.autograd.grad(ref, params)
+    # float64 throughout: the same v_base up to rounding (the float32 digits model differs from the former no-grad
+    # evaluation by ~1e-6 of |v_base| with CFG, which runs both branches as one batch without grad, two with it)
+    assert _rel_err(loss, ref) < 1e-12 and all(_rel_err(g, r) < 1e-12 for g, r in zip(grads, ref_grads))
+    # v_base rows (outside v_θ): the sweep's (N − first)·B, plus only the loss states below its stop (x_0)
+    if domain == "digits":
+        B, N, first = traj.xs.shape[1], traj.n_steps, int(target == "next")
+        below = int((idx < first).sum())
+        assert 0 < below < idx.numel()
+        assert base_rows == (N - first) * B + below
 
 
 def _compose(overrides: list[str]):
