@@ -29,7 +29,7 @@ from align.batching import index_cond, per_sample
 from align.interfaces import Algorithm
 from align.registry import register_algorithm
 from align.schema import positive, require
-from align.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad, reward_grad_at_x1
+from align.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad
 from align.subsampling import binned_time_indices, gather_states, per_sample_mse
 from align.value_gradient import consistency_residual, network_dtype, use_network_jvp
 from samplers import Trajectory, euler_integrate, one_step_prediction
@@ -40,7 +40,8 @@ ETA = {"t2": lambda t: t ** 2, "t": lambda t: t, "const": lambda t: torch.ones_l
 # The choices (str enums: `cfg.eta == "t2"` holds; a bad value is refused naming the valid ones).
 Eta = enum.StrEnum("Eta", list(ETA))
 RgradClip = enum.StrEnum("RgradClip", "batch_quantile previous_step const none")
-FdScheme = enum.StrEnum("FdScheme", "central forward")
+FdScheme = enum.StrEnum("FdScheme", "forward central")
+FdTerms = enum.StrEnum("FdTerms", "spacetime separate")
 FdNetwork = enum.StrEnum("FdNetwork", "auto fd jvp")
 ConsistencyTimes = enum.StrEnum("ConsistencyTimes", "grid within_step")
 BoundaryAt = enum.StrEnum("BoundaryAt", "t1 last_state")
@@ -66,9 +67,15 @@ class VGGFlowConfig:
     rgrad_clip: RgradClip = RgradClip.batch_quantile  # batch_quantile (paper) | previous_step (preview code) | const | none
     rgrad_quantile: float = 0.8     # the paper's 80th percentile
     rgrad_clip_value: float = 1.0   # const clip, and the initial threshold of previous_step
-    fd_scheme: FdScheme = FdScheme.central  # central | forward (preview code)
-    fd_eps: float = 1.0e-3          # spatial FD step, per coordinate (directions are RMS-normalised)
-    fd_delta: float = 1.0e-3        # temporal FD step in t units
+    # spacetime: ∂_t g + J_g(v_base − βg) as one derivative along (v_base − βg, 1) (paper Eq. 43 moves x and t
+    # together) | separate: ∂_t g and J_g·d differenced apart (two differences of g). See docs/speed.md.
+    fd_terms: FdTerms = FdTerms.spacetime
+    # forward (the paper's Eq. 43 and the preview code: reuses g(x, t) and v_base(x, t), first order) | central
+    # (second order, one more g and v_base per state). Default spacetime + forward: 4 velocity and 2 reward-
+    # gradient evaluations per trained state (separate + central: 8 and 5); the accuracy table is docs/speed.md.
+    fd_scheme: FdScheme = FdScheme.forward
+    fd_eps: float = 1.0e-3          # spatial FD step, per coordinate RMS (directions are RMS-normalised)
+    fd_delta: float = 1.0e-3        # temporal FD step in t units (spacetime: the joint step keeps both bounds)
     # auto: bf16/fp16 flow networks by forward-mode AD (FD there is rounding noise), FD in fp32 | fd | jvp
     fd_network: FdNetwork = FdNetwork.auto
     time_derivative_scale: float = 1.0  # 1 (paper); 1e-3 reproduces the preview code's τ = 1000σ units
@@ -138,8 +145,9 @@ class VGGFlow(Algorithm):
     # ---- update-wide: training states, their reward gradients, the clip threshold -----------------------
     def prepare(self, trajs: list[Trajectory], generator: torch.Generator,
                 gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """For every micro-batch: the last grid state and one state per bin (§1.7), ∇r(x̂_1) there (x̂_1 from the
-        rollout's own v_θ) and, for the boundary, ∇r(x_1). Then τ over all of them and all processes (``gather``)."""
+        """For every micro-batch: the last grid state and one state per bin (§1.7), x̂_1 there from the rollout's
+        own v_θ and ∇r(x̂_1). The last state's x̂_1 is its Euler step, x_1 itself, so ∇r(x_1) (the boundary's) and
+        r(x_1) (the log's) come with it. Then τ over all of them and all processes (``gather``)."""
         norms = []
         for traj in trajs:
             idx = binned_time_indices(traj.n_steps, int(self.cfg.subsample_bins), traj.xs.shape[1], generator)
@@ -149,10 +157,12 @@ class VGGFlow(Algorithm):
             else:
                 with torch.no_grad():
                     v = self.model.velocity(x, t, cond)
-            _, grad_r = reward_and_grad(self.model, self.reward, one_step_prediction(x, t, v), prompts)
-            traj.extras.update(vgg_idx=idx, vgg_grad_r=grad_r)
-            if self.value_net is not None and self.cfg.boundary_at == "t1":
-                traj.extras["vgg_grad_r1"] = reward_grad_at_x1(self.model, self.reward, traj)
+            x_hat = one_step_prediction(x, t, v)
+            last = idx.shape[1] * torch.arange(idx.shape[0])       # column 0 of each row: k = N − 1
+            x_hat[last] = traj.x1.detach().to(x_hat)
+            r, grad_r = reward_and_grad(self.model, self.reward, x_hat, prompts)
+            traj.reward_x1 = r[last]
+            traj.extras.update(vgg_idx=idx, vgg_grad_r=grad_r, vgg_x_hat=x_hat, vgg_grad_r1=grad_r[last])
             norms.append(per_sample_norms(grad_r))
         self.tau = self.clip_threshold(gather(torch.cat(norms)))
 
@@ -203,7 +213,7 @@ class VGGFlow(Algorithm):
             with torch.no_grad():
                 return model.base_velocity(xx, tt, cond)
 
-        xc, tc, gc, vbc = x, t, g, v_base
+        xc, tc, gc, vbc, x_hat = x, t, g, v_base, traj.extras["vgg_x_hat"]
         if cfg.consistency_times == "within_step":
             # The residual at a uniform time inside each state's Euler step, on the sampler's own segment:
             # enforcing it only at the grid times leaves ν_φ free between them (wide late steps of SD3's grid).
@@ -212,12 +222,14 @@ class VGGFlow(Algorithm):
             step = h.to(x)
             xc = x + per_sample(step, x) * v_theta.detach()
             tc = t + step
-            gc = self.value_gradient(xc, tc, cond, prompts, tau)
+            x_hat = predictor(xc, tc)
+            gc = self.value_gradient(xc, tc, cond, prompts, tau, x_hat=x_hat)
             vbc = v_base_field(xc, tc)
         resid = consistency_residual(g_field, v_base_field, xc, tc, beta, cfg.fd_eps, cfg.fd_delta,
                                      cfg.fd_scheme, g_x=gc, v_base_x=vbc,
                                      time_scale=float(cfg.time_derivative_scale),
-                                     predictor=predictor, jvp=self.network_jvp)
+                                     predictor=predictor, jvp=self.network_jvp,
+                                     spacetime=cfg.fd_terms == "spacetime", x_hat=x_hat)
         loss_cons = float(cfg.consistency_weight) * per_sample_mse(beta * resid).mean()
 
         # 5. Boundary (Eq. 14): g(x_1, 1) = −∇r(x_1) with the same clipped gradient, times β; for η_1 = 1 this is

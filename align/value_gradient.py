@@ -107,37 +107,91 @@ def time_derivative(f: Field, x: torch.Tensor, t: torch.Tensor, delta: float, sc
     raise ValueError(f"unknown finite-difference scheme {scheme!r}; valid choices: central, forward")
 
 
+def _spacetime_step(d: torch.Tensor, c: float, eps: float, delta: float) -> torch.Tensor:
+    """Per-sample h [B] for a step h·(d, c): h = min(ε/rms(d), δ/|c|), so that the x-step's per-coordinate RMS is
+    at most ε and the t-step at most δ (the separate differences' steps)."""
+    h = eps / _rms(d).flatten(1)[:, 0]
+    return h.clamp(max=delta / abs(c)) if c else h
+
+
+def spacetime_derivative(f: Field, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, c: float, eps: float,
+                         delta: float, scheme: str = "forward", f_x: torch.Tensor | None = None) -> torch.Tensor:
+    """c·∂ₜf + J_f·d at (x, t): the derivative along the space-time direction (d, c), one finite difference
+    [f(x + h d, t + h c) − f(x, t)] / h (``forward``, reusing f_x) or the central one, h from ``_spacetime_step``.
+    Exact for f linear in (x, t); one evaluation of f where ``directional_derivative`` + ``time_derivative`` take
+    two (forward) or four (central)."""
+    d = d.detach()
+    h = _spacetime_step(d, c, eps, delta)
+    hx, ht = per_sample(h, x).to(x.dtype), (h * c).to(t.dtype)
+    if scheme == "central":
+        return (f(x + hx * d, t + ht) - f(x - hx * d, t - ht)) / (2 * hx)
+    if scheme == "forward":
+        f_x = f(x, t) if f_x is None else f_x
+        return (f(x + hx * d, t + ht) - f_x) / hx
+    raise ValueError(f"unknown finite-difference scheme {scheme!r}; valid choices: central, forward")
+
+
+def spacetime_derivative_through(g: Callable[..., torch.Tensor], predictor: Field, x: torch.Tensor,
+                                 t: torch.Tensor, d: torch.Tensor, c: float, eps: float, delta: float,
+                                 scheme: str = "forward", x_hat: torch.Tensor | None = None,
+                                 g_x: torch.Tensor | None = None) -> torch.Tensor:
+    """``spacetime_derivative`` of g(x, t) = G(x, t, x̂_1(x, t)) with x̂_1 linearised by forward-mode AD along
+    (d, c): x̂_1(x + h d, t + h c) ≈ x̂_1 + h (J x̂_1·(d, c)); ``g(x, t, x_hat=...)``. ``x_hat`` (x̂_1 at (x, t))
+    and ``g_x`` = g(x, t, x_hat=x_hat) when already computed: the forward difference then costs one g."""
+    d = d.detach()
+    y, y_w = network_jvp(predictor, x, t, dx=d, dt=torch.full_like(t, c))
+    y = y if x_hat is None else x_hat.to(y.dtype)
+    h = _spacetime_step(d, c, eps, delta)
+    hx, ht, hy = per_sample(h, x).to(x.dtype), (h * c).to(t.dtype), per_sample(h, y).to(y.dtype)
+    if scheme == "central":
+        return (g(x + hx * d, t + ht, x_hat=y + hy * y_w) - g(x - hx * d, t - ht, x_hat=y - hy * y_w)) / (2 * hx)
+    if scheme == "forward":
+        g_x = g(x, t, x_hat=y) if g_x is None else g_x
+        return (g(x + hx * d, t + ht, x_hat=y + hy * y_w) - g_x) / hx
+    raise ValueError(f"unknown finite-difference scheme {scheme!r}; valid choices: central, forward")
+
+
 def consistency_residual(g: Field, v_base: Field, x: torch.Tensor, t: torch.Tensor, beta: float,
                          eps: float, delta: float, scheme: str = "central",
                          g_x: torch.Tensor | None = None, v_base_x: torch.Tensor | None = None,
                          time_scale: float = 1.0, predictor: Field | None = None,
-                         jvp: bool = False) -> torch.Tensor:
+                         jvp: bool = False, spacetime: bool = False,
+                         x_hat: torch.Tensor | None = None) -> torch.Tensor:
     """R = ∂_t g + J_gᵀ(v_base − β g) + J_{v_base}ᵀ g at (x, t), all by finite differences.
 
     ``g_x``/``v_base_x`` are g(x, t) and v_base(x, t) when already computed. ``time_scale`` multiplies
     ∂_t g (1 in the paper; the preview code's τ = 1000σ units correspond to 1e−3).
 
+    ``spacetime=True``: ∂_t g + J_g(v_base − βg) is one derivative of g along the space-time direction
+    (v_base − βg, 1) (``spacetime_derivative``: one difference of g instead of two; the paper's Eq. 43 moves x
+    and t together); otherwise ∂_t g and J_g·d are differenced separately.
+
     ``jvp=True`` (low-precision networks, see the module docstring): J_{v_base}·g by forward-mode AD, and, when
     ``predictor`` (x, t) ↦ x̂_1 is given, ``g`` is called as ``g(x, t, x_hat=...)`` with x̂_1 linearised by
     forward-mode AD inside the finite differences of g (``time_derivative_through``,
-    ``directional_derivative_through``); without ``predictor`` g is differenced as it is.
+    ``directional_derivative_through``, ``spacetime_derivative_through``, which reuses ``x_hat`` = x̂_1(x, t) and
+    g_x when given); without ``predictor`` g is differenced as it is.
     """
     g_x = g(x, t) if g_x is None else g_x
     v_base_x = v_base(x, t) if v_base_x is None else v_base_x
     direction = (v_base_x - beta * g_x).detach()
-    if not jvp:
-        d_t = time_derivative(g, x, t, delta, scheme, f_x=g_x)
-        d_x = directional_derivative(g, x, t, direction, eps, scheme, f_x=g_x)
-        d_b = directional_derivative(v_base, x, t, g_x.detach(), eps, scheme, f_x=v_base_x)
-        return time_scale * d_t + d_x + d_b
-    d_b = network_jvp(v_base, x, t, dx=g_x.detach())[1]
-    if predictor is None:
-        d_t = time_derivative(g, x, t, delta, scheme, f_x=g_x)
-        d_x = directional_derivative(g, x, t, direction, eps, scheme, f_x=g_x)
+    if jvp:
+        d_b = network_jvp(v_base, x, t, dx=g_x.detach())[1]
     else:
-        d_t = time_derivative_through(g, predictor, x, t, delta, scheme)
-        d_x = directional_derivative_through(g, predictor, x, t, direction, eps, scheme)
-    return time_scale * d_t + d_x + d_b
+        d_b = directional_derivative(v_base, x, t, g_x.detach(), eps, scheme, f_x=v_base_x)
+    through = jvp and predictor is not None
+    if spacetime and through:
+        d_g = spacetime_derivative_through(g, predictor, x, t, direction, time_scale, eps, delta, scheme,
+                                           x_hat=x_hat, g_x=g_x)
+    elif spacetime:
+        d_g = spacetime_derivative(g, x, t, direction, time_scale, eps, delta, scheme, f_x=g_x)
+    elif through:
+        d_g = (time_scale * time_derivative_through(g, predictor, x, t, delta, scheme)
+               + directional_derivative_through(g, predictor, x, t, direction, eps, scheme))
+    else:
+        d_g = (time_scale * time_derivative(g, x, t, delta, scheme, f_x=g_x)
+               + directional_derivative(g, x, t, direction, eps, scheme, f_x=g_x))
+    return d_g + d_b
 
 
 def time_derivative_through(g: Callable[..., torch.Tensor], predictor: Field, x: torch.Tensor, t: torch.Tensor,
