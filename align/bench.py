@@ -1,20 +1,29 @@
-"""``python -m align.bench``: seconds per update, peak memory and velocity evaluations of every algorithm.
+"""``python -m align.bench``: cost of one update of every algorithm as a ratio to sampling, and its evaluations.
 
 Each algorithm with a config in align/conf/algo/ runs in its own subprocess (so peak RSS is its own):
 the Trainer is built from the composed config exactly as ``align.run`` builds it (model=gmm unless
-``--model``), then ``--warmup`` updates and ``--updates`` timed updates run. Prints a Markdown table.
+``--model``), then ``--warmup`` and ``--updates`` timed pairs run: one ``Trainer.update``, then the no-grad
+sampling of a batch of the same size (``train.batch_size`` fresh prompts and noise, the Euler ODE of the
+current v_θ on the trainer's grid; not counted below). Prints one Markdown table per ``--vary`` value.
 
-    python -m align.bench [--algos refl,draft] [--model gmm] [--updates 5] [--warmup 2] [key=value ...]
+    python -m align.bench [--algos refl,draft] [--model gmm] [--updates 5] [--warmup 2]
+                          [--vary train.batch_size=4,8,16] [--json PATH] [key=value ...]
 
-Columns: median (min–max) wall seconds per ``Trainer.update``; peak RSS of the process and its rise
-over the RSS before the first update; v_θ and v_base evaluations per trajectory per update (rows
-evaluated / batch size), v_θ split into no-grad + with-grad. v_base counts only calls made outside
-v_θ (a backend's v_θ = v_base + residual is one v_θ evaluation).
+Columns: median (min–max) wall seconds per update; the median sampling seconds; update ÷ sampling, the median
+over the pairs of each pair's ratio (the figure to quote: absolute times are not comparable between
+machines); peak RSS of the process and its rise over the RSS before the first update. Then evaluations per
+trajectory per update (rows evaluated / batch size): the rollout's v_θ (+ v_base), all v_θ (no-grad + grad),
+v_base outside v_θ (a backend's v_θ = v_base + residual is one v_θ evaluation), reward (plain + gradient).
+A trained state is a row of v_θ evaluated with grad that the update's backward reaches (rows differentiated
+only inside the algorithm, e.g. the costate sweep's products in x, are not); per trained state: the velocity
+evaluations (v_θ + v_base) outside the rollout and the reward-gradient evaluations.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -22,44 +31,115 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from align.config import CONF_DIR, compose_config
+
+KEYS = ("v_nograd", "v_grad", "v_base", "reward", "reward_grad")
+VELOCITY = ("v_nograd", "v_grad", "v_base")
+SAMPLING_SEED = 12345   # the sampling's own stream: the updates draw what they would draw without it
 
 
 def algorithm_configs() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "algo")) if f.endswith(".yaml"))
 
 
-# ---- counting velocity evaluations --------------------------------------------------------------------
-class VelocityCounter:
-    """Wraps model.velocity / model.base_velocity on the instance and counts evaluated rows."""
+# ---- counting evaluations ---------------------------------------------------------------------------------
+class EvalCounter:
+    """Counts evaluated rows of v_θ, v_base and the reward, wrapping them on the instances (the model's
+    ``velocity`` / ``base_velocity``, the reward's ``forward``, the algorithm's ``rollout`` / ``prepare`` /
+    ``loss``). ``rows[phase][key]``: phase ``rollout`` (inside ``algorithm.rollout``) or ``update`` (the rest);
+    a reward row is ``reward_grad`` when grad is enabled and the images require grad. ``trained``: rows of v_θ
+    evaluated with grad whose output receives a gradient outside the algorithm's methods (the trainer's
+    backward)."""
 
-    def __init__(self, model: Any):
-        self.inside = False
+    def __init__(self, model: Any, reward: Any, algorithm: Any):
+        import torch
+
+        self.inside_v, self.in_algorithm, self.phase, self.counting = False, False, "update", True
         self.reset()
-        vel, base = model.velocity, model.base_velocity
+        vel, base, forward = model.velocity, model.base_velocity, reward.forward
 
         def velocity(x, t, cond=None):
-            import torch
-
-            key = "v_grad" if torch.is_grad_enabled() else "v_nograd"
-            self.rows[key] += x.shape[0]
-            outer, self.inside = self.inside, True
+            grad = torch.is_grad_enabled()
+            self._add("v_grad" if grad else "v_nograd", x.shape[0])
+            outer, self.inside_v = self.inside_v, True
             try:
-                return vel(x, t, cond)
+                v = vel(x, t, cond)
             finally:
-                self.inside = outer
+                self.inside_v = outer
+            if grad and v.requires_grad and self.counting:
+                v.register_hook(lambda _, n=x.shape[0]: self._reached(n))
+            return v
 
         def base_velocity(x, t, cond=None):
-            if not self.inside:
-                self.rows["v_base"] += x.shape[0]
+            if not self.inside_v:
+                self._add("v_base", x.shape[0])
             return base(x, t, cond)
 
-        model.velocity, model.base_velocity = velocity, base_velocity
+        def reward_forward(images, *args, **kwargs):
+            self._add("reward_grad" if torch.is_grad_enabled() and images.requires_grad else "reward",
+                      images.shape[0])
+            return forward(images, *args, **kwargs)
+
+        model.velocity, model.base_velocity, reward.forward = velocity, base_velocity, reward_forward
+        for name in ("rollout", "prepare", "loss"):
+            setattr(algorithm, name, self._in_algorithm(getattr(algorithm, name), name == "rollout"))
 
     def reset(self) -> None:
-        self.rows = {"v_nograd": 0, "v_grad": 0, "v_base": 0}
+        self.rows = {phase: dict.fromkeys(KEYS, 0) for phase in ("rollout", "update")}
+        self.trained = 0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing evaluated inside is counted."""
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
+
+    def _add(self, key: str, n: int) -> None:
+        if self.counting:
+            self.rows[self.phase][key] += n
+
+    def _reached(self, n: int) -> None:
+        if not self.in_algorithm:
+            self.trained += n
+
+    def _in_algorithm(self, method, rollout: bool):
+        def wrapped(*args, **kwargs):
+            outer = self.in_algorithm, self.phase
+            self.in_algorithm, self.phase = True, "rollout" if rollout else self.phase
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.in_algorithm, self.phase = outer
+        return wrapped
+
+    def per_trajectory(self, n: int) -> dict[str, float]:
+        """Rows per trajectory for ``n`` trajectories, and the evaluations outside the rollout per trained state."""
+        rollout, update = self.rows["rollout"], self.rows["update"]
+        per_state = (lambda rows: rows / self.trained) if self.trained else (lambda rows: math.nan)
+        return {**{k: (rollout[k] + update[k]) / n for k in KEYS},
+                "rollout_v": (rollout["v_nograd"] + rollout["v_grad"]) / n, "rollout_v_base": rollout["v_base"] / n,
+                "trained": self.trained / n,
+                "velocity_per_trained": per_state(sum(update[k] for k in VELOCITY)),
+                "reward_grad_per_trained": per_state(update["reward_grad"])}
+
+
+def sample_batch(trainer: Any, n: int, generator: Any) -> Any:
+    """x_1 of ``n`` fresh prompts and noise draws: the no-grad Euler ODE of the current v_θ on the trainer's grid."""
+    import torch
+
+    from samplers import euler_integrate
+
+    model, prompt_set = trainer.model, trainer.prompt_set
+    prompts = [prompt_set[i] for i in torch.randint(len(prompt_set), (n,), generator=generator).tolist()]
+    x0 = model.sample_noise(n, generator)
+    with torch.no_grad():
+        cond = model.encode(prompts)
+        return euler_integrate(lambda x, t: model.velocity(x, t, cond), x0, trainer.ts, record=False)
 
 
 def _rss_mb() -> float:
@@ -67,7 +147,16 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def bench_one(algo: str, model: str, overrides: list[str], warmup: int, updates: int) -> dict[str, Any]:
+def _seconds(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def bench_one(algo: str, model: str, overrides: list[str], warmup: int, updates: int,
+              sample: bool = True) -> dict[str, Any]:
+    """One row: times and evaluation counts of ``updates`` updates after ``warmup``; ``sample=False`` skips the
+    sampling after each update (and its columns)."""
     import torch
 
     from align.registry import ALGORITHMS
@@ -80,40 +169,87 @@ def bench_one(algo: str, model: str, overrides: list[str], warmup: int, updates:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_config([f"algo={algo}", f"model={model}", "train.progress=false", *overrides], run_dir)
         trainer = build_trainer(cfg, run_dir)
-        counter = VelocityCounter(trainer.model)
+        counter = EvalCounter(trainer.model, trainer.reward, trainer.algo)
+        batch, generator = int(cfg.train.batch_size), torch.Generator().manual_seed(SAMPLING_SEED)
+
+        def sampling() -> float:
+            with counter.paused():
+                return _seconds(sample_batch, trainer, batch, generator)
+
         rss0 = _rss_mb()
         for _ in range(warmup):
             trainer.update()
+            if sample:
+                sampling()
         counter.reset()
-        times = []
-        for _ in range(updates):
-            t0 = time.perf_counter()
-            trainer.update()
-            times.append(time.perf_counter() - t0)
-        per_traj = updates * int(cfg.train.batch_size)
+        times, sampled = [], []
+        for _ in range(updates):   # interleaved: update, sampling, update, sampling, ...
+            times.append(_seconds(trainer.update))
+            if sample:
+                sampled.append(sampling())
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out = {"algo": algo, "s_median": statistics.median(times), "s_min": min(times), "s_max": max(times),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "rss_rise_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0,
-               **{k: v / per_traj for k, v in counter.rows.items()}}
+               "peak_rss_mb": peak, "rss_rise_mb": peak - rss0, **counter.per_trajectory(updates * batch)}
+        if sample:
+            out.update(sampling_s_median=statistics.median(sampled),
+                       ratio_median=statistics.median(u / s for u, s in zip(times, sampled)))
         if torch.cuda.is_available():
             out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
         return out
 
 
+# ---- the table ---------------------------------------------------------------------------------------------
+COLUMNS = [   # (header, cell as a format string over the row)
+    ("s / update (median)", "{s_median:.4f}"), ("min–max", "{s_min:.4f}–{s_max:.4f}"),
+    ("s / sampling (median)", "{sampling_s_median:.4f}"), ("update ÷ sampling", "{ratio_median:.2f}"),
+    ("peak RSS (MB)", "{peak_rss_mb:.0f}"), ("RSS rise (MB)", "{rss_rise_mb:.1f}"),
+    ("rollout v_θ (+ v_base) / traj", "{rollout_v:.4g} + {rollout_v_base:.4g}"),
+    ("v_θ / traj (no-grad + grad)", "{v_nograd:.4g} + {v_grad:.4g}"), ("v_base / traj", "{v_base:.4g}"),
+    ("reward / traj (plain + grad)", "{reward:.4g} + {reward_grad:.4g}"), ("trained states / traj", "{trained:.4g}"),
+    ("velocity evals / trained state (update only)", "{velocity_per_trained:.3g}"),
+    ("reward-grad evals / trained state", "{reward_grad_per_trained:.3g}"),
+]
+
+
 def table(rows: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "",
-             "| algorithm | s / update (median) | min–max | peak RSS (MB) | RSS rise (MB) "
-             "| v_θ evals / traj (no-grad + grad) | v_base evals / traj |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| algorithm | " + " | ".join(name for name, _ in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
     notes = []
     for r in rows:
         if "skipped" in r:
             notes.append(f"* {r['algo']}: skipped, {r['skipped']}")
-            continue
-        lines.append(f"| {r['algo']} | {r['s_median']:.4f} | {r['s_min']:.4f}–{r['s_max']:.4f} "
-                     f"| {r['peak_rss_mb']:.0f} | {r['rss_rise_mb']:.1f} "
-                     f"| {r['v_nograd']:.4g} + {r['v_grad']:.4g} | {r['v_base']:.4g} |")
+        else:
+            lines.append(f"| {r['algo']} | " + " | ".join(cell.format(**r) for _, cell in COLUMNS) + " |")
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+# ---- the command line --------------------------------------------------------------------------------------
+def parse_vary(text: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """``KEY=V1,V2,...`` → (KEY, [V1, V2, ...]); no ``--vary`` → (None, [])."""
+    if text is None:
+        return None, []
+    key, _, values = text.partition("=")
+    vals = [v for v in values.split(",") if v]
+    if not key or not vals:
+        raise ValueError(f"--vary {text!r}: expected KEY=V1,V2,... (e.g. train.batch_size=4,8,16)")
+    if key in ("algo", "model"):
+        raise ValueError(f"--vary {key}=...: use --algos / --model")
+    if any(o.partition("=")[0] == key for o in overrides):
+        raise ValueError(f"--vary {key}=... and the override {key}= both set {key}; give one")
+    return key, vals
+
+
+def measure(algo: str, model: str, overrides: list[str], warmup: int, updates: int, threads: int
+            ) -> dict[str, Any]:
+    """``bench_one`` in its own process (so its peak RSS is its own); a failure is a skipped row."""
+    cmd = [sys.executable, "-m", "align.bench", "--child", algo, "--model", model, "--warmup", str(warmup),
+           "--updates", str(updates), "--threads", str(threads), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"algo": algo, "skipped": f"failed (exit {proc.returncode}): {err[:200]}"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--updates", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads per benchmark process")
+    p.add_argument("--vary", default=None, metavar="KEY=V1,V2,...",
+                   help="repeat the measurement for each value of KEY (one table per value)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows to PATH")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.batch_size=16 sampler.steps=10")
     args = p.parse_args(argv)
@@ -134,20 +273,38 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench_one(args.child, args.model, args.overrides, args.warmup, args.updates)))
         return
 
+    from align.cli_checks import ConfigProblem, check_overrides
+
+    if args.warmup < 0 or args.updates < 1 or args.threads < 1:
+        p.error(f"--warmup must be >= 0, --updates and --threads >= 1 (got {args.warmup}, {args.updates}, "
+                f"{args.threads})")
+    try:
+        key, values = parse_vary(args.vary, args.overrides)
+    except ValueError as err:
+        p.error(str(err))
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its directory does not exist")
+    settings = [[f"{key}={v}"] for v in values] or [[]]
     algos = [a for a in args.algos.split(",") if a] or algorithm_configs()
-    rows = []
-    for algo in algos:   # one process at a time
-        cmd = [sys.executable, "-m", "align.bench", "--child", algo, "--model", args.model, "--warmup",
-               str(args.warmup), "--updates", str(args.updates), "--threads", str(args.threads), *args.overrides]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        try:
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        except (IndexError, json.JSONDecodeError):
-            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            rows.append({"algo": algo, "skipped": f"failed (exit {proc.returncode}): {err[:200]}"})
-    header = (f"model={args.model}, {args.updates} timed updates after {args.warmup} warm-up, "
-              f"{args.threads} torch thread(s), overrides: {' '.join(args.overrides) or 'none'}")
-    print(table(rows, header))
+    for setting in settings:   # every combination refused before any is measured
+        for algo in algos:
+            try:
+                check_overrides([f"algo={algo}", f"model={args.model}", *args.overrides, *setting], CONF_DIR)
+            except ConfigProblem as err:
+                p.error(f"algo={algo} {' '.join(setting)}: {err}")
+
+    tables = []
+    for setting in settings:
+        rows = [measure(algo, args.model, args.overrides + setting, args.warmup, args.updates, args.threads)
+                for algo in algos]   # one process at a time
+        header = (f"model={args.model}, {args.updates} timed updates after {args.warmup} warm-up, "
+                  f"{args.threads} torch thread(s), overrides: {' '.join(args.overrides + setting) or 'none'}")
+        print(table(rows, header) + "\n", flush=True)
+        tables.append({"value": setting[0].partition("=")[2] if setting else None, "rows": rows})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "updates": args.updates, "warmup": args.warmup, "threads": args.threads,
+                       "overrides": args.overrides, "vary": key, "tables": tables}, f, indent=1)
 
 
 if __name__ == "__main__":
