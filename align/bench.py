@@ -120,7 +120,10 @@ class EvalCounter:
     def per_trajectory(self, n: int) -> dict[str, float]:
         """Rows per trajectory for ``n`` trajectories, and the evaluations outside the rollout per trained state."""
         rollout, update = self.rows["rollout"], self.rows["update"]
-        per_state = (lambda rows: rows / self.trained) if self.trained else (lambda rows: math.nan)
+
+        def per_state(rows: int) -> float:
+            return rows / self.trained if self.trained else math.nan
+
         return {**{k: (rollout[k] + update[k]) / n for k in KEYS},
                 "rollout_v": (rollout["v_nograd"] + rollout["v_grad"]) / n, "rollout_v_base": rollout["v_base"] / n,
                 "trained": self.trained / n,
@@ -148,8 +151,12 @@ def _rss_mb() -> float:
 
 
 def _seconds(fn, *args) -> float:
+    import torch
+
     t0 = time.perf_counter()
     fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()          # the sampling's kernels are asynchronous (an update ends in .item())
     return time.perf_counter() - t0
 
 
