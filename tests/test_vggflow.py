@@ -11,7 +11,7 @@ from align.value_gradient import consistency_residual
 from algorithms.vggflow import VGGFlow
 from rewards.analytic import QuadraticReward
 from samplers import euler_integrate, one_step_prediction, uniform_grid
-from helpers.riccati import exact_g
+from helpers.riccati import base_field, exact_g, value_gradient_coeffs
 
 MU = torch.tensor([0.4, -0.3], dtype=torch.float64)
 COV = torch.tensor([[0.6, 0.2], [0.2, 1.4]], dtype=torch.float64)
@@ -38,6 +38,91 @@ def test_residual_vanishes_for_the_exact_value_gradient():
     # The forward scheme is first order: still small, visibly larger.
     R_fwd = consistency_residual(g, v_base, x, t, BETA, eps=1e-4, delta=1e-4, scheme="forward")
     assert 1e-6 < R_fwd.abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("time_scale", [1.0, 1e-3])
+def test_spacetime_difference_of_the_exact_value_gradient(time_scale):
+    """∂_t g + J_g(v_base − βg) as one difference along (v_base − βg, 1) (``spacetime=True``): for the Riccati g
+    the residual vanishes to the same tolerances as the separate differences (central 1e-6; forward, first order,
+    below 1e-2 and visibly above central); with ``time_scale`` c the t-step is h·c, and the result equals
+    c·∂_t g + J_g·d computed from the closed form g = P(t)x + q(t)."""
+    model = _base()
+    g = exact_g(MU, COV, Q, M, BETA)
+    v_base = lambda x, t: model.base_velocity(x, t)  # noqa: E731
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.85, 0.95], dtype=torch.float64)
+    if time_scale == 1.0:
+        R = consistency_residual(g, v_base, x, t, BETA, eps=1e-4, delta=1e-4, spacetime=True)
+        assert R.abs().max() < 1e-6, R
+        R_fwd = consistency_residual(g, v_base, x, t, BETA, eps=1e-4, delta=1e-4, scheme="forward", spacetime=True)
+        assert 1e-6 < R_fwd.abs().max() < 1e-2
+    # the g-term alone (v_base ≡ d constant, β = 0: the direction is d and J_{v_base} = 0), against the closed form
+    d = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = []
+    for xi, ti, di in zip(x, t.tolist(), d):        # J_g = P(t), ∂_t g = Ṗx + q̇ from the Riccati right-hand side
+        P, q = value_gradient_coeffs(MU, COV, Q, M, BETA, ti)
+        A, b = base_field(MU, COV, ti)
+        P_dot, q_dot = BETA * P @ P - (P @ A + A @ P), BETA * P @ q - A @ q - P @ b
+        expected.append(time_scale * (P_dot @ xi + q_dot) + P @ di)
+    expected = torch.stack(expected)
+    for scheme, tol in (("central", 1e-6), ("forward", 1e-2)):
+        got = consistency_residual(g, lambda xx, tt: d, x, t, 0.0, 1e-4, 1e-4, scheme, time_scale=time_scale,
+                                   spacetime=True)
+        assert (got - expected).abs().max() < tol * max(1.0, expected.abs().max().item()), (scheme, got, expected)
+
+
+class _Counter:
+    """Rows evaluated by v_θ (with / without grad), v_base outside v_θ, and the reward with grad (∇r)."""
+
+    def __init__(self, model, reward):
+        self.rows = {"v_grad": 0, "v_nograd": 0, "v_base": 0, "rgrad": 0}
+        vel, base, fwd = model.velocity, model.base_velocity, reward.forward
+        inside = []
+
+        def velocity(x, t, cond=None):
+            self.rows["v_grad" if torch.is_grad_enabled() else "v_nograd"] += len(x)
+            inside.append(1)
+            try:
+                return vel(x, t, cond)
+            finally:
+                inside.pop()
+
+        def base_velocity(x, t, cond=None):
+            self.rows["v_base"] += 0 if inside else len(x)
+            return base(x, t, cond)
+
+        def forward(images, prompts):
+            self.rows["rgrad"] += len(images) if images.requires_grad else 0
+            return fwd(images, prompts)
+
+        model.velocity, model.base_velocity, reward.forward = velocity, base_velocity, forward
+
+
+@pytest.mark.parametrize("terms, scheme, per_state", [
+    ("spacetime", "forward", {"v_grad": 1, "v_nograd": 1, "v_base": 2, "rgrad": 2}),
+    ("spacetime", "central", {"v_grad": 1, "v_nograd": 2, "v_base": 3, "rgrad": 3}),
+    ("separate", "central", {"v_grad": 1, "v_nograd": 4, "v_base": 3, "rgrad": 5}),
+])
+def test_evaluations_per_trained_state(terms, scheme, per_state):
+    """One update's network and reward-gradient evaluations, counted per trained state (B trajectories × (5 bins
+    + the last state)). From the definitions: matching needs v_θ (grad), v_base and ∇r(x̂_1) (x̂_1 from the
+    rollout's v_θ); a forward difference adds one g (one v_θ for x̂_1, one ∇r) and one v_base, a central one two
+    of each, and separate ∂_t / J_g differences double the g evaluations. The boundary's ∇r(x_1) is the last
+    state's (its x̂_1 is x_1): no extra row."""
+    from rewards.analytic import QuadraticReward
+    cfg = compose_config(["reward=quadratic", f"algo.fd_terms={terms}", f"algo.fd_scheme={scheme}"]).algo
+    model = GaussianMixtureFlow([1.0], [MU.tolist()], [COV.tolist()])
+    reward = QuadraticReward(M.tolist(), Q.tolist())
+    ts = uniform_grid(20)
+    algo = VGGFlow(cfg, model, reward, ts)
+    gen = torch.Generator().manual_seed(0)
+    traj = algo.rollout(torch.randn(4, 2, generator=gen), [""] * 4, None, gen)
+    counter = _Counter(model, reward)
+    loss, _ = algo.loss(traj, gen)
+    loss.backward()
+    states = 4 * (int(cfg.subsample_bins) + 1)
+    assert counter.rows == {k: v * states for k, v in per_state.items()}
+    assert torch.equal(traj.reward_x1, reward(traj.x1, [""] * 4))         # r(x_1) kept for the trainer's log
 
 
 def test_residual_detects_a_wrong_value_gradient():
