@@ -14,6 +14,7 @@ import torch
 
 from align.interfaces import FlowModel, Reward
 from align.metrics import cosine_diversity, feature_diversity, frechet_distance
+from align.sharding import Shard
 from samplers import euler_integrate
 
 
@@ -23,19 +24,24 @@ class Evaluator:
     Prompts: ``n_samples // group_size`` prompts taken in turn from the prompt set, ``group_size``
     samples each. Metrics are computed per distinct prompt and averaged over prompts. ``fid_reference``:
     ``paired`` (base samples from the same noise) or ``independent`` (from a second, independent fixed noise).
+
+    Work is done in chunks of ``batch_size`` rows; with several processes (``shard``) each samples and scores a
+    contiguous run of those chunks (``align/sharding.py``), so every figure is the one-process figure exactly;
+    samples are gathered on the main process only.
     """
 
     FID_REFERENCES = ("independent", "paired")
 
     def __init__(self, model: FlowModel, reward: Reward, ts: torch.Tensor, prompt_set: list[str],
-                 n_samples: int, group_size: int, seed: int, batch_size: int = 256, fid_reference: str = "paired"):
+                 n_samples: int, group_size: int, seed: int, batch_size: int = 32, fid_reference: str = "paired",
+                 shard: Shard = Shard()):
         if n_samples < 2 or group_size < 2:
             raise ValueError("eval.n_samples and eval.group_size must be >= 2")
         if fid_reference not in self.FID_REFERENCES:
             raise ValueError(f"eval.fid_reference={fid_reference!r}: valid choices are "
                              f"{', '.join(self.FID_REFERENCES)}")
         self.fid_reference, self.seed, self.prompt_set = fid_reference, int(seed), list(prompt_set)
-        self.model, self.reward, self.ts, self.batch_size = model, reward, ts, batch_size
+        self.model, self.reward, self.ts, self.batch_size, self.shard = model, reward, ts, batch_size, shard
         n_groups = max(1, n_samples // group_size)
         self.prompts = [prompt_set[g % len(prompt_set)] for g in range(n_groups) for _ in range(group_size)]
         gen = torch.Generator().manual_seed(int(seed) + 1_000_003)
@@ -44,32 +50,45 @@ class Evaluator:
         self._reference: torch.Tensor | None = None
 
     @torch.no_grad()
-    def sample(self, velocity: Callable[..., torch.Tensor], noise: torch.Tensor | None = None,
-               prompts: list[str] | None = None) -> torch.Tensor:
-        """x_1 from x_0 = noise by the Euler ODE with ``velocity(x, t, cond)``, in chunks."""
-        noise = self.noise if noise is None else noise
-        prompts = self.prompts if prompts is None else prompts
-        out = []
-        for i in range(0, len(prompts), self.batch_size):
-            p = prompts[i:i + self.batch_size]
+    def _chunks(self, velocity: Callable[..., torch.Tensor], noise: torch.Tensor, prompts: list[str],
+                score: bool) -> list[tuple[torch.Tensor, ...]]:
+        """This process's chunks: (x_1,) or, with ``score``, (x_1, rewards, features) each, on the CPU."""
+        out, b = [], self.batch_size
+        for i in self.shard.starts(len(prompts), b):
+            p = prompts[i:i + b]
             cond = self.model.encode(p)
-            out.append(euler_integrate(lambda x, t: velocity(x, t, cond), noise[i:i + self.batch_size],
-                                       self.ts, record=False))
-        return torch.cat(out)
+            x1 = euler_integrate(lambda x, t: velocity(x, t, cond), noise[i:i + b], self.ts, record=False)
+            if score:
+                out.append((x1.cpu(), self.reward(self.model.decode(x1).float(), p).float().cpu(),
+                            self.model.features(x1).float().cpu()))
+            else:
+                out.append((x1.cpu(),))
+        return out
 
-    @torch.no_grad()
-    def _score(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rewards, feats = [], []
-        for i in range(0, len(self.prompts), self.batch_size):
-            xb, pb = x1[i:i + self.batch_size], self.prompts[i:i + self.batch_size]
-            rewards.append(self.reward(self.model.decode(xb).float(), pb).float().cpu())
-            feats.append(self.model.features(xb).float().cpu())
-        return torch.cat(rewards), torch.cat(feats)
+    def _x1(self, chunks: list[tuple[torch.Tensor, ...]]) -> torch.Tensor | None:
+        """Every process's x_1 chunks in row order, on the main process's device (None on the others)."""
+        every = self.shard.gather([c[0] for c in chunks])
+        return None if every is None else torch.cat([x for part in every for x in part]).to(self.model.device)
+
+    def _scored(self, velocity: Callable[..., torch.Tensor],
+                noise: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor, torch.Tensor]:
+        """This process's chunks of the evaluation prompts from ``noise``, and the rewards and features of all
+        rows (gathered on every process: they are small)."""
+        chunks = self._chunks(velocity, noise, self.prompts, score=True)
+        every = self.shard.all_gather([c[1:] for c in chunks])
+        rewards, feats = (torch.cat(column) for column in zip(*(c for part in every for c in part)))
+        return chunks, rewards, feats
+
+    def sample(self, velocity: Callable[..., torch.Tensor], noise: torch.Tensor | None = None,
+               prompts: list[str] | None = None) -> torch.Tensor | None:
+        """x_1 from x_0 = noise by the Euler ODE with ``velocity(x, t, cond)`` (default: the evaluation set)."""
+        noise = self.noise if noise is None else noise
+        return self._x1(self._chunks(velocity, noise, self.prompts if prompts is None else prompts, score=False))
 
     def base(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards and features of the base model's samples (computed once)."""
         if self._base is None:
-            self._base = self._score(self.sample(self.model.base_velocity))
+            self._base = self._scored(self.model.base_velocity, self.noise)[1:]
         return self._base
 
     def reference_noise(self) -> torch.Tensor:
@@ -83,23 +102,21 @@ class Evaluator:
         if self.fid_reference == "paired":
             return self.base()[1]
         if self._reference is None:
-            x1 = self.sample(self.model.base_velocity, self.reference_noise())
-            self._reference = self._score(x1)[1]
+            self._reference = self._scored(self.model.base_velocity, self.reference_noise())[2]
         return self._reference
 
-    @torch.no_grad()
-    def final_samples(self, n: int) -> dict[str, Any]:
+    def final_samples(self, n: int) -> dict[str, Any] | None:
         """``n`` samples of the current model in samples_final.pt's format: x_0 from the final samples' own
-        stream (seed + 2000003), prompts taken in turn from the prompt set."""
+        stream (seed + 2000003), prompts taken in turn from the prompt set (None on processes but the main)."""
         gen = torch.Generator().manual_seed(self.seed + 2_000_003)
         prompts = [self.prompt_set[i % len(self.prompt_set)] for i in range(n)]
         x0 = self.model.sample_noise(n, gen)
         x1 = self.sample(self.model.velocity, x0, prompts)
-        return {"x1": x1.cpu(), "x0": x0.cpu(), "prompts": prompts}
+        return None if x1 is None else {"x1": x1.cpu(), "x0": x0.cpu(), "prompts": prompts}
 
-    def __call__(self) -> tuple[dict[str, float], torch.Tensor]:
-        x1 = self.sample(self.model.velocity)
-        rewards, feats = self._score(x1)
+    def __call__(self) -> tuple[dict[str, float], torch.Tensor | None]:
+        """The metrics (on every process) and the evaluated x_1 (on the main process; None on the others)."""
+        chunks, rewards, feats = self._scored(self.model.velocity, self.noise)
         base_feats = self.reference_features()
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(self.prompts):
@@ -113,5 +130,5 @@ class Evaluator:
                    "eval/diversity": sum(div) / len(div), "eval/fid": sum(fid) / len(fid),
                    # the paper's units: mean pairwise cosine distance within a prompt, in units of 1e-2
                    "eval/diversity_cos": sum(cos) / len(cos)}
-        return metrics, x1
+        return metrics, self._x1(chunks)
 

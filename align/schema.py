@@ -84,6 +84,11 @@ class TrainConfig:
     # experiment trackers (accelerate's tracking API): tensorboard (<run_dir>/tb) | wandb | mlflow (extras of
     # the same names); metrics.jsonl is always written (align/trackers.py)
     trackers: List[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
+    # Several processes: seconds a collective (gradient all-reduce, gather, barrier) waits for the slowest process
+    # before the run fails (torch.distributed's process-group timeout, through accelerate; torch's own default is
+    # 1800 s on gloo, 600 s on NCCL). Raise it if one process can lag that long, e.g. the main process writing a
+    # checkpoint to a slow disk while the others wait.
+    collective_timeout_s: float = 1800.0
 
     def validate(self) -> None:
         require(self.steps >= 1, "train.steps", self.steps, ">= 1")
@@ -96,6 +101,8 @@ class TrainConfig:
         for key in ("log_every", "checkpoint_every", "max_bad_steps"):
             require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), ">= 1")
         require(self.max_param_growth > 1, "train.max_param_growth", self.max_param_growth, "> 1")
+        require(positive(self.collective_timeout_s), "train.collective_timeout_s", self.collective_timeout_s,
+                "finite and > 0")
         for name in self.trackers:
             module = {"wandb": "wandb", "mlflow": "mlflow"}.get(str(name))
             if module and importlib.util.find_spec(module) is None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from datetime import timedelta
 from typing import Any, Iterable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import OmegaConf
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from tqdm.auto import tqdm
 
 from align.checkpoint import load_latest, save_checkpoint
@@ -23,6 +26,7 @@ from align.interfaces import Algorithm, FlowModel, Reward
 from align.run_dir import CONFIG_FILE, FINISHED_FILE, SAMPLES_DIR, claim_run_dir, list_checkpoints
 from align.run_logging import RunLogger
 from align.schema import EvalConfig, TrainConfig
+from align.sharding import Shard
 from align.trackers import make_trackers
 from samplers import Trajectory
 
@@ -64,7 +68,8 @@ class Trainer:
         loaded = load_latest(run_dir) if resume else None
         self.resume_step = None if loaded is None else loaded[0]
         cpu = str(device) == "cpu" or (str(device) == "auto" and not torch.cuda.is_available())
-        self.accelerator = Accelerator(cpu=cpu,
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=float(train.collective_timeout_s)))
+        self.accelerator = Accelerator(cpu=cpu, kwargs_handlers=[timeout],
                                        log_with=make_trackers(list(train.trackers), run_dir, self.resume_step))
         self.is_main = self.accelerator.is_main_process
         self.model, self.reward, self.algo, self.ts, self.prompt_set = model, reward, algorithm, grid, prompts
@@ -81,7 +86,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.seed * 1000 + self.accelerator.process_index)
         self.evaluator = Evaluator(self.model, self.reward, self.ts, self.prompt_set, int(evaluation.n_samples),
                                    int(evaluation.group_size), self.seed,
-                                   fid_reference=str(evaluation.fid_reference))
+                                   fid_reference=str(evaluation.fid_reference), shard=Shard.current())
         self.step, self.bad_in_row, self.skipped, self.elapsed = 0, 0, 0, 0.0
         self.start_norms, self.broken = self._param_norms(), []   # the divergence guard's reference
         if loaded is not None:
@@ -213,14 +218,20 @@ class Trainer:
         return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
 
     def _sync_gradients(self) -> None:
-        """Average gradients over processes (the loss is not a module forward, so no DDP wrapper)."""
+        """Average gradients over processes (the loss is not a module forward, so no DDP wrapper): one
+        all-reduce per parameter group (and dtype) on a flattened buffer; a missing gradient counts as zeros."""
         if self.accelerator.num_processes == 1:
             return
         for g in self.groups:
+            buckets: dict[torch.dtype, list[torch.Tensor]] = {}
             for p in g["params"]:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                p.grad.copy_(self.accelerator.reduce(p.grad, reduction="mean"))
+                buckets.setdefault(p.grad.dtype, []).append(p.grad)
+            for grads in buckets.values():
+                mean = self.accelerator.reduce(_flatten_dense_tensors(grads), reduction="mean")
+                for grad, avg in zip(grads, _unflatten_dense_tensors(mean, grads)):
+                    grad.copy_(avg)
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -270,22 +281,24 @@ class Trainer:
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.3g}")
                 if self.step % int(t.checkpoint_every) == 0 or self.step == steps:
                     self.save()
+            self._final_samples()     # before logger.close(): accelerate's end_training ends the process group
         finally:
             bar.close()
             logger.close()
-        self._final_samples()
 
     def _evaluate(self, logger: RunLogger) -> dict[str, float]:
-        if not self.is_main:
-            return {}
+        """Every process evaluates its share (align/sharding.py); the main process logs the sample grid."""
         metrics, x1 = self.evaluator()
-        logger.images(SAMPLES_DIR, self.model.preview_grid(x1[preview_order(self.evaluator.prompts)]), self.step)
+        if self.is_main:
+            logger.images(SAMPLES_DIR, self.model.preview_grid(x1[preview_order(self.evaluator.prompts)]),
+                          self.step)
         return metrics
 
     @torch.no_grad()
     def _final_samples(self) -> None:
-        if not self.is_main:
-            return
-        path = os.path.join(self.run_dir, FINISHED_FILE)
-        torch.save(self.evaluator.final_samples(int(self.eval_cfg.final_samples)), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        """Every process samples its share; the main process writes samples_final.pt."""
+        samples = self.evaluator.final_samples(int(self.eval_cfg.final_samples))
+        if self.is_main:
+            path = os.path.join(self.run_dir, FINISHED_FILE)
+            torch.save(samples, path + ".tmp")
+            os.replace(path + ".tmp", path)

@@ -24,6 +24,7 @@ CATALOGUE = [
     (["train.checkpoint_every=0"], ["train.checkpoint_every must be >= 1"]),
     (["train.log_every=0"], ["train.log_every must be >= 1"]),
     (["train.max_bad_steps=0"], ["train.max_bad_steps must be >= 1"]),
+    (["train.collective_timeout_s=0"], ["train.collective_timeout_s must be finite and > 0", "0"]),
     (["threads=-1"], ["threads must be >= 1", "-1"]),
     (["algo.beta=[1,2]"], ["algo.beta", "[1, 2]"]),
     (["algo.beta=nan"], ["algo.beta must be finite and > 0", "nan"]),

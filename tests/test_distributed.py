@@ -1,13 +1,19 @@
 """Two processes on the CPU (torchrun + gloo through accelerate): gradients are averaged so one update equals a
 one-process update on the union of both batches, the processes draw different noise, checkpointing does not
-hang, and a resumed two-process run continues exactly."""
+hang, and a resumed two-process run continues exactly. Evaluation and the final samples, sharded over the
+processes, equal one process's bitwise; gradients take one all-reduce per parameter group; the collective
+timeout key reaches the process group."""
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from align.config import compose_config
+from align.evaluate import main as evaluate_main
+from align.run_dir import FINISHED_FILE, read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -90,3 +96,64 @@ def test_a_non_finite_loss_on_one_process_skips_the_update_on_all(tmp_path):
     assert [w["skipped"] for w in two] == [1, 1]
     for k, v in two[0]["params"].items():
         assert torch.equal(v, two[1]["params"][k]), k
+
+
+# Sharded evaluation (issue 12, point 4). The evaluator works in chunks of 32 rows: 40 evaluation samples (5 groups
+# of 8) are 32 + 8 rows, rank 0 taking the first chunk and rank 1 the second; 37 final samples are 32 + 5.
+PROBE = VGG + ["eval.n_samples=40", "eval.group_size=8", "eval.final_samples=37", "eval.every=1",
+               "eval.fid_reference=independent", "train.collective_timeout_s=321"]
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    """A two-process VGG-Flow run (θ and φ, two parameter groups) of 2 updates, evaluated at every step, with
+    the gradient syncs recorded (helpers/dist_worker.py, mode ``probe``)."""
+    tmp = tmp_path_factory.mktemp("probe")
+    return tmp, _torchrun(tmp, tmp / "run", 2, tmp / "out", mode="probe", extra=PROBE)
+
+
+def _eval_row(run_dir, step: int) -> dict:
+    row = next(r for r in read_metrics(str(run_dir)) if r["step"] == step and "eval/reward" in r)
+    return {k: v for k, v in row.items() if k.startswith("eval/")}
+
+
+def _evaluated(argv: list[str], out) -> dict:
+    """One process: ``python -m align.evaluate`` writes metrics.json (and samples.pt) into ``out``."""
+    assert evaluate_main(argv + ["--out", str(out)]) == 0
+    with open(out / "metrics.json", encoding="utf-8") as fh:
+        return {k: v for k, v in json.load(fh).items() if k != "step"}
+
+
+def test_a_two_process_evaluation_equals_the_one_process_evaluation_bitwise(probed):
+    from helpers.dist_worker import BASE
+
+    tmp, _ = probed
+    run = tmp / "run"
+    # the trained model (step 2) and its final samples: one process re-evaluates the checkpoint
+    assert _evaluated([str(run), "--samples", "37"], tmp / "one") == _eval_row(run, 2)
+    one, two = torch.load(tmp / "one" / "samples.pt"), torch.load(run / FINISHED_FILE)
+    assert len(two["x1"]) == 37 and two["prompts"] == one["prompts"]
+    assert torch.equal(two["x0"], one["x0"]) and torch.equal(two["x1"], one["x1"])
+    # the base model (the step-0 row, which sampled the base and the independent reference sets sharded)
+    assert _evaluated(BASE + PROBE, tmp / "base") == _eval_row(run, 0)
+
+
+def test_gradients_are_averaged_with_one_all_reduce_per_parameter_group(probed):
+    _, ranks = probed
+    groups = ranks[0]["groups"]
+    assert groups == 2 and len(ranks[0]["local"][0]) > groups          # θ and φ, many tensors
+    for step in range(2):
+        for w in ranks:
+            # one flattened buffer per group, as large as the group's tensors together
+            assert len(w["calls"][step]) == groups and sum(w["calls"][step]) == sum(
+                g.numel() for g in w["local"][step])
+        assert not ranks[1]["local"][step][0].any()                     # rank 1's missing gradient: zeros
+        for i, (g0, g1) in enumerate(zip(ranks[0]["local"][step], ranks[1]["local"][step])):
+            expected = (g0 + g1) / 2                                     # the per-tensor mean, by hand
+            for w in ranks:
+                assert torch.equal(w["averaged"][step][i], expected), (step, i)
+
+
+def test_the_collective_timeout_reaches_the_process_group(probed):
+    _, ranks = probed
+    assert [w["timeout_s"] for w in ranks] == [321.0, 321.0]
