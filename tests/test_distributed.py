@@ -157,3 +157,12 @@ def test_gradients_are_averaged_with_one_all_reduce_per_parameter_group(probed):
 def test_the_collective_timeout_reaches_the_process_group(probed):
     _, ranks = probed
     assert [w["timeout_s"] for w in ranks] == [321.0, 321.0]
+
+
+@pytest.mark.parametrize("n, size, world", [(40, 32, 2), (37, 32, 2), (160, 32, 3), (8, 32, 2), (100, 7, 4)])
+def test_shards_split_the_one_process_chunks_in_order_as_evenly_as_whole_chunks_allow(n, size, world):
+    from align.sharding import Shard
+
+    shards = [list(Shard(r, world).starts(n, size)) for r in range(world)]
+    assert [s for part in shards for s in part] == list(range(0, n, size))     # every chunk once, rank order
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
