@@ -144,7 +144,8 @@ class AdjointMatching(Algorithm):
             return (a * drift).sum(), v
 
         grad_r = reward_grad_at_x1(model, self.reward, traj)
-        return costate_sweep(traj.xs, traj.ts, -self.beta * grad_r, hamiltonian, stop=stop)
+        return costate_sweep(traj.xs, traj.ts, -self.beta * grad_r, hamiltonian, stop=stop,
+                             params=model.trainable_parameters())
 
     # ---- one update ---------------------------------------------------------------------------------------
     def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:

@@ -75,7 +75,8 @@ class VGGFlowPMP(Algorithm):
         """The costate a_k for k = N..stop along the trajectory [N+1, B, ...] (float32 or wider; NaN below stop),
         and v_base(x_k, t_k) for k = N−1..stop (``Sweep.kept``)."""
         grad_r = reward_grad_at_x1(self.model, self.reward, traj)
-        return costate_sweep(traj.xs, traj.ts, -grad_r, self.hamiltonian(traj.cond), stop=stop)
+        return costate_sweep(traj.xs, traj.ts, -grad_r, self.hamiltonian(traj.cond), stop=stop,
+                             params=self.model.trainable_parameters())
 
     def costate(self, traj: Trajectory, stop: int = 0) -> torch.Tensor:
         """a_k for k = N..stop along the trajectory [N+1, B, ...] (float32 or wider; NaN below stop)."""

@@ -8,9 +8,11 @@ of the Euler scheme). VGG-Flow-PMP and Adjoint Matching differ only in H_k.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import contextlib
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
+from torch import nn
 
 # H(k, x, t, a) -> (Σ over the batch of H_k(x_i, a_i), y): y [B, ...] is a forward H_k evaluated at x that the
 # caller keeps (PMP and AM: v_base(x_k, t_k), so their losses need not evaluate it again); t is a [B] tensor of
@@ -36,12 +38,27 @@ def hamiltonian_grad(hamiltonian: Hamiltonian, k: int, x: torch.Tensor, t: torch
     return g, y.detach()
 
 
+@contextlib.contextmanager
+def held_constant(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """``requires_grad`` off for the parameters that have it, restored on exit."""
+    live = [p for p in params if p.requires_grad]
+    for p in live:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in live:
+            p.requires_grad_(True)
+
+
 def costate_sweep(xs: torch.Tensor, ts: torch.Tensor, a_last: torch.Tensor, hamiltonian: Hamiltonian,
-                  stop: int = 0) -> Sweep:
+                  stop: int = 0, params: Iterable[nn.Parameter] = ()) -> Sweep:
     """a_k for k = N..stop along the states xs [N+1, B, ...] on the grid ts [N+1], and the Hamiltonian's y at
     x_k for k = N−1..stop.
 
-    The costate is accumulated in float32, or in the states' or a_last's dtype if wider.
+    The costate is accumulated in float32, or in the states' or a_last's dtype if wider. ``params`` (the trainable
+    parameters H_k reads) are held constant during the sweep: no graph to them is built, and a CFG branch that is
+    detached from them needs no recomputation in the backward (the x-gradient is the same, bit for bit).
     """
     n = xs.shape[0] - 1
     acc = torch.promote_types(torch.promote_types(a_last.dtype, xs.dtype), torch.float32)
@@ -49,13 +66,14 @@ def costate_sweep(xs: torch.Tensor, ts: torch.Tensor, a_last: torch.Tensor, hami
     out = torch.full((n + 1, *a.shape), float("nan"), dtype=acc, device=a.device)
     kept = torch.full_like(xs, float("nan"))
     out[n] = a
-    for k in range(n - 1, stop - 1, -1):
-        x = xs[k]
-        t = torch.full((x.shape[0],), float(ts[k]), dtype=x.dtype, device=x.device)
-        g, y = hamiltonian_grad(hamiltonian, k, x, t, a)
-        kept[k] = y
-        a = a + float(ts[k + 1] - ts[k]) * g.to(acc)
-        out[k] = a
+    with held_constant(params):
+        for k in range(n - 1, stop - 1, -1):
+            x = xs[k]
+            t = torch.full((x.shape[0],), float(ts[k]), dtype=x.dtype, device=x.device)
+            g, y = hamiltonian_grad(hamiltonian, k, x, t, a)
+            kept[k] = y
+            a = a + float(ts[k + 1] - ts[k]) * g.to(acc)
+            out[k] = a
     return Sweep(out, kept)
 
 

@@ -179,6 +179,19 @@ def test_loss_takes_v_base_from_the_sweep(domain, adjoint, target):
         assert base_rows == (N - first) * B + below
 
 
+def test_full_sweep_holds_theta_constant_so_cfg_needs_no_recomputation():
+    """With θ held constant during the sweep, each step runs the transformer 4 times (v_θ and v_base, conditional
+    and unconditional), not 5: the θ-detached unconditional branch of v_θ is not recomputed in the backward. The
+    costate itself is checked against autograd through the CFG chain in tests/test_cfg_jacobians.py."""
+    algo, traj = _digits_setup("next")
+    model, B, N = algo.model, traj.xs.shape[1], traj.n_steps
+    with mock.patch.object(model, "transformer_u", wraps=model.transformer_u) as net:
+        a = algo.costate(traj, stop=1)
+    assert sum(call.args[0].shape[0] for call in net.call_args_list) == 4 * B * (N - 1)
+    assert torch.isfinite(a[1:]).all()
+    assert all(p.requires_grad and p.grad is None for p in model.trainable_parameters())
+
+
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
