@@ -40,7 +40,7 @@ ETA = {"t2": lambda t: t ** 2, "t": lambda t: t, "const": lambda t: torch.ones_l
 # The choices (str enums: `cfg.eta == "t2"` holds; a bad value is refused naming the valid ones).
 Eta = enum.StrEnum("Eta", list(ETA))
 RgradClip = enum.StrEnum("RgradClip", "batch_quantile previous_step const none")
-FdScheme = enum.StrEnum("FdScheme", "forward central")
+FdScheme = enum.StrEnum("FdScheme", "central forward")
 FdTerms = enum.StrEnum("FdTerms", "spacetime separate")
 FdNetwork = enum.StrEnum("FdNetwork", "auto fd jvp")
 ConsistencyTimes = enum.StrEnum("ConsistencyTimes", "grid within_step")
@@ -127,9 +127,9 @@ class VGGFlow(Algorithm):
     # ---- the value-gradient field g_φ (Eq. 16) -------------------------------------------------------
     def value_gradient(self, x: torch.Tensor, t: torch.Tensor, cond: Any, prompts: list[str],
                        tau: torch.Tensor | None, grad_r: torch.Tensor | None = None,
-                       x_hat: torch.Tensor | None = None) -> torch.Tensor:
-        """g_φ(x, t) = −η_t·clip(∇r(x̂_1)) + N_φ(x, t)/β. ``grad_r`` = ∇r(x̂_1) or ``x_hat`` = x̂_1 when already
-        computed; at t = 1, x̂_1 = x and no velocity is evaluated."""
+                       x_hat: torch.Tensor | None = None, n_phi: torch.Tensor | None = None) -> torch.Tensor:
+        """g_φ(x, t) = −η_t·clip(∇r(x̂_1)) + N_φ(x, t)/β. ``grad_r`` = ∇r(x̂_1) or ``x_hat`` = x̂_1, and ``n_phi`` =
+        N_φ(x, t), when already computed; at t = 1, x̂_1 = x and no velocity is evaluated."""
         if grad_r is None:
             if x_hat is None and bool((t == 1).all()):
                 x_hat = x
@@ -139,7 +139,7 @@ class VGGFlow(Algorithm):
             _, grad_r = reward_and_grad(self.model, self.reward, x_hat, prompts)
         g = -per_sample(self.eta(t.float()), x) * clip_per_sample(grad_r, tau).to(x.dtype)
         if self.value_net is not None:
-            g = g + self.value_net(x, t, cond) / self.beta
+            g = g + (self.value_net(x, t, cond) if n_phi is None else n_phi) / self.beta
         return g
 
     # ---- update-wide: training states, their reward gradients, the clip threshold -----------------------
@@ -178,6 +178,19 @@ class VGGFlow(Algorithm):
             return self.prev_tau.new_tensor(float(self.cfg.rgrad_clip_value))
         return None
 
+    def value_at_states_and_x1(self, traj: Trajectory, x: torch.Tensor, t: torch.Tensor, sample: torch.Tensor
+                               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """N_φ at the training states and, for the boundary (``boundary_at: t1``), at (x_1, 1), in one call."""
+        if self.value_net is None:
+            return None, None
+        if self.cfg.boundary_at != "t1":
+            return self.value_net(x, t, index_cond(traj.cond, sample)), None
+        x1 = traj.x1.detach().to(x)
+        rows = torch.cat([sample, torch.arange(len(x1))])
+        out = self.value_net(torch.cat([x, x1]), torch.cat([t, torch.ones_like(t[:len(x1)])]),
+                             index_cond(traj.cond, rows))
+        return out[:len(x)], out[len(x):]
+
     # ---- one micro-batch ------------------------------------------------------------------------------
     def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, model, beta = self.cfg, self.model, self.beta
@@ -186,13 +199,14 @@ class VGGFlow(Algorithm):
         tau, grad_r = self.tau, traj.extras["vgg_grad_r"]
 
         # 1. The training states: x_{N−1} and one per bin, with ∇r(x̂_1) from prepare().
-        x, t, cond, prompts, k, _ = gather_states(traj, traj.extras["vgg_idx"])
+        x, t, cond, prompts, k, sample = gather_states(traj, traj.extras["vgg_idx"])
+        n_phi, n_phi_1 = self.value_at_states_and_x1(traj, x, t, sample)
 
         # 2. Forward-looking value gradient with the update's reward-gradient clip.
         v_theta = model.velocity(x, t, cond)                                       # grad → θ
         with torch.no_grad():
             v_base = model.base_velocity(x, t, cond)
-        g = self.value_gradient(x, t, cond, prompts, tau, grad_r=grad_r)
+        g = self.value_gradient(x, t, cond, prompts, tau, grad_r=grad_r, n_phi=n_phi)
 
         # 3. Value-gradient matching (Eq. 13): ṽ_θ → −β g, g a fixed target.
         loss_match = per_sample_mse(v_theta, (v_base - beta * g).detach()).mean()
@@ -237,11 +251,11 @@ class VGGFlow(Algorithm):
         if cfg.boundary_at == "t1":
             xb, grad_rb = traj.x1.detach(), traj.extras["vgg_grad_r1"]
             tb = torch.ones(xb.shape[0], dtype=xb.dtype, device=xb.device)
-            gb = self.value_gradient(xb, tb, traj.cond, traj.prompts, tau, grad_r=grad_rb)
+            gb = self.value_gradient(xb, tb, traj.cond, traj.prompts, tau, grad_r=grad_rb, n_phi=n_phi_1)
             loss_bnd = per_sample_mse(beta * gb, -beta * clip_per_sample(grad_rb, tau).to(xb.dtype)).mean()
         else:
             last = (k == traj.n_steps - 1).nonzero().flatten()
-            loss_bnd = per_sample_mse(self.value_net(x[last], t[last], index_cond(cond, last))).mean()
+            loss_bnd = per_sample_mse(n_phi[last]).mean()
 
         logs.update(loss_cons=loss_cons.item(), loss_bnd=loss_bnd.item())
         return loss_match + loss_cons + self.alpha * loss_bnd, logs

@@ -169,8 +169,8 @@ def consistency_residual(g: Field, v_base: Field, x: torch.Tensor, t: torch.Tens
     ``jvp=True`` (low-precision networks, see the module docstring): J_{v_base}·g by forward-mode AD, and, when
     ``predictor`` (x, t) ↦ x̂_1 is given, ``g`` is called as ``g(x, t, x_hat=...)`` with x̂_1 linearised by
     forward-mode AD inside the finite differences of g (``time_derivative_through``,
-    ``directional_derivative_through``, ``spacetime_derivative_through``, which reuses ``x_hat`` = x̂_1(x, t) and
-    g_x when given); without ``predictor`` g is differenced as it is.
+    ``directional_derivative_through``, ``spacetime_derivative_through``, which reuses ``x_hat`` = x̂_1(x, t), and
+    then g_x = g(x, t, x_hat=x_hat), when given); without ``predictor`` g is differenced as it is.
     """
     g_x = g(x, t) if g_x is None else g_x
     v_base_x = v_base(x, t) if v_base_x is None else v_base_x
@@ -181,8 +181,10 @@ def consistency_residual(g: Field, v_base: Field, x: torch.Tensor, t: torch.Tens
         d_b = directional_derivative(v_base, x, t, g_x.detach(), eps, scheme, f_x=v_base_x)
     through = jvp and predictor is not None
     if spacetime and through:
+        # g_x is reused only with the x̂_1 it was computed from: a bf16 x̂_1 recomputed by another kernel (the
+        # JVP's) differs by rounding, which a difference at step h would amplify by 1/h
         d_g = spacetime_derivative_through(g, predictor, x, t, direction, time_scale, eps, delta, scheme,
-                                           x_hat=x_hat, g_x=g_x)
+                                           x_hat=x_hat, g_x=None if x_hat is None else g_x)
     elif spacetime:
         d_g = spacetime_derivative(g, x, t, direction, time_scale, eps, delta, scheme, f_x=g_x)
     elif through:

@@ -157,17 +157,19 @@ def _smooth_decode(x: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(2.0 * x)
 
 
-def test_residual_time_derivative_of_the_vggflow_value_gradient_matches_fp64_autograd(models, algo_cfg,
-                                                                                      monkeypatch):
-    """∂ₜ g of VGG-Flow's g_φ(x, t) = −t²∇r(x̂_1(x, t)) + N_φ(x, t)/β (x̂_1 through the bf16 network): the residual's
-    ∂ₜ term at the default settings (isolated with v_base ≡ 0 and β = 0 in the residual, so the other two terms
-    vanish exactly) within 5 % of fp64 autograd on the float64 digits model."""
+@pytest.mark.parametrize("moving", [False, True], ids=["d_t", "d_t+J_g.d"])
+def test_residual_g_terms_of_the_vggflow_value_gradient_match_fp64_autograd(models, algo_cfg, monkeypatch, moving):
+    """The residual's g terms ∂ₜg + J_g·d of VGG-Flow's g_φ(x, t) = −t²∇r(x̂_1(x, t)) + N_φ(x, t)/β (x̂_1 through
+    the bf16 network) at the default settings (``fd_terms``, ``fd_scheme``), within 5 % of fp64 autograd on the
+    float64 digits model. Isolated with β = 0 in the residual and v_base ≡ d constant (so J_{v_base} = 0 and the
+    direction is d): d = 0 leaves ∂ₜg alone, a random d moves x and t together."""
     m16, m64 = models
     monkeypatch.setattr(m16, "decode", _smooth_decode)
     reward = PixelQuadratic()
     algo = VGGFlow(algo_cfg, m16, reward, sd3_grid(20, 3.0))
     assert algo.value_net is not None
-    x, t, _ = _inputs(seed=1)
+    x, t, d = _inputs(seed=1)
+    d = d if moving else torch.zeros_like(d)
     c16 = m16.encode(PROMPTS)
 
     def g_field(xx, tt, x_hat=None):                 # as VGGFlow.loss builds it (clip off: tau=None)
@@ -177,29 +179,32 @@ def test_residual_time_derivative_of_the_vggflow_value_gradient_matches_fp64_aut
         with torch.no_grad():
             return one_step_prediction(xx, tt, m16.velocity(xx, tt, c16))
 
-    zero = lambda xx, tt: torch.zeros_like(xx)  # noqa: E731
     with torch.no_grad():
-        ours = consistency_residual(g_field, zero, x, t, 0.0, float(algo_cfg.fd_eps), float(algo_cfg.fd_delta),
-                                    algo_cfg.fd_scheme, time_scale=float(algo_cfg.time_derivative_scale),
-                                    predictor=predictor, jvp=algo.network_jvp)
+        ours = consistency_residual(g_field, lambda xx, tt: d, x, t, 0.0, float(algo_cfg.fd_eps),
+                                    float(algo_cfg.fd_delta), algo_cfg.fd_scheme,
+                                    time_scale=float(algo_cfg.time_derivative_scale), predictor=predictor,
+                                    jvp=algo.network_jvp, spacetime=algo_cfg.fd_terms == "spacetime")
 
     # fp64 reference, written from the definition with autograd throughout
     c64 = {k: v.double() for k, v in m64.encode(PROMPTS).items()}
     value64 = copy.deepcopy(algo.value_net).double()
     beta = algo.beta
 
-    def g64(tt):
+    def g64(xx, tt):
         with torch.enable_grad():
-            # v_θ with CFG, both branches differentiated in t (velocity() would hold the unconditional branch
+            # v_θ with CFG, both branches differentiated (velocity() would hold the unconditional branch
             # constant when x does not require grad)
-            v = u_to_v(m64.guided_u(x.double(), t_to_sigma(tt), c64, detach_uncond=False))
-            xh = one_step_prediction(x.double(), tt, v)
+            v = u_to_v(m64.guided_u(xx, t_to_sigma(tt), c64, detach_uncond=False))
+            xh = one_step_prediction(xx, tt, v)
             y = xh if xh.requires_grad else xh.requires_grad_(True)
             (grad_r,) = torch.autograd.grad(reward(_smooth_decode(y), PROMPTS).sum(), y, create_graph=True)
-        return -(tt ** 2).reshape(-1, 1, 1, 1) * grad_r + value64(x.double(), tt, c64) / beta
+        return -(tt ** 2).reshape(-1, 1, 1, 1) * grad_r + value64(xx, tt, c64) / beta
 
-    ref = float(algo_cfg.time_derivative_scale) * _ref_jvp(g64, t.double(), torch.ones_like(t.double()))
-    _check(ours, ref, "d_t g")
+    with sdpa_kernel(SDPBackend.MATH):               # the fused CPU kernel has no double backward
+        ref = torch.autograd.functional.jvp(
+            g64, (x.double(), t.double()),
+            (d.double(), float(algo_cfg.time_derivative_scale) * torch.ones_like(t.double())))[1]
+    _check(ours, ref, "d_t g + J_g d" if moving else "d_t g")
 
 
 def test_residual_terms_on_the_tiny_sd3_in_bf16_match_fp64_autograd(tmp_path, algo_cfg):
@@ -240,7 +245,8 @@ def test_residual_terms_on_the_tiny_sd3_in_bf16_match_fp64_autograd(tmp_path, al
     zero = lambda xx, tt: torch.zeros_like(xx)  # noqa: E731
     const = lambda xx, tt, x_hat=None: d  # noqa: E731
     ours_j = consistency_residual(const, v16, x, t, float(algo_cfg.beta), eps, delta, scheme, jvp=jvp)
-    ours_t = consistency_residual(g_hat, zero, x, t, 0.0, eps, delta, scheme, predictor=predictor, jvp=jvp)
+    ours_t = consistency_residual(g_hat, zero, x, t, 0.0, eps, delta, scheme, predictor=predictor, jvp=jvp,
+                                  spacetime=algo_cfg.fd_terms == "spacetime")
     ref_j = _ref_jvp(lambda xx: m64.base_velocity(xx, t.double(), c64), x.double(), d.double())
     ref_t = _ref_jvp(lambda tt: one_step_prediction(x.double(), tt, u_to_v(m64.guided_u(
         x.double(), t_to_sigma(tt), c64, detach_uncond=False))), t.double(), torch.ones(3, dtype=torch.float64))
