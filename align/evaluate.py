@@ -50,7 +50,8 @@ def evaluate(cfg: DictConfig, out: str, state: dict[str, Any] | None = None, sam
         step = int(state["step"])
         parts.model.load_finetune_state_dict(state["model"])
     evaluator = Evaluator(parts.model, parts.reward, parts.grid, parts.prompts, int(ev.n_samples),
-                          int(ev.group_size), int(cfg.seed), fid_reference=str(ev.fid_reference))
+                          int(ev.group_size), int(cfg.seed), batch_size=int(ev.batch_size),
+                          fid_reference=str(ev.fid_reference))
     metrics, x1 = evaluator()
     row = {"step": step, **metrics}
     os.makedirs(out, exist_ok=True)

@@ -67,6 +67,8 @@ BOOKKEEPING: dict[str, tuple[Role, ...]] = {
     "train.max_bad_steps": ("resume", "rerun", "group"),       # the divergence guard's advice, on resume
     "train.max_param_growth": ("resume", "rerun", "group"),
     "device": ("resume", "rerun", "group", "name"),
+    "train.collective_timeout_s": ("resume", "rerun", "group", "name"),
+    "eval.batch_size": ("resume", "rerun", "group", "name"),     # rows per sampling chunk: the same samples
 }
 
 
@@ -77,7 +79,8 @@ def keys_with(role: Role) -> tuple[str, ...]:
 
 RESUMABLE_KEYS = keys_with("resume")
 # Keys added after runs were saved without them: an absent key equals the behaviour those runs had.
-ABSENT_MEANS = {"eval.fid_reference": "paired", "model.fid_reference": "paired"}
+ABSENT_MEANS = {"eval.fid_reference": "paired", "model.fid_reference": "paired",
+                "algo.fd_terms": "separate"}     # VGG-Flow before the space-time difference
 # Keys that configs saved by earlier versions carry and that are no longer settings (the domain presets,
 # align/conf/preset/, align/paper_settings.py and the root's prompts / sampler.shift hold them now): dropped when
 # such a config.yaml is typed again (align.schema.typed_config) or compared with a re-run (flat_config).

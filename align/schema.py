@@ -21,7 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from align.loading import DTYPES
 from align.registry import REGISTRIES, register_all
-from align.run_dir import RETIRED_KEYS
+from align.run_dir import ABSENT_MEANS, RETIRED_KEYS
 
 ROOT_SCHEMA = "config_schema"
 
@@ -128,12 +128,16 @@ class EvalConfig:
     # only within one setting.
     fid_reference: FidReference = FidReference.paired
     final_samples: int = 1000       # samples written to samples_final.pt
+    # rows per sampling chunk (evaluation and final samples); several processes split the chunks, and the samples
+    # are those of one process whatever the split
+    batch_size: int = 32
 
     def validate(self) -> None:
         require(self.every >= 0, "eval.every", self.every, ">= 0 (0: only at the end)")
         for key in ("n_samples", "group_size"):
             require(getattr(self, key) >= 2, f"eval.{key}", getattr(self, key), ">= 2")
         require(self.final_samples >= 1, "eval.final_samples", self.final_samples, ">= 1")
+        require(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
 
 
 @dataclass
@@ -214,6 +218,12 @@ def typed_config(cfg: Any) -> DictConfig:
         schema = registry.config(section["name"])
         if schema is not None:
             root[registry.group] = OmegaConf.structured(schema)
+    for key, value in ABSENT_MEANS.items():       # a key the run was saved without: the behaviour it had
+        group, _, name = key.partition(".")
+        section = given.get(group)
+        if (key not in RETIRED_KEYS and isinstance(section, dict) and name not in section
+                and name in root[group]):
+            section[name] = value
     root = OmegaConf.merge(root, given)
     check(root)
     return root

@@ -86,6 +86,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.seed * 1000 + self.accelerator.process_index)
         self.evaluator = Evaluator(self.model, self.reward, self.ts, self.prompt_set, int(evaluation.n_samples),
                                    int(evaluation.group_size), self.seed,
+                                   batch_size=int(evaluation.batch_size),
                                    fid_reference=str(evaluation.fid_reference), shard=Shard.current())
         self.step, self.bad_in_row, self.skipped, self.elapsed = 0, 0, 0, 0.0
         self.start_norms, self.broken = self._param_norms(), []   # the divergence guard's reference

@@ -13,13 +13,14 @@ from align.run_dir import (RESUMABLE_KEYS, clear_partial_run, config_differences
 
 
 def test_the_bookkeeping_roles():
+    execution = ("device", "train.collective_timeout_s", "eval.batch_size")   # how, not what, is computed
     assert RESUMABLE_KEYS == ("train.steps", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
-                              "train.max_bad_steps", "train.max_param_growth", "device")
-    rerun = {"run_dir", "resume", "threads", "device", "train.progress", "train.checkpoint_every",
-             "train.keep_checkpoints", "train.max_bad_steps", "train.max_param_growth", "train.steps", "default_reward"}
+                              "train.max_bad_steps", "train.max_param_growth", *execution)
+    rerun = {"run_dir", "resume", "threads", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
+             "train.max_bad_steps", "train.max_param_growth", "train.steps", "default_reward", *execution}
     assert set(keys_with("rerun")) == rerun
     assert set(keys_with("group")) == rerun - {"train.steps"} | {"seed"}
-    assert set(keys_with("name")) == {"run_dir", "resume", "train.progress", "threads", "device"}
+    assert set(keys_with("name")) == {"run_dir", "resume", "train.progress", "threads", *execution}
 
 
 def test_hydra_leaves_the_name_keys_out_of_a_job_directory():

@@ -115,3 +115,19 @@ def test_a_config_saved_before_the_typed_configs_is_typed_again():
     saved["reward"]["domain"] = "digits"
     typed = typed_config(saved)
     assert "vggflow_beta" not in typed.model and typed.algo.beta == 10.0 and typed.train.steps == 60
+
+
+def test_a_vggflow_run_saved_before_the_space_time_difference_resumes_with_its_own_scheme():
+    """algo.fd_terms did not exist: such a run differenced ∂_t g and J_g·d separately, so typing its config.yaml
+    again (resume) gives ``separate``, a re-run with today's defaults is a different run, and another algorithm's
+    config is not given the key."""
+    from align.run_dir import flat_config
+
+    cfg = compose_config(["algo=vggflow", "algo.fd_scheme=central"], run_dir="r")
+    saved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    saved["algo"].pop("fd_terms")
+    assert typed_config(saved).algo.fd_terms == "separate"
+    today = OmegaConf.to_container(compose_config(["algo=vggflow"], run_dir="r"), resolve=True, enum_to_str=True)
+    assert flat_config(saved)["algo.fd_terms"] == "separate" != flat_config(today)["algo.fd_terms"]
+    draft = OmegaConf.to_container(compose_config(["algo=draft"], run_dir="r"), resolve=True, enum_to_str=True)
+    assert "fd_terms" not in typed_config(draft).algo
