@@ -14,15 +14,15 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import torch
 from torch import nn
 
-# H(k, x, t, a) -> (Σ over the batch of H_k(x_i, a_i), y): y [B, ...] is a forward H_k evaluated at x that the
-# caller keeps (PMP and AM: v_base(x_k, t_k), so their losses need not evaluate it again); t is a [B] tensor of
-# t_k in x's dtype.
+# H(k, x, t, a) -> (Σ over the batch of H_k(x_i, a_i), y): y, shaped like x, is a forward H_k evaluated at x that
+# the caller keeps (PMP and AM: v_base(x_k, t_k), so their losses need not evaluate it again); t is a [B] tensor
+# of t_k in x's dtype.
 Hamiltonian = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Sweep(NamedTuple):
-    """costates: a_k [N+1, B, ...] (NaN for k < stop). kept: the Hamiltonian's y at x_k, detached, in the states'
-    dtype [N+1, B, ...] (NaN for k < stop and k = N): one more tensor the size of the trajectory's xs."""
+    """costates: a_k [N+1, B, ...] (NaN for k < stop). kept: the Hamiltonian's y at x_k, detached, in y's dtype
+    [N+1, B, ...] (NaN for k < stop and k = N): one more tensor the size of the trajectory's xs."""
     costates: torch.Tensor
     kept: torch.Tensor
 
@@ -71,6 +71,7 @@ def costate_sweep(xs: torch.Tensor, ts: torch.Tensor, a_last: torch.Tensor, hami
             x = xs[k]
             t = torch.full((x.shape[0],), float(ts[k]), dtype=x.dtype, device=x.device)
             g, y = hamiltonian_grad(hamiltonian, k, x, t, a)
+            kept = kept.to(y.dtype)         # y's own dtype (a no-op unless a model returns another than x's)
             kept[k] = y
             a = a + float(ts[k + 1] - ts[k]) * g.to(acc)
             out[k] = a
@@ -78,7 +79,7 @@ def costate_sweep(xs: torch.Tensor, ts: torch.Tensor, a_last: torch.Tensor, hami
 
 
 def kept_at(kept: torch.Tensor, k: torch.Tensor, sample: torch.Tensor, stop: int,
-              evaluate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            evaluate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """kept[k_i, sample_i] for each row i of a gathered batch (align.subsampling.gather_states); the rows the sweep
     did not reach (k_i < stop) are ``evaluate(rows)`` instead, run without grad."""
     out = kept[k, sample]
