@@ -19,12 +19,12 @@ point is a per-step constant; read out with the 20-step Euler ODE on SD3's shift
 tilt's mean shift βΣc, reference §6.2; align/exact_discrete.py): training on the sd3 20-step grid itself misses
 the shift by 9.8 % in norm (−14 % / −10 % per component); training on the uniform 20-step grid and sampling on
 the sd3 grid misses it by 0.8 % (≤ 1.3 % per component), at the same cost per update (N − 1 velocity calls in
-the rollout, N − 1 base VJPs, 2|K| calls in the loss). Hence the default ``uniform``: the SDE rollout, the lean
-adjoint and the loss all run on t_k = k/N (N = ``algo.train_steps``, default the sampler's number of steps), and
-the learned v_θ(x, t), a function of continuous t, is sampled on the model's grid. On a uniform model grid
-this is exactly the model grid (nothing changes there). ``model`` keeps the former behaviour (train on the
-sampler's grid). The returned ``Trajectory`` carries the training grid in ``ts``; its x1 is an SDE sample on
-that grid (the trainer only logs its reward).
+the rollout, N − 1 base VJPs, |K| v_θ calls in the loss, whose v_base the VJPs kept). Hence the default
+``uniform``: the SDE rollout, the lean adjoint and the loss all run on t_k = k/N (N = ``algo.train_steps``, default
+the sampler's number of steps), and the learned v_θ(x, t), a function of continuous t, is sampled on the model's
+grid. On a uniform model grid this is exactly the model grid (nothing changes there). ``model`` keeps the former
+behaviour (train on the sampler's grid). The returned ``Trajectory`` carries the training grid in ``ts``; its x1
+is an SDE sample on that grid (the trainer only logs its reward).
 """
 from __future__ import annotations
 
@@ -133,9 +133,9 @@ class AdjointMatching(Algorithm):
 
     # ---- the lean adjoint --------------------------------------------------------------------------------
     def sweep(self, traj: Trajectory, stop: int = 1) -> Sweep:
-        """The lean adjoint ã_k for k = N..stop [N+1, B, ...] on the trajectory's (training) grid: the exact discrete adjoint of the
-        base chain the SDE rollout runs, so the last (noiseless base Euler) step uses v_base itself, not b_base;
-        and v_base(X_k, t_k) for k = N−1..stop (``Sweep.kept``)."""
+        """The lean adjoint ã_k for k = N..stop [N+1, B, ...] on the trajectory's (training) grid: the exact discrete
+        adjoint of the base chain the SDE rollout runs, so the last (noiseless base Euler) step uses v_base itself,
+        not b_base; and v_base(X_k, t_k) for k = N−1..stop (``Sweep.kept``)."""
         model, cond, n, h = self.model, traj.cond, traj.n_steps, self.h
 
         def hamiltonian(k: int, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
