@@ -10,9 +10,12 @@ from samplers import Trajectory
 
 def reward_and_grad(model: FlowModel, reward: Reward, x: torch.Tensor, prompts: list[str]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """r(decode(x)) [B] and its gradient w.r.t. x [B, ...], in fp32, detached from any outer graph."""
+    """r(decode(x)) [B] and its gradient w.r.t. x [B, ...], in fp32 (fp64 when the reward holds fp64 tensors),
+    detached from any outer graph."""
+    held = [p.dtype for p in (*reward.parameters(), *reward.buffers()) if p.is_floating_point()]
+    dtype = torch.float64 if torch.float64 in held else torch.float32
     with torch.enable_grad():
-        x = x.detach().float().requires_grad_(True)
+        x = x.detach().to(dtype).requires_grad_(True)
         r = reward(model.decode(x), prompts).float()
         (grad,) = torch.autograd.grad(r.sum(), x)
     return r.detach(), grad.detach()

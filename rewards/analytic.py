@@ -32,7 +32,8 @@ class LinearReward(Reward):
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         _check_dim(images, self.c.numel(), "reward.direction")
-        return self.scale * (images.float() @ self.c)
+        z = images.to(torch.promote_types(images.dtype, self.c.dtype))
+        return self.scale * (z @ self.c.to(z.dtype))
 
 
 @dataclass
@@ -67,8 +68,8 @@ class QuadraticReward(Reward):
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         _check_dim(images, self.m.numel(), "reward.center")
-        z = images.float() - self.m
-        return -0.5 * self.scale * ((z @ self.Q) * z).sum(-1)
+        z = images.to(torch.promote_types(images.dtype, self.m.dtype)) - self.m       # fp32, or fp64 if either is
+        return -0.5 * self.scale * ((z @ self.Q.to(z.dtype)) * z).sum(-1)
 
 
 def _check_dim(x: torch.Tensor, d: int, key: str) -> None:

@@ -24,7 +24,7 @@ from align.registry import register_reward
 def _check(images: torch.Tensor) -> torch.Tensor:
     if images.dim() != 4 or images.shape[1:] != (1, 8, 8):
         raise ValueError(f"digits rewards score images [B, 1, 8, 8] in [0, 1], got shape {tuple(images.shape)}")
-    return images.float()
+    return images.to(torch.promote_types(images.dtype, torch.float32))
 
 
 @dataclass

@@ -119,7 +119,8 @@ def test_defaults_pick_forward_mode_for_bf16_and_keep_fd_in_fp32(models, algo_cf
     assert network_dtype(m16) == torch.bfloat16 and network_dtype(m64) == torch.float64
     assert use_network_jvp(algo_cfg.fd_network, network_dtype(m16))
     assert not use_network_jvp(algo_cfg.fd_network, torch.float32)        # fp32 runs: the former finite differences
-    assert float(algo_cfg.fd_eps) == float(algo_cfg.fd_delta) == 1e-3
+    assert float(algo_cfg.fd_eps) == float(algo_cfg.fd_delta) == 3e-5
+    assert algo_cfg.fd_terms == "spacetime" and algo_cfg.fd_scheme == "forward"
 
 
 def test_residual_jvp_of_the_bf16_base_velocity_matches_fp64_autograd(models, algo_cfg):

@@ -64,13 +64,14 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
             torch.testing.assert_close(resumed[r]["params"][k], v, rtol=0, atol=0)
 
 
-# One state per bin: the training states do not depend on the index draws. The central scheme: φ's gradient is a
-# difference of two network evaluations divided by h = 1e-3, so the summation order of two processes vs one
-# (fp32 rounding, 1e-7) reaches φ's Adam steps; the forward scheme, which differences against g(x, t) from
-# another call, lands at 1e-5 there, the central one within this test's 1e-6 (the clip threshold under test
-# does not depend on the scheme; tests/test_update_batching.py checks the default scheme in fp64).
+# One state per bin: the training states do not depend on the index draws. The finite differences of the earlier
+# default (separate, central, h = 1e-3): φ's gradient is a difference of network evaluations divided by h, so the
+# summation order of two processes vs one (fp32 rounding, 1e-7) reaches φ's Adam steps; the default (space-time,
+# forward, h = 3e-5) lands at 1e-5 there, space-time central at 2e-6, this one within the test's 1e-6. The clip
+# threshold under test does not depend on the scheme; tests/test_update_batching.py checks the default in fp64.
 VGG = ["algo=vggflow", "reward=quadratic", "reward.center=[1.0,0.5]", "reward.precision=[[1.0,0.3],[0.3,0.6]]",
-       "algo.subsample_bins=6", "algo.fd_scheme=central"]
+       "algo.subsample_bins=6", "algo.fd_terms=separate", "algo.fd_scheme=central", "algo.fd_eps=1e-3",
+       "algo.fd_delta=1e-3"]
 
 
 def test_vggflow_two_processes_with_accumulation_equal_one_big_batch(tmp_path):

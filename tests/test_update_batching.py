@@ -24,12 +24,12 @@ def _cat(trajs: list[Trajectory]) -> Trajectory:
 
 
 def _fp64_trainer(tmp_path, name: str, accum: int):
-    """In fp64: the residual's finite differences divide by h = 1e-3, so in fp32 the rounding of kernels whose
+    """In fp64: the residual's finite differences divide by h (3e-5), so in fp32 the rounding of kernels whose
     result depends on the batch size (1e-7) reaches φ's Adam steps at 1e-6 — float noise, not the split."""
     trainer = build_trainer(compose_config(OVERRIDES + [f"train.grad_accum={accum}"], str(tmp_path / name)),
                             str(tmp_path / name))
-    trainer.model.double()
-    trainer.algo.double()
+    for part in (trainer.model, trainer.reward, trainer.algo):
+        part.double()
     return trainer
 
 
