@@ -39,6 +39,9 @@ class ReFLConfig(ObjectiveConfig):
         if len(self.truncation) != 2:
             raise ValueError(f"algo.truncation must be two integers [lo, hi), got {list(self.truncation)}")
 
+    def validate_steps(self, n_steps: int) -> None:
+        truncation_range(self.truncation, int(self.truncation_grid_steps), n_steps)
+
 
 def truncation_range(truncation: Any, ref_steps: int, n_steps: int) -> tuple[int, int]:
     """[k_lo, k_hi) on the N-step grid for ``truncation`` = [lo, hi) on the ``ref_steps``-step grid."""

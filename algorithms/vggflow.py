@@ -93,6 +93,10 @@ class VGGFlowConfig:
     def validate(self) -> None:
         require(positive(self.beta), "algo.beta", self.beta, "finite and > 0")
 
+    def validate_steps(self, n_steps: int) -> None:
+        require(1 <= self.subsample_bins <= n_steps, "algo.subsample_bins", self.subsample_bins,
+                f"in [1, sampler.steps={n_steps}]")
+
 
 @register_algorithm("vggflow", config=VGGFlowConfig)
 class VGGFlow(Algorithm):

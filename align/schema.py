@@ -163,6 +163,10 @@ class RootConfig:
 
     def validate(self) -> None:
         require(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1 (or null: all cores)")
+        # an algorithm's settings that depend on the grid: its config's validate_steps(n_steps), if it has one
+        algo_schema = OmegaConf.get_type(self.algo) if isinstance(self.algo, DictConfig) else None
+        if hasattr(algo_schema, "validate_steps"):
+            algo_schema.validate_steps(self.algo, int(self.sampler.steps))
         if self.device == Device.cuda and not torch.cuda.is_available():
             raise ValueError("device=cuda but torch sees no GPU (torch.cuda.is_available() is False); "
                                  "use device=cpu or device=auto")
