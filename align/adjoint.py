@@ -8,11 +8,12 @@ of the Euler scheme). VGG-Flow-PMP and Adjoint Matching differ only in H_k.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
+
+from align.params import held_constant
 
 # H(k, x, t, a) -> (Σ over the batch of H_k(x_i, a_i), y): y, shaped like x, is a forward H_k evaluated at x that
 # the caller keeps (PMP and AM: v_base(x_k, t_k), so their losses need not evaluate it again); t is a [B] tensor
@@ -36,19 +37,6 @@ def hamiltonian_grad(hamiltonian: Hamiltonian, k: int, x: torch.Tensor, t: torch
         h, y = hamiltonian(k, x, t, a.detach().to(x.dtype))
         (g,) = torch.autograd.grad(h, x)
     return g, y.detach()
-
-
-@contextlib.contextmanager
-def held_constant(params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """``requires_grad`` off for the parameters that have it, restored on exit."""
-    live = [p for p in params if p.requires_grad]
-    for p in live:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in live:
-            p.requires_grad_(True)
 
 
 def costate_sweep(xs: torch.Tensor, ts: torch.Tensor, a_last: torch.Tensor, hamiltonian: Hamiltonian,

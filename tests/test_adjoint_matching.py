@@ -3,7 +3,6 @@ training reaches the exponentially tilted target p_base·exp(β r) (reference §
 from __future__ import annotations
 
 import os
-from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from align.models.digits import DigitsFlow
 from align.models.gmm import GaussianMixtureFlow
 from algorithms.adjoint_matching import AdjointMatching, default_offset, loss_time_indices
 from rewards.analytic import LinearReward, QuadraticReward
+from helpers.kept_v_base import check_kept_v_base
 from samplers import euler_integrate, memoryless_drift, memoryless_noise_level, sd3_grid, uniform_grid
 
 torch.set_num_threads(1)
@@ -189,24 +189,10 @@ def _reference_loss(algo, traj, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ((2 / sigma) * (model.velocity(x, t, cond) - v_base) + sigma * a[k + 1, sample]).pow(2).mean(), idx
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm())
-
-
 @pytest.mark.parametrize("domain", ["gmm", "digits"])
 def test_loss_takes_v_base_from_the_sweep(domain):
     algo, traj = _am_traj(domain, {"last": 0.25, "random": 0.5})
-    model = algo.model
-    params = model.trainable_parameters()
-    with mock.patch.object(model, "base_velocity", wraps=model.base_velocity) as base:
-        loss, _ = algo.loss(traj, torch.Generator().manual_seed(0))
-    grads = torch.autograd.grad(loss, params)
-    base_rows = sum(call.args[0].shape[0] for call in base.call_args_list)
-    ref, idx = _reference_loss(algo, traj, seed=0)
-    ref_grads = torch.autograd.grad(ref, params)
-    # float64 throughout: the same v_base up to rounding (the float32 digits model differs from the former no-grad
-    # evaluation by ~1e-6 of |v_base| with CFG, which runs both branches as one batch without grad, two with it)
-    assert _rel_err(loss, ref) < 1e-12 and all(_rel_err(g, r) < 1e-12 for g, r in zip(grads, ref_grads))
+    base_rows, idx = check_kept_v_base(algo, traj, _reference_loss)
     # v_base rows (outside v_θ; the GMM's v_θ calls it too): the sweep's (N − 1)·B, plus only the loss states at X_0
     if domain == "digits":
         B, N = traj.xs.shape[1], traj.n_steps

@@ -59,7 +59,7 @@ def test_models_and_rewards_do_not_import_each_other(a, b):
 LOOP = ("align.trainer", "align.evaluation", "align.run_logging", "align.trackers", "align.checkpoint")
 CORE = ("align.interfaces", "align.batching", "align.registry", "align.schema", "align.weights", "align.loading",
         "align.clip", "align.features", "align.dreamsim", "align.digits_classifier", "align.metrics", "align.run_dir",
-        "align.sharding")
+        "align.sharding", "align.params")
 
 
 @pytest.mark.parametrize("package, forbidden", [

@@ -15,6 +15,7 @@ from align.models.gmm import GaussianMixtureFlow
 from align.subsampling import binned_time_indices
 from algorithms.vggflow_pmp import VGGFlowPMP
 from rewards.analytic import QuadraticReward
+from helpers.kept_v_base import check_kept_v_base
 from samplers import Trajectory, euler_integrate, sd3_grid
 
 BETA = 0.7
@@ -148,29 +149,15 @@ def _reference_loss(algo, traj, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (model.velocity(x, t, cond) - target).pow(2).mean(), idx
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm())
-
-
 @pytest.mark.parametrize("domain,adjoint,target", [("gmm", "full", "next"), ("gmm", "lean", "same"),
                                                    ("digits", "full", "next")])
 def test_loss_takes_v_base_from_the_sweep(domain, adjoint, target):
     if domain == "gmm":
-        algo, model, _, _ = _setup(adjoint, target)
+        algo, _, _, _ = _setup(adjoint, target)
         traj = algo.rollout(_x0(), [""] * 6, None, torch.Generator())
     else:
         algo, traj = _digits_setup(target)
-        model = algo.model
-    params = model.trainable_parameters()
-    with mock.patch.object(model, "base_velocity", wraps=model.base_velocity) as base:
-        loss, _ = algo.loss(traj, torch.Generator().manual_seed(0))
-    grads = torch.autograd.grad(loss, params)
-    base_rows = sum(call.args[0].shape[0] for call in base.call_args_list)
-    ref, idx = _reference_loss(algo, traj, seed=0)
-    ref_grads = torch.autograd.grad(ref, params)
-    # float64 throughout: the same v_base up to rounding (the float32 digits model differs from the former no-grad
-    # evaluation by ~1e-6 of |v_base| with CFG, which runs both branches as one batch without grad, two with it)
-    assert _rel_err(loss, ref) < 1e-12 and all(_rel_err(g, r) < 1e-12 for g, r in zip(grads, ref_grads))
+    base_rows, idx = check_kept_v_base(algo, traj, _reference_loss)
     # v_base rows (outside v_θ): the sweep's (N − first)·B, plus only the loss states below its stop (x_0)
     if domain == "digits":
         B, N, first = traj.xs.shape[1], traj.n_steps, int(target == "next")

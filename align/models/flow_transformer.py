@@ -33,6 +33,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from align.interfaces import FlowModel
+from align.params import held_constant
 
 LORA_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -155,17 +156,6 @@ def _adapter_flags(module: nn.Module) -> tuple[bool, ...]:
     return tuple(bool(m._disable_adapters) for m in _tuner_layers(module))
 
 
-@contextlib.contextmanager
-def _requires_grad_off(params: Sequence[nn.Parameter]) -> Iterator[None]:
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 class _ThetaDetached(torch.autograd.Function):
     """y = run(x) with gradients to x only: every parameter (θ = the LoRA weights) is treated as a constant.
 
@@ -192,7 +182,7 @@ class _ThetaDetached(torch.autograd.Function):
         if ([p._version for p in ctx.params], _adapter_flags(ctx.network)) != ctx.state:
             raise RuntimeError("CFG unconditional branch: the LoRA weights or the adapter state changed between "
                                "the forward and the backward pass; call backward before updating the model")
-        with torch.enable_grad(), _requires_grad_off(ctx.params):
+        with torch.enable_grad(), held_constant(ctx.params):
             xd = x.detach().requires_grad_(True)
             torch.autograd.backward(ctx.run(xd), grad)
         return xd.grad, None, None, None
