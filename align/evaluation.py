@@ -34,7 +34,7 @@ class Evaluator:
 
     def __init__(self, model: FlowModel, reward: Reward, ts: torch.Tensor, prompt_set: list[str],
                  n_samples: int, group_size: int, seed: int, batch_size: int = 32, fid_reference: str = "paired",
-                 shard: Shard = Shard()):
+                 shard: Shard = Shard(), extra_rewards: dict[str, Reward] | None = None):
         if n_samples < 2 or group_size < 2:
             raise ValueError("eval.n_samples and eval.group_size must be >= 2")
         if fid_reference not in self.FID_REFERENCES:
@@ -42,6 +42,7 @@ class Evaluator:
                              f"{', '.join(self.FID_REFERENCES)}")
         self.fid_reference, self.seed, self.prompt_set = fid_reference, int(seed), list(prompt_set)
         self.model, self.reward, self.ts, self.batch_size, self.shard = model, reward, ts, batch_size, shard
+        self.extra_rewards = dict(extra_rewards or {})     # eval.rewards: held-out rewards, scored, never trained
         n_groups = max(1, n_samples // group_size)
         self.prompts = [prompt_set[g % len(prompt_set)] for g in range(n_groups) for _ in range(group_size)]
         gen = torch.Generator().manual_seed(int(seed) + 1_000_003)

@@ -117,6 +117,8 @@ class Reward(nn.Module, abc.ABC):
 
     name: str = "reward"
     domain: str = ""
+    # False: a black-box score (no useful gradient); algorithms that differentiate the reward refuse it up front
+    differentiable: bool = True
 
     @abc.abstractmethod
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
@@ -133,6 +135,8 @@ class Algorithm(nn.Module, abc.ABC):
     # True: the trainer rolls out every micro-batch of an update before any loss and calls ``prepare`` with all
     # of them (statistics over the whole update, e.g. VGG-Flow's clip threshold). Rollouts must then hold no graph.
     update_wide: bool = False
+    # True: the loss differentiates the reward (∇r); such an algorithm refuses a reward that is not differentiable
+    uses_reward_gradient: bool = True
 
     # the config dataclass (set by ``@register_algorithm(name, config=...)``): ``cfg`` — a typed config, or an
     # untyped one such as a resumed run's config.yaml section — is merged onto it and checked
@@ -146,6 +150,12 @@ class Algorithm(nn.Module, abc.ABC):
         object.__setattr__(self, "reward", reward)
         self.cfg = cfg
         self.ts = ts
+
+    @property
+    def group_size(self) -> int:
+        """G: the trainer draws each micro-batch's prompts in groups of G consecutive rows sharing one prompt (the
+        policy-gradient methods' groups; 1: every row its own prompt)."""
+        return 1
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer groups: dicts with ``name``, ``params`` and optional ``lr``/``weight_decay``."""

@@ -61,8 +61,9 @@ DOMAIN: dict[str, dict[str, dict[str, float]]] = {
                "adjoint_matching": {"beta": 5.0e3}},
 }
 # algorithm -> its paper learning rate (§1.8), for every (model, reward) without a TABLE row.
+# Flow-GRPO (Liu et al. 2025, SD3.5-M, LoRA) and DiffusionNFT (Zheng et al. 2025, SD3.5-M, LoRA): 3e-4.
 LR: dict[str, float] = {"vggflow": 5.0e-4, "vggflow_pmp": 1.0e-4, "adjoint_matching": 1.0e-4, "refl": 1.0e-4,
-                        "draft": 1.0e-4}
+                        "draft": 1.0e-4, "flow_grpo": 3.0e-4, "diffusion_nft": 3.0e-4}
 # Where each setting is used in the config (what ``describe`` reports; α is not: it is fixed per domain).
 CONFIG_KEYS = {"beta": "algo.beta", "lr": "train.lr"}
 

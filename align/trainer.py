@@ -52,6 +52,7 @@ class Trainer:
     ``evaluation`` are the typed ``train`` / ``eval`` sections (``align/schema.py``). ``config`` (the resolved
     run config, a plain dict) is written to ``<run_dir>/config.yaml`` and given to the trackers.
 
+    ``eval_rewards``: evaluation-only rewards by name (``eval.rewards``), reported beside the trained one.
     ``resume=True`` continues from the run directory's newest checkpoint. Seeding of the parts' initialisation
     is the caller's (``align.assemble.build_trainer`` seeds before building them); the trainer's own stream
     (noise, prompts, the algorithms' random choices) is ``seed · 1000 + rank``.
@@ -60,7 +61,7 @@ class Trainer:
     def __init__(self, model: FlowModel, reward: Reward, algorithm: Algorithm, grid: torch.Tensor,
                  prompts: list[str], train: TrainConfig, run_dir: str, *, evaluation: EvalConfig,
                  seed: int = 0, device: str = "auto", resume: bool = False,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, eval_rewards: dict[str, Reward] | None = None):
         self.train_cfg, self.eval_cfg, self.seed, self.config = train, evaluation, int(seed), config
         self.run_dir = run_dir
         # Read the checkpoint before anything else: one that cannot be resumed is a clear error before any work,
@@ -75,6 +76,10 @@ class Trainer:
         self.model, self.reward, self.algo, self.ts, self.prompt_set = model, reward, algorithm, grid, prompts
         self.model.to(self.accelerator.device)
         self.reward.to(self.accelerator.device).requires_grad_(False).eval()
+        # evaluation-only rewards (``eval.rewards``): scored beside the trained one, never trained on
+        self.eval_rewards = dict(eval_rewards or {})
+        for r in self.eval_rewards.values():
+            r.to(self.accelerator.device).requires_grad_(False).eval()
         self.algo.to(self.accelerator.device)
         self._preflight()
 
@@ -87,7 +92,8 @@ class Trainer:
         self.evaluator = Evaluator(self.model, self.reward, self.ts, self.prompt_set, int(evaluation.n_samples),
                                    int(evaluation.group_size), self.seed,
                                    batch_size=int(evaluation.batch_size),
-                                   fid_reference=str(evaluation.fid_reference), shard=Shard.current())
+                                   fid_reference=str(evaluation.fid_reference), shard=Shard.current(),
+                                   extra_rewards=self.eval_rewards)
         self.step, self.bad_in_row, self.skipped, self.elapsed = 0, 0, 0, 0.0
         self.start_norms, self.broken = self._param_norms(), []   # the divergence guard's reference
         if loaded is not None:
@@ -142,8 +148,12 @@ class Trainer:
 
     # ---- one update -------------------------------------------------------------------------------------
     def _rollout_batch(self, n: int):
-        prompts = [self.prompt_set[i] for i in
-                   torch.randint(len(self.prompt_set), (n,), generator=self.generator).tolist()]
+        G = int(self.algo.group_size)
+        if n % G:
+            raise ValueError(f"a micro-batch of {n} rows (train.batch_size / train.grad_accum) does not split into "
+                             f"groups of algo.group_size={G}")
+        picks = torch.randint(len(self.prompt_set), (n // G,), generator=self.generator).tolist()
+        prompts = [self.prompt_set[i] for i in picks for _ in range(G)]
         x0 = self.model.sample_noise(n, self.generator)
         return self.algo.rollout(x0, prompts, self.model.encode(prompts), self.generator)
 
