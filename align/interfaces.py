@@ -173,6 +173,10 @@ class Algorithm(nn.Module, abc.ABC):
         ``gather(tensor)`` concatenates a tensor over all processes (identity with one process).
         """
 
+    def after_step(self) -> None:
+        """Called once after each optimizer step that was taken (not after a skipped one): e.g. DiffusionNFT's
+        soft update of its old policy. Whatever it changes must live in ``state_dict()`` for exact resume."""
+
     @abc.abstractmethod
     def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar loss to minimise for this batch and a dict of scalars to log."""

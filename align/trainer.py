@@ -196,6 +196,7 @@ class Trainer:
         row = {"reward_mean": r.mean().item(), "reward_std": r.std().item(), **logs, **norms}
         if finite:
             self.optimizer.step()
+            self.algo.after_step()
             self.bad_in_row = 0
             norms = self._param_norms()
             row.update({f"param_norm/{k}": v for k, v in norms.items()})
