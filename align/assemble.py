@@ -8,7 +8,7 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from align.build import build_algorithm, build_grid, build_model, build_reward
+from align.build import build_algorithm, build_eval_rewards, build_grid, build_model, build_reward
 from align.interfaces import FlowModel, Reward
 from align.prompts import load_prompts
 from align.schema import EvalConfig, TrainConfig, typed
@@ -23,25 +23,29 @@ def section(schema: type, node: DictConfig):
 
 @dataclass
 class Parts:
-    """What a run samples and scores with, without the algorithm: the model, reward, time grid and prompt set."""
+    """What a run samples and scores with, without the algorithm: the model, reward, time grid and prompt set, and
+    the held-out rewards (``eval.rewards``) by label."""
     model: FlowModel
     reward: Reward
     grid: torch.Tensor
     prompts: list[str]
+    eval_rewards: dict[str, Reward]
 
 
-def build_parts(cfg: DictConfig) -> Parts:
-    """Seed, then build model, reward, grid and prompts (resolved once, here, and checked against the model).
-    The same seed gives identical parts in every process and in ``align.evaluate``."""
+def build_parts(cfg: DictConfig, training: bool = True) -> Parts:
+    """Seed, then build model, reward, held-out rewards, grid and prompts (resolved once, here, and checked against
+    the model). The same seed gives identical parts in every process and in ``align.evaluate`` (``training=False``:
+    no algorithm will differentiate the reward, so a black-box one is not refused for the config's algorithm)."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     set_seed(int(cfg.seed))
     model = build_model(cfg)
-    reward = build_reward(cfg, model)
+    reward = build_reward(cfg, model, training)
+    eval_rewards = build_eval_rewards(cfg, model)
     grid = build_grid(cfg)
     prompts = load_prompts(cfg.prompts, model)
     model.prepare(prompts, str(cfg.sampler.grid), float(cfg.sampler.shift))
-    return Parts(model, reward, grid, prompts)
+    return Parts(model, reward, grid, prompts, eval_rewards)
 
 
 def build_trainer(cfg: DictConfig, run_dir: str) -> Trainer:
@@ -52,4 +56,4 @@ def build_trainer(cfg: DictConfig, run_dir: str) -> Trainer:
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     return Trainer(parts.model, parts.reward, algorithm, parts.grid, parts.prompts, train, run_dir,
                    evaluation=evaluation, seed=int(cfg.seed), device=str(cfg.device), resume=bool(cfg.resume),
-                   config=config)
+                   config=config, eval_rewards=parts.eval_rewards)

@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from align.build import ConfigError, check_domain
+from align.build import ConfigError, check_reward
 from align.paper_settings import find_missing   # registers ${align_paper:...} (β, α, lr per model × reward × algo)
 from align.prompts import load_prompts
 from align.registry import MODELS, REWARDS, SCHEMA_SUFFIX, register_all
@@ -129,8 +129,10 @@ def _has_key(cfg: DictConfig, key: str) -> bool:
     return isinstance(node, DictConfig) and last in node.keys()
 
 
-def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
-    """Validate every combination of the overrides; return argv with ``model=<domain>`` added if absent."""
+def check_overrides(argv: list[str], conf_dir: str, training: bool = True) -> list[str]:
+    """Validate every combination of the overrides; return argv with ``model=<domain>`` added if absent.
+    ``training=False`` (``align.evaluate`` of the base model): the algorithm is not run, so a reward that is not
+    differentiable is not refused for it."""
     register_all()                    # every typed config in ConfigStore before any compose
     flags, overrides = _split(argv)
     try:
@@ -151,7 +153,7 @@ def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
         reward = _group_values(combo, "reward") or _default_choice(conf_dir, "reward")
         if reward not in _options(conf_dir, "reward"):
             raise _unknown_group(conf_dir, "reward", reward)
-        domains.add(REWARDS.get(reward).domain)
+        domains.add(_reward_domain(conf_dir, combo, reward))
     if not user_model:
         if len(domains) > 1:
             raise ConfigProblem(f"the swept rewards score different domains ({', '.join(sorted(domains))}); "
@@ -162,9 +164,30 @@ def check_overrides(argv: list[str], conf_dir: str) -> list[str]:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=os.path.abspath(conf_dir), version_base=None):
         for combo in combos:
-            _check_combo(conf_dir, [o for o in combo if not o.startswith("hydra.")])
+            _check_combo(conf_dir, [o for o in combo if not o.startswith("hydra.")], training)
     GlobalHydra.instance().clear()
     return flags + overrides
+
+
+def _reward_domain(conf_dir: str, combo: list[str], reward: str) -> str:
+    """The domain ``reward=`` scores: its class's, or, for a reward whose domain depends on its config (mix: its
+    parts'; callable: ``reward.domain``), the composed ``reward`` section's; ``any``: the default model's. A config
+    that does not compose here is left to the full check, which reports it."""
+    cls = REWARDS.get(reward)
+    domain = cls.domain
+    if hasattr(cls, "domain_of"):
+        overrides = [o for o in combo if o.partition("=")[0].lstrip("+~").split(".")[0] == "reward"]
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=os.path.abspath(conf_dir), version_base=None):
+                domain = cls.domain_of(compose(config_name="config", overrides=overrides).reward)
+        except Exception:   # reported, with the key, by _check_combo
+            pass
+        finally:
+            GlobalHydra.instance().clear()
+    if domain == "any" or domain not in _options(conf_dir, "model"):   # not a model: reported by the full check
+        return _default_choice(conf_dir, "model")
+    return domain
 
 
 def _check_saved(run_dir: str) -> None:
@@ -193,7 +216,7 @@ def _default_reward(conf_dir: str, combos: list[list[str]]) -> str:
     return f"reward={rewards.pop()}"
 
 
-def _check_combo(conf_dir: str, combo: list[str]) -> None:
+def _check_combo(conf_dir: str, combo: list[str], training: bool = True) -> None:
     for g in GROUPS:
         v = _group_values(combo, g)
         if v is not None and v not in _options(conf_dir, g):
@@ -215,14 +238,15 @@ def _check_combo(conf_dir: str, combo: list[str]) -> None:
         if missing is not None:       # no paper setting for this model × reward × algo: say which key to give
             raise ConfigProblem(str(missing)) from None
         raise ConfigProblem(bad_value_message(err, combo)) from None
-    _check_parts(cfg, explicit_run_dir=_group_values(combo, "run_dir") is not None)
+    _check_parts(cfg, explicit_run_dir=_group_values(combo, "run_dir") is not None, training=training)
 
 
-def _check_parts(cfg: DictConfig, explicit_run_dir: bool) -> None:
-    """What needs the composed config but no built part: the reward's domain against the model (before any
-    weights are looked for), the prompts against the model, and a given ``run_dir`` creatable."""
+def _check_parts(cfg: DictConfig, explicit_run_dir: bool, training: bool = True) -> None:
+    """What needs the composed config but no built part: the reward's and ``eval.rewards``' domains against the
+    model and a non-differentiable reward against an algorithm that differentiates it (before any weights are
+    looked for), the prompts against the model, and a given ``run_dir`` creatable."""
     try:
-        check_domain(str(cfg.reward.name), str(cfg.model.name))
+        check_reward(cfg, training)
     except ConfigError as err:
         raise ConfigProblem(str(err)) from None
     if cfg.prompts is not None:
@@ -271,4 +295,13 @@ def bad_value_message(err: BaseException, combo: list[str] | None = None) -> str
     if key:
         return f"bad value for {key}: {first}"
     where = f" in the overrides {combo}" if combo else ""
-    return f"bad value{where}: {' '.join(line.strip() for line in str(err).splitlines() if line.strip())}"
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    for key, example in _ENTRY_LISTS.items():
+        if f"override {key}=" in text:
+            return f"bad value for {key}: it is a list of mappings, e.g. '{example}'"
+    return f"bad value{where}: {text}"
+
+
+_ENTRY_LISTS = {"eval.rewards": "eval.rewards=[{name: digits_classifier}, {name: digits_correct, label: correct}]",
+                "reward.parts": "reward.parts=[{name: digits_thickness, weight: 1.0}, {name: digits_classifier, "
+                                "weight: 0.5}]"}

@@ -41,17 +41,18 @@ def evaluate(cfg: DictConfig, out: str, state: dict[str, Any] | None = None, sam
     """Build ``cfg``'s parts, load the checkpoint ``state`` (None: the base model), evaluate as the trainer does
     and write metrics.json, samples.png and (``samples`` > 0) samples.pt into ``out``; returns the metrics row."""
     ev = section(EvalConfig, cfg.eval)
-    parts = build_parts(cfg)
+    parts = build_parts(cfg, training=False)
     device = "cuda" if str(cfg.device) != "cpu" and torch.cuda.is_available() else "cpu"
     parts.model.to(device)
-    parts.reward.to(device).requires_grad_(False).eval()
+    for reward in (parts.reward, *parts.eval_rewards.values()):
+        reward.to(device).requires_grad_(False).eval()
     step = 0
     if state is not None:
         step = int(state["step"])
         parts.model.load_finetune_state_dict(state["model"])
     evaluator = Evaluator(parts.model, parts.reward, parts.grid, parts.prompts, int(ev.n_samples),
                           int(ev.group_size), int(cfg.seed), batch_size=int(ev.batch_size),
-                          fid_reference=str(ev.fid_reference))
+                          fid_reference=str(ev.fid_reference), extra_rewards=parts.eval_rewards)
     metrics, x1 = evaluator()
     row = {"step": step, **metrics}
     os.makedirs(out, exist_ok=True)
@@ -94,13 +95,23 @@ def load_run(run_dir: str, step: int | None) -> tuple[DictConfig, dict[str, Any]
 
 
 def _base_config(overrides: list[str]) -> DictConfig:
-    from align.cli_checks import ConfigProblem
-    from align.config import compose_config
+    """``align.config.compose_config``'s config, checked as for evaluation (no algorithm runs: a black-box reward
+    is not refused for the default one)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from align.cli_checks import ConfigProblem, check_overrides
+    from align.conf import CONF_DIR
 
     try:
-        return compose_config(overrides)
+        overrides = check_overrides(list(overrides), CONF_DIR, training=False)
     except ConfigProblem as err:
         raise EvaluateError(str(err)) from None
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    GlobalHydra.instance().clear()
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluateError, ConfigError, ValueError, FileNotFoundError) as err:
         print(f"align.evaluate: {str(err).strip(chr(39) + chr(34))}", file=sys.stderr)
         return 2
+    heldout = "".join(f", {k[len('eval/heldout/'):]} {v:.4g}" for k, v in row.items()
+                      if k.startswith("eval/heldout/"))
     print(f"align.evaluate: step {row['step']}: eval reward {row['eval/reward']:.4g}, diversity "
-          f"{row['eval/diversity']:.4g}, FID vs base {row['eval/fid']:.4g}\n       written to {out}", flush=True)
+          f"{row['eval/diversity']:.4g}, FID vs base {row['eval/fid']:.4g}{heldout}\n       written to {out}",
+          flush=True)
     return 0
 
 

@@ -28,6 +28,10 @@ class Evaluator:
     Work is done in chunks of ``batch_size`` rows; with several processes (``shard``) each samples and scores a
     contiguous run of those chunks (``align/sharding.py``), so every figure is the one-process figure exactly;
     samples are gathered on the main process only.
+
+    Beside the trained reward: a mix's parts (``reward.part_values``: ``eval/reward/<label>``, unweighted) and the
+    held-out rewards ``extra_rewards`` (``eval.rewards``: ``eval/heldout/<label>``), means over the evaluation
+    samples, scored in the same chunks; the step-0 evaluation, of the untouched model, is the base's value.
     """
 
     FID_REFERENCES = ("independent", "paired")
@@ -49,36 +53,69 @@ class Evaluator:
         self.noise = model.sample_noise(len(self.prompts), gen)
         self._base: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reference: torch.Tensor | None = None
+        if self.extra_rewards:
+            self._preflight()
 
     @torch.no_grad()
     def _chunks(self, velocity: Callable[..., torch.Tensor], noise: torch.Tensor, prompts: list[str],
-                score: bool) -> list[tuple[torch.Tensor, ...]]:
-        """This process's chunks: (x_1,) or, with ``score``, (x_1, rewards, features) each, on the CPU."""
+                score: bool) -> list[tuple[Any, ...]]:
+        """This process's chunks: (x_1,) or, with ``score``, (x_1, rewards, features, columns) each, on the CPU."""
         out, b = [], self.batch_size
         for i in self.shard.starts(len(prompts), b):
             p = prompts[i:i + b]
             cond = self.model.encode(p)
             x1 = euler_integrate(lambda x, t: velocity(x, t, cond), noise[i:i + b], self.ts, record=False)
             if score:
-                out.append((x1.cpu(), self.reward(self.model.decode(x1).float(), p).float().cpu(),
-                            self.model.features(x1).float().cpu()))
+                rewards, columns = self._score(self.model.decode(x1).float(), p)
+                out.append((x1.cpu(), rewards, self.model.features(x1).float().cpu(), columns))
             else:
                 out.append((x1.cpu(),))
         return out
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The trained reward of each row and the extra columns: a mix's parts, unweighted (``reward/<label>``),
+        and the held-out rewards (``heldout/<label>``); a mix's total is its parts' weighted sum, scored once."""
+        columns = {}
+        if hasattr(self.reward, "part_values"):
+            values = self.reward.part_values(images, prompts)
+            rewards = self.reward.combine(values)
+            columns.update({f"reward/{k}": v.float().cpu() for k, v in values.items()})
+        else:
+            rewards = self.reward(images, prompts)
+        for label, reward in self.extra_rewards.items():
+            columns[f"heldout/{label}"] = reward(images, prompts).float().cpu()
+        return rewards.float().cpu(), columns
+
+    def _preflight(self) -> None:
+        """The held-out rewards score two noise samples (as the trainer checks the trained one), so a wrong shape
+        or a non-finite value stops before any sampling."""
+        x = self.model.sample_noise(2, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            images = self.model.decode(x).float()
+            for label, reward in self.extra_rewards.items():
+                r = reward(images, [self.prompt_set[0]] * 2)
+                if not isinstance(r, torch.Tensor) or r.shape != (2,):
+                    raise ValueError(f"eval.rewards: {label} returned "
+                                     f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__} "
+                                     "for 2 samples, expected a tensor of shape (2,)")
+                if not torch.isfinite(r).all():
+                    raise ValueError(f"eval.rewards: {label} returned non-finite values {r.tolist()} for 2 "
+                                     "noise samples")
 
     def _x1(self, chunks: list[tuple[torch.Tensor, ...]]) -> torch.Tensor | None:
         """Every process's x_1 chunks in row order, on the main process's device (None on the others)."""
         every = self.shard.gather([c[0] for c in chunks])
         return None if every is None else torch.cat([x for part in every for x in part]).to(self.model.device)
 
-    def _scored(self, velocity: Callable[..., torch.Tensor],
-                noise: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor, torch.Tensor]:
-        """This process's chunks of the evaluation prompts from ``noise``, and the rewards and features of all
-        rows (gathered on every process: they are small)."""
+    def _scored(self, velocity: Callable[..., torch.Tensor], noise: torch.Tensor
+                ) -> tuple[list[tuple[Any, ...]], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """This process's chunks of the evaluation prompts from ``noise``, and the rewards, features and extra
+        columns of all rows (gathered on every process, in the same chunks as the rewards: they are small)."""
         chunks = self._chunks(velocity, noise, self.prompts, score=True)
-        every = self.shard.all_gather([c[1:] for c in chunks])
-        rewards, feats = (torch.cat(column) for column in zip(*(c for part in every for c in part)))
-        return chunks, rewards, feats
+        every = [c for part in self.shard.all_gather([c[1:] for c in chunks]) for c in part]
+        rewards, feats = (torch.cat([c[i] for c in every]) for i in (0, 1))
+        columns = {k: torch.cat([c[2][k] for c in every]) for k in every[0][2]}
+        return chunks, rewards, feats, columns
 
     def sample(self, velocity: Callable[..., torch.Tensor], noise: torch.Tensor | None = None,
                prompts: list[str] | None = None) -> torch.Tensor | None:
@@ -89,7 +126,7 @@ class Evaluator:
     def base(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards and features of the base model's samples (computed once)."""
         if self._base is None:
-            self._base = self._scored(self.model.base_velocity, self.noise)[1:]
+            self._base = self._scored(self.model.base_velocity, self.noise)[1:3]
         return self._base
 
     def reference_noise(self) -> torch.Tensor:
@@ -117,7 +154,7 @@ class Evaluator:
 
     def __call__(self) -> tuple[dict[str, float], torch.Tensor | None]:
         """The metrics (on every process) and the evaluated x_1 (on the main process; None on the others)."""
-        chunks, rewards, feats = self._scored(self.model.velocity, self.noise)
+        chunks, rewards, feats, columns = self._scored(self.model.velocity, self.noise)
         base_feats = self.reference_features()
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(self.prompts):
@@ -131,5 +168,8 @@ class Evaluator:
                    "eval/diversity": sum(div) / len(div), "eval/fid": sum(fid) / len(fid),
                    # the paper's units: mean pairwise cosine distance within a prompt, in units of 1e-2
                    "eval/diversity_cos": sum(cos) / len(cos)}
+        # a mix's parts (eval/reward/<label>, unweighted) and the held-out rewards (eval/heldout/<label>): means over
+        # the evaluation samples, each in its own units
+        metrics.update({f"eval/{k}": v.mean().item() for k, v in columns.items()})
         return metrics, self._x1(chunks)
 

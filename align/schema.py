@@ -13,7 +13,7 @@ import enum
 import importlib.util
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -131,8 +131,15 @@ class EvalConfig:
     # rows per sampling chunk (evaluation and final samples); several processes split the chunks, and the samples
     # are those of one process whatever the split
     batch_size: int = 32
+    # held-out rewards, scored on the evaluation samples beside the trained one and never trained on, each reported
+    # as eval/heldout/<label>: entries {name: <reward>, label: <optional, default the name>, ...its own keys}, e.g.
+    # 'eval.rewards=[{name: digits_classifier}]' (each typed and checked as reward=<name> is: align/build.py)
+    rewards: List[Dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> None:
+        for i, entry in enumerate(self.rewards):
+            require(isinstance(entry.get("name"), str), f"eval.rewards[{i}]", dict(entry),
+                    "a mapping with a reward's name, e.g. {name: digits_classifier}")
         require(self.every >= 0, "eval.every", self.every, ">= 0 (0: only at the end)")
         for key in ("n_samples", "group_size"):
             require(getattr(self, key) >= 2, f"eval.{key}", getattr(self, key), ">= 2")
