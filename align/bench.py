@@ -16,12 +16,13 @@ trajectory per update (rows evaluated / batch size): the rollout's v_θ (+ v_bas
 v_base outside v_θ (a backend's v_θ = v_base + residual is one v_θ evaluation), reward (plain + gradient).
 A trained state is a row of v_θ evaluated with grad that the update's backward reaches (rows differentiated
 only inside the algorithm, e.g. the costate sweep's products in x, are not); per trained state: the velocity
-evaluations (v_θ + v_base) outside the rollout and the reward-gradient evaluations.
+evaluations (v_θ + v_base) outside the rollout and the reward-gradient evaluations. Rows as align/compute.py
+defines them (a CFG-combined v_θ is one row); unlike a run's ``compute/*`` keys, the trainer's scoring of r(x_1)
+for its log is counted here (it is part of what an update costs in this benchmark).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -31,12 +32,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any
 
+from align.compute import KEYS, VELOCITY, EvalCounter
 from align.config import CONF_DIR, compose_config
 
-KEYS = ("v_nograd", "v_grad", "v_base", "reward", "reward_grad")
-VELOCITY = ("v_nograd", "v_grad", "v_base")
 SAMPLING_SEED = 12345   # the sampling's own stream: the updates draw what they would draw without it
 
 
@@ -44,91 +44,19 @@ def algorithm_configs() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "algo")) if f.endswith(".yaml"))
 
 
-# ---- counting evaluations ---------------------------------------------------------------------------------
-class EvalCounter:
-    """Counts evaluated rows of v_θ, v_base and the reward, wrapping them on the instances (the model's
-    ``velocity`` / ``base_velocity``, the reward's ``forward``, the algorithm's ``rollout`` / ``prepare`` /
-    ``loss``). ``rows[phase][key]``: phase ``rollout`` (inside ``algorithm.rollout``) or ``update`` (the rest);
-    a reward row is ``reward_grad`` when grad is enabled and the images require grad. ``trained``: rows of v_θ
-    evaluated with grad whose output receives a gradient outside the algorithm's methods (the trainer's
-    backward)."""
+# ---- counting evaluations (align/compute.py's EvalCounter) ------------------------------------------------
+def per_trajectory(counter: EvalCounter, n: int) -> dict[str, float]:
+    """Rows per trajectory for ``n`` trajectories, and the evaluations outside the rollout per trained state."""
+    rollout, update = counter.rows["rollout"], counter.rows["update"]
 
-    def __init__(self, model: Any, reward: Any, algorithm: Any):
-        import torch
+    def per_state(rows: int) -> float:
+        return rows / counter.trained if counter.trained else math.nan
 
-        self.inside_v, self.in_algorithm, self.phase, self.counting = False, False, "update", True
-        self.reset()
-        vel, base, forward = model.velocity, model.base_velocity, reward.forward
-
-        def velocity(x, t, cond=None):
-            grad = torch.is_grad_enabled()
-            self._add("v_grad" if grad else "v_nograd", x.shape[0])
-            outer, self.inside_v = self.inside_v, True
-            try:
-                v = vel(x, t, cond)
-            finally:
-                self.inside_v = outer
-            if grad and v.requires_grad and self.counting:
-                v.register_hook(lambda _, n=x.shape[0]: self._reached(n))
-            return v
-
-        def base_velocity(x, t, cond=None):
-            if not self.inside_v:
-                self._add("v_base", x.shape[0])
-            return base(x, t, cond)
-
-        def reward_forward(images, *args, **kwargs):
-            self._add("reward_grad" if torch.is_grad_enabled() and images.requires_grad else "reward",
-                      images.shape[0])
-            return forward(images, *args, **kwargs)
-
-        model.velocity, model.base_velocity, reward.forward = velocity, base_velocity, reward_forward
-        for name in ("rollout", "prepare", "loss"):
-            setattr(algorithm, name, self._in_algorithm(getattr(algorithm, name), name == "rollout"))
-
-    def reset(self) -> None:
-        self.rows = {phase: dict.fromkeys(KEYS, 0) for phase in ("rollout", "update")}
-        self.trained = 0
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Nothing evaluated inside is counted."""
-        self.counting = False
-        try:
-            yield
-        finally:
-            self.counting = True
-
-    def _add(self, key: str, n: int) -> None:
-        if self.counting:
-            self.rows[self.phase][key] += n
-
-    def _reached(self, n: int) -> None:
-        if not self.in_algorithm:
-            self.trained += n
-
-    def _in_algorithm(self, method, rollout: bool):
-        def wrapped(*args, **kwargs):
-            outer = self.in_algorithm, self.phase
-            self.in_algorithm, self.phase = True, "rollout" if rollout else self.phase
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.in_algorithm, self.phase = outer
-        return wrapped
-
-    def per_trajectory(self, n: int) -> dict[str, float]:
-        """Rows per trajectory for ``n`` trajectories, and the evaluations outside the rollout per trained state."""
-        rollout, update = self.rows["rollout"], self.rows["update"]
-
-        def per_state(rows: int) -> float:
-            return rows / self.trained if self.trained else math.nan
-
-        return {**{k: (rollout[k] + update[k]) / n for k in KEYS},
-                "rollout_v": (rollout["v_nograd"] + rollout["v_grad"]) / n, "rollout_v_base": rollout["v_base"] / n,
-                "trained": self.trained / n,
-                "velocity_per_trained": per_state(sum(update[k] for k in VELOCITY)),
-                "reward_grad_per_trained": per_state(update["reward_grad"])}
+    return {**{k: (rollout[k] + update[k]) / n for k in KEYS},
+            "rollout_v": (rollout["v_nograd"] + rollout["v_grad"]) / n, "rollout_v_base": rollout["v_base"] / n,
+            "trained": counter.trained / n,
+            "velocity_per_trained": per_state(sum(update[k] for k in VELOCITY)),
+            "reward_grad_per_trained": per_state(update["reward_grad"])}
 
 
 def sample_batch(trainer: Any, n: int, generator: Any) -> Any:
@@ -176,7 +104,8 @@ def bench_one(algo: str, model: str, overrides: list[str], warmup: int, updates:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_config([f"algo={algo}", f"model={model}", "train.progress=false", *overrides], run_dir)
         trainer = build_trainer(cfg, run_dir)
-        counter = EvalCounter(trainer.model, trainer.reward, trainer.algo)
+        # its own counter over the trainer's (which pauses for the log's scoring of r(x_1); this one counts it)
+        counter = EvalCounter(trainer.model, trainer.reward, trainer.algo, track_trained=True)
         batch, generator = int(cfg.train.batch_size), torch.Generator().manual_seed(SAMPLING_SEED)
 
         def sampling() -> float:
@@ -196,7 +125,7 @@ def bench_one(algo: str, model: str, overrides: list[str], warmup: int, updates:
                 sampled.append(sampling())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out = {"algo": algo, "s_median": statistics.median(times), "s_min": min(times), "s_max": max(times),
-               "peak_rss_mb": peak, "rss_rise_mb": peak - rss0, **counter.per_trajectory(updates * batch)}
+               "peak_rss_mb": peak, "rss_rise_mb": peak - rss0, **per_trajectory(counter, updates * batch)}
         if sample:
             out.update(sampling_s_median=statistics.median(sampled),
                        ratio_median=statistics.median(u / s for u, s in zip(times, sampled)))

@@ -4,12 +4,19 @@ them from a config).
 accelerate (one process or many), AdamW over the algorithm's parameter groups, per-group gradient-norm
 clipping, a NaN/Inf guard agreed across processes, tqdm, metrics.jsonl + the experiment trackers, periodic
 evaluation, atomic checkpoints and exact resume, and ``samples_final.pt`` at the end.
+
+Compute accounting: every row carries ``compute/<key>``, the rows of v_θ (``v_nograd``, ``v_grad``), of v_base
+outside v_θ (``v_base``), their sum ``velocity``, and of the reward (``reward``, ``reward_grad``) that training
+evaluated from step 0 to this row, summed over processes (align/compute.py defines a row; a CFG-combined v_θ
+is one). Not counted: the periodic evaluation, the final samples, the preflight and the scoring of r(x_1) for
+the log. The totals live in the checkpoint, so a resumed run continues them exactly.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+import warnings
 from datetime import timedelta
 from typing import Any, Iterable
 
@@ -21,6 +28,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from tqdm.auto import tqdm
 
 from align.checkpoint import load_latest, save_checkpoint
+from align.compute import KEYS as COMPUTE_KEYS, VELOCITY, EvalCounter
 from align.evaluation import Evaluator
 from align.interfaces import Algorithm, FlowModel, Reward
 from align.run_dir import CONFIG_FILE, FINISHED_FILE, SAMPLES_DIR, claim_run_dir, list_checkpoints
@@ -81,7 +89,10 @@ class Trainer:
         for r in self.eval_rewards.values():
             r.to(self.accelerator.device).requires_grad_(False).eval()
         self.algo.to(self.accelerator.device)
-        self._preflight()
+        self.counter = EvalCounter(self.model, self.reward, self.algo)   # this process's rows since the last update
+        self.compute = dict.fromkeys(COMPUTE_KEYS, 0)                   # every process's, from step 0
+        with self.counter.paused():
+            self._preflight()
 
         self.groups = self.algo.param_groups()
         self.optimizer = torch.optim.AdamW(
@@ -114,7 +125,7 @@ class Trainer:
         return {"step": self.step, "model": self.model.finetune_state_dict(), "algo": self.algo.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng_states or [self._rng_state()],
                 "bad_in_row": self.bad_in_row, "skipped": self.skipped, "elapsed": self.elapsed,
-                "start_norms": self.start_norms}
+                "start_norms": self.start_norms, "compute": dict(self.compute)}
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
@@ -134,6 +145,12 @@ class Trainer:
         self.bad_in_row, self.skipped, self.elapsed = state["bad_in_row"], state["skipped"], state["elapsed"]
         # older checkpoints: the norms of this trainer's fresh initialisation (the same seed: the run's own start)
         self.start_norms = state.get("start_norms", self.start_norms)
+        if "compute" in state:
+            self.compute = {k: int(state["compute"][k]) for k in COMPUTE_KEYS}
+        else:
+            warnings.warn(f"{self.run_dir}: the checkpoint of step {self.step} was written before compute accounting; "
+                          f"the compute/ counts restart from zero at step {self.step} (align.report leaves this run "
+                          "out of its compute column and vs-compute plots)", stacklevel=2)
 
     def save(self) -> None:
         from accelerate.utils import gather_object
@@ -211,11 +228,31 @@ class Trainer:
         return row
 
     def _reward_x1(self, traj: Trajectory) -> torch.Tensor:
-        """r(x_1) for the log: the algorithm's own value when it computed one (PMP, AM, VGG-Flow), else scored."""
+        """r(x_1) for the log: the algorithm's own value when it computed one (PMP, AM, VGG-Flow), else scored (not
+        counted as training compute)."""
         if traj.reward_x1 is not None:
             return traj.reward_x1.detach().float()
-        with torch.no_grad():
+        with torch.no_grad(), self.counter.paused():
             return self.reward(self.model.decode(traj.x1).float(), traj.prompts).float()
+
+    def _account(self) -> dict[str, int]:
+        """Add the rows every process counted since the last call to the run's totals (one all-reduce of the
+        five counts with several processes); the ``compute/`` keys of the row."""
+        counted = self.counter.take()
+        if self.accelerator.num_processes > 1:
+            local = torch.tensor([counted[k] for k in COMPUTE_KEYS], dtype=torch.int64, device=self.accelerator.device)
+            counted = dict(zip(COMPUTE_KEYS, self.accelerator.reduce(local, reduction="sum").tolist()))
+        for k in COMPUTE_KEYS:
+            self.compute[k] += int(counted[k])
+        return self.compute_row()
+
+    def compute_row(self) -> dict[str, int]:
+        """The run's totals as ``compute/`` keys: v_nograd, v_grad, v_base, velocity (their sum), reward,
+        reward_grad."""
+        c = self.compute
+        return {"compute/v_nograd": c["v_nograd"], "compute/v_grad": c["v_grad"], "compute/v_base": c["v_base"],
+                "compute/velocity": sum(c[k] for k in VELOCITY), "compute/reward": c["reward"],
+                "compute/reward_grad": c["reward_grad"]}
 
     def _param_norms(self) -> dict[str, float]:
         """‖params‖₂ of each optimizer group."""
@@ -256,12 +293,13 @@ class Trainer:
         steps, every = int(t.steps), int(self.eval_cfg.every)
         start_time = time.time() - self.elapsed
         if self.step == 0:
-            logger.log({"step": 0, **self._evaluate(logger), "time_s": 0.0})
+            logger.log({"step": 0, **self._evaluate(logger), **self.compute_row(), "time_s": 0.0})
         bar = tqdm(total=steps, initial=self.step, disable=not (self.is_main and t.progress),
                    desc=f"{self.algo.name}/{self.model.name}/{self.reward.name}", dynamic_ncols=True)
         try:
             while self.step < steps:
                 row = self.update()
+                row.update(self._account())
                 self.step += 1
                 if self.broken:       # the parameters themselves are broken: log the row, checkpoint nothing
                     self.elapsed = row["time_s"] = time.time() - start_time
@@ -300,7 +338,8 @@ class Trainer:
 
     def _evaluate(self, logger: RunLogger) -> dict[str, float]:
         """Every process evaluates its share (align/sharding.py); the main process logs the sample grid."""
-        metrics, x1 = self.evaluator()
+        with self.counter.paused():
+            metrics, x1 = self.evaluator()
         if self.is_main:
             logger.images(SAMPLES_DIR, self.model.preview_grid(x1[preview_order(self.evaluator.prompts)]),
                           self.step)
@@ -309,7 +348,8 @@ class Trainer:
     @torch.no_grad()
     def _final_samples(self) -> None:
         """Every process samples its share; the main process writes samples_final.pt."""
-        samples = self.evaluator.final_samples(int(self.eval_cfg.final_samples))
+        with self.counter.paused():
+            samples = self.evaluator.final_samples(int(self.eval_cfg.final_samples))
         if self.is_main:
             path = os.path.join(self.run_dir, FINISHED_FILE)
             torch.save(samples, path + ".tmp")
