@@ -24,9 +24,10 @@ import inspect
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from align.interfaces import Reward
@@ -42,11 +43,27 @@ class CallableConfig:
     target: Optional[str] = None     # pkg.module:function | pkg.module.function | path/to/file.py:function
     domain: str = "any"              # the model it scores: any, or a model's name (gmm, digits, sd3)
     differentiable: bool = False     # true: its output is differentiable in the images (a black box otherwise)
-    # arguments of a class or factory named by target (instantiated with them; the instance is the reward)
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    # arguments of a class or factory named by target (instantiated with them; the instance is the reward), a
+    # mapping: 'reward.kwargs={scale: 2.0}' (typed Any, not a dict, so that a command-line mapping replaces it)
+    kwargs: Any = None
 
     def validate(self) -> None:
-        locate(self.target)
+        if self.kwargs is not None and not isinstance(self.kwargs, (dict, DictConfig)):
+            raise ValueError(f"reward.kwargs must be a mapping of arguments, e.g. 'reward.kwargs={{scale: 2.0}}', "
+                             f"got {self.kwargs!r}")
+        obj = locate(self.target)
+        kwargs = dict(self.kwargs or {})
+        if inspect.isclass(obj) or kwargs:
+            try:
+                signature = inspect.signature(obj)
+            except (TypeError, ValueError):       # no signature to read (a builtin): instantiating will tell
+                signature = None
+            if signature is not None:
+                try:
+                    signature.bind(**kwargs)
+                except TypeError as err:
+                    raise ValueError(f"reward.target={self.target} cannot be called with reward.kwargs={kwargs}: "
+                                     f"{err}") from None
         if self.domain != "any" and self.domain not in MODELS.names():
             raise ValueError(f"reward.domain={self.domain} is not a model; valid choices: any, "
                              f"{', '.join(MODELS.names())}")
