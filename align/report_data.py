@@ -1,5 +1,10 @@
 """The data of ``align.report``: the run directories of a sweep, grouped into experiments (one per config
-minus the seed and the run bookkeeping, ``align.run_dir.BOOKKEEPING``), and their statistics over seeds."""
+minus the seed and the run bookkeeping, ``align.run_dir.BOOKKEEPING``), and their statistics over seeds.
+
+Columns: the fixed ``METRICS``, then the held-out rewards a sweep logged (``eval/heldout/<name>``, evaluation-only
+rewards, and ``eval/reward/<part>``, the unweighted parts of a mix reward; higher is better), then the compute a
+run spent (``COMPUTE``: cumulative from step 0, align/compute.py; only runs whose every row from step 0 carries
+it, so an old run, or one resumed from a checkpoint older than compute accounting, is left out of these)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +18,10 @@ from align.run_dir import CONFIG_FILE, FINISHED_FILE, METRICS_FILE, flat_config,
 METRICS = (("eval/reward", "reward", "max"), ("eval/diversity", "diversity", "max"),
            ("eval/diversity_rel", "diversity ÷ base", "max"),
            ("eval/diversity_cos", "diversity (1 − cos, ×10⁻²)", "max"), ("eval/fid", "FID", "min"))
+HELDOUT_PREFIXES = (("eval/heldout/", "held-out: "), ("eval/reward/", "reward part: "))
+# (key, column name, None: a cost, never marked best) — compute/velocity is the x-axis of the vs-compute figures.
+COMPUTE = (("compute/velocity", "velocity evals", None), ("compute/reward_grad", "reward-grad evals", None))
+COMPUTE_X = "compute/velocity"
 # Config keys that do not make runs different experiments.
 NOT_GROUPING = keys_with("group")
 FACET_KEYS = ("model.name", "reward.name")
@@ -36,6 +45,11 @@ class RunData:
     def seed(self):
         return self.cfg.get("seed")
 
+    @property
+    def has_compute(self) -> bool:
+        """Every evaluation row, from the step-0 one on, carries the cumulative compute (``COMPUTE_X``)."""
+        return bool(self.evals) and self.evals[0].get("step") == 0 and all(COMPUTE_X in r for r in self.evals)
+
 
 @dataclass
 class Group:
@@ -56,6 +70,11 @@ class Group:
     def curve_runs(self) -> tuple[list[RunData], bool]:
         """The runs the curves average: the finished ones, or (flagged) all of them if none has finished."""
         return (self.finished, False) if self.finished else (self.runs, True)
+
+    def compute_runs(self) -> tuple[list[RunData], bool]:
+        """``curve_runs`` restricted to the runs with compute accounting (``RunData.has_compute``)."""
+        runs, unfinished = self.curve_runs()
+        return [r for r in runs if r.has_compute], unfinished
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
@@ -194,6 +213,28 @@ def final_values(group: Group, key: str) -> list[float]:
     return vals
 
 
+def heldout_metrics(groups: list[Group]) -> list[tuple[str, str, str]]:
+    """(key, column name, "max") of every held-out reward and mix part the runs logged: the held-out ones first,
+    each kind sorted by name (``_std`` companions are not columns)."""
+    logged = {k for g in groups for r in g.runs for row in r.evals for k in row}
+    out = []
+    for prefix, title in HELDOUT_PREFIXES:
+        names = sorted(k[len(prefix):] for k in logged if k.startswith(prefix) and not k.endswith("_std"))
+        out += [(prefix + n, title + n, "max") for n in names if n]
+    return out
+
+
+def table_metrics(groups: list[Group]) -> list[tuple[str, str, str]]:
+    """The outcome columns of these groups, in order: ``METRICS`` logged by any run, then ``heldout_metrics``."""
+    logged = {k for g in groups for r in g.runs for row in r.evals for k in row}
+    return [m for m in METRICS if m[0] in logged] + heldout_metrics(groups)
+
+
+def compute_values(group: Group, key: str) -> list[float]:
+    """``final_values`` over the finished runs with compute accounting."""
+    return final_values(Group(group.cfg, group.facet, [r for r in group.runs if r.has_compute]), key)
+
+
 def base_values(groups: list[Group], key: str) -> list[float]:
     """Step-0 evaluations (the untouched model): one value per seed, averaged over that seed's runs."""
     per_seed: dict = {}
@@ -215,3 +256,21 @@ def curve(runs: list[RunData], key: str) -> tuple[list[int], list[float], list[f
     steps = sorted(at)
     ms = [mean_std(at[s]) for s in steps]
     return steps, [m for m, _ in ms], [s or 0.0 for _, s in ms]
+
+
+def compute_curve(runs: list[RunData], key: str, x_key: str = COMPUTE_X
+                  ) -> tuple[list[float], list[float], list[float]]:
+    """``curve`` against compute: at each evaluated step, x = the mean over the runs of ``x_key`` (cumulative
+    velocity evaluations) and the mean and std of ``key`` over the same runs (those with both in the row)."""
+    at: dict = {}
+    for r in runs:
+        for row in r.evals:
+            if key in row and x_key in row and math.isfinite(_num(row[key])) and math.isfinite(_num(row[x_key])):
+                at.setdefault(int(row["step"]), []).append((_num(row[x_key]), _num(row[key])))
+    xs, means, stds = [], [], []
+    for s in sorted(at):
+        xs.append(sum(x for x, _ in at[s]) / len(at[s]))
+        m, sd = mean_std([y for _, y in at[s]])
+        means.append(m)
+        stds.append(sd or 0.0)
+    return xs, means, stds

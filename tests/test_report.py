@@ -232,3 +232,160 @@ def test_cosine_diversity_column_and_old_runs_group_with_paired_fid(tmp_path):
     assert table["VGG-Flow"][col] == "**24.5 ± 0.7**"               # mean 24.5, std 0.707
     assert table["Base"][col] == "22 ± 2"                            # mean 21.5, std 2.12
     assert (tmp_path / "report" / "convergence_r.png").stat().st_size > 1000
+
+
+# ---- compute columns and vs-compute figures, held-out rewards ------------------------------------------------
+# group: (algo, beta, velocity rows per update as a function of the seed, reward-gradient rows per update,
+# step from which the run logs compute/ (None: never; > 0: resumed from a checkpoint older than compute accounting))
+COMPUTE_GROUPS = {
+    "cheap": ("refl", None, lambda seed: 10, 2, 0),
+    "dear": ("vggflow", 1.0, lambda seed: 40 + seed, 8, 0),
+    "old": ("draft", None, lambda seed: 20, 1, 5),
+}
+C_STEPS = (0, 5, 10)
+
+
+def _compute_metrics(name, seed, step):
+    """Trained reward rises; the held-out classifier falls for ReFL (hacking) and stays for VGG-Flow."""
+    frac = step / C_STEPS[-1]
+    slope = {"cheap": 2.0, "dear": 1.0, "old": 0.5}[name]
+    drop = {"cheap": 0.6, "dear": 0.05, "old": 0.2}[name]
+    return {"eval/reward": 1.0 + slope * frac + 0.1 * seed, "eval/diversity": 0.5 - 0.1 * frac + 0.01 * seed,
+            "eval/heldout/classifier": 0.9 - drop * frac + 0.02 * seed, "eval/heldout/classifier_std": 0.1,
+            "eval/reward/ink": 2.0 * slope * frac + 0.05 * seed}
+
+
+@pytest.fixture(scope="module")
+def compute_sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compute_sweep")
+    for name, (algo, beta, per_update, rgrad, since) in COMPUTE_GROUPS.items():
+        for seed in SEEDS:
+            d = root / name / f"seed={seed}"
+            d.mkdir(parents=True)
+            algo_cfg = {"name": algo, "lr": 1e-4, **({"beta": beta} if beta is not None else {})}
+            cfg = {"seed": seed, "run_dir": str(d), "algo": algo_cfg, "model": {"name": "toy"},
+                   "reward": {"name": "r_c"}, "train": {"steps": C_STEPS[-1]}}
+            OmegaConf.save(OmegaConf.create(cfg), d / "config.yaml")
+            with open(d / "metrics.jsonl", "w") as fh:
+                for step in range(C_STEPS[-1] + 1):
+                    row = {"step": step, "loss": 1.0}
+                    if step >= since:
+                        k = step - since            # counted from the resume on
+                        row.update({"compute/velocity": k * per_update(seed), "compute/reward_grad": k * rgrad})
+                    if step in C_STEPS:
+                        row.update(_compute_metrics(name, seed, step))
+                    fh.write(json.dumps(row) + "\n")
+            (d / "samples_final.pt").write_bytes(b"x")
+    return root
+
+
+@pytest.fixture(scope="module")
+def compute_report(compute_sweep):
+    """Run the report, keeping the data of every figure's lines and scatter points (not its pixels)."""
+    from align import report_plots
+
+    figures = {}
+    save = report_plots._save
+
+    def recording(fig, out, stem):
+        figures[stem] = [{"xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+                          "lines": {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.lines},
+                          "points": [c.get_offsets().tolist() for c in ax.collections if hasattr(c, "get_offsets")]}
+                         for ax in fig.axes]
+        return save(fig, out, stem)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(report_plots, "_save", recording)
+    try:
+        assert main([str(compute_sweep)]) == 0
+    finally:
+        mp.undo()
+    return compute_sweep / "report", figures
+
+
+LABELS = {"cheap": "ReFL", "dear": "VGG-Flow", "old": "DRaFT"}
+
+
+def test_compute_columns_are_the_final_cumulative_counts(compute_report):
+    out, _ = compute_report
+    header, table = _md_tables(out / "table.md")["r_c"]
+    assert header[-2:] == ["velocity evals", "reward-grad evals"]            # costs: no arrow, never bold
+    # by hand: ReFL 10 rows per update × 10 updates on every seed; VGG-Flow (40 + seed) × 10 = 400, 410, 420
+    assert table["ReFL"]["velocity evals"] == "100 ± 0" and table["ReFL"]["reward-grad evals"] == "20 ± 0"
+    assert table["VGG-Flow"]["velocity evals"] == "410 ± 10" and table["VGG-Flow"]["reward-grad evals"] == "80 ± 0"
+    # DRaFT's runs count only from step 5 (resumed from an older checkpoint): left out, and listed
+    assert table["DRaFT"]["velocity evals"] == "–" and table["Base"]["velocity evals"] == "–"
+    text = (out / "table.md").read_text(encoding="utf-8")
+    assert "a CFG-combined velocity is one row although the network sees two" in text
+    assert "Runs without compute accounting from step 0 (3)" in text and "old/seed=0" in text
+    with open(out / "table.csv", newline="") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert float(rows["VGG-Flow"]["velocity evals_mean"]) == statistics.mean([400, 410, 420])
+    assert float(rows["VGG-Flow"]["velocity evals_std"]) == statistics.stdev([400, 410, 420])
+    assert rows["DRaFT"]["velocity evals_mean"] == "" and rows["ReFL"]["velocity evals_best"] == "0"
+
+
+def _mean_over_seeds(fn):
+    return [statistics.mean(fn(seed, step) for seed in SEEDS) for step in C_STEPS]
+
+
+def test_vs_compute_figures_plot_against_the_mean_cumulative_velocity_evaluations(compute_report):
+    out, figures = compute_report
+    for stem in ("convergence_r_c_vs_compute", "heldout_r_c_vs_compute"):
+        assert (out / f"{stem}.png").stat().st_size > 1000 and (out / f"{stem}.pdf").exists()
+    reward_panel = figures["convergence_r_c_vs_compute"][0]
+    assert reward_panel["xlabel"].startswith("cumulative velocity evaluations")
+    for name in ("cheap", "dear"):
+        per_update = COMPUTE_GROUPS[name][2]
+        xs, ys = reward_panel["lines"][f"{LABELS[name]} (n=3)"]
+        assert xs == pytest.approx(_mean_over_seeds(lambda seed, step: step * per_update(seed)), rel=1e-12)
+        assert ys == pytest.approx(_mean_over_seeds(lambda s, k: _compute_metrics(name, s, k)["eval/reward"]),
+                                   rel=1e-12)
+    assert not any(label.startswith("DRaFT") for label in reward_panel["lines"])      # no compute from step 0
+    by_step = figures["convergence_r_c"][0]                                           # the update-step figure
+    assert by_step["xlabel"] == "update step" and by_step["lines"]["DRaFT (n=3)"][0] == list(C_STEPS)
+
+
+def test_heldout_columns_curves_and_pareto_fronts(compute_report):
+    out, figures = compute_report
+    header, table = _md_tables(out / "table.md")["r_c"]
+    assert "held-out: classifier ↑" in header and "reward part: ink ↑" in header
+    assert not any("classifier_std" in h for h in header)
+    for col, key in (("held-out: classifier ↑", "eval/heldout/classifier"), ("reward part: ink ↑", "eval/reward/ink")):
+        finals = {n: [_compute_metrics(n, s, C_STEPS[-1])[key] for s in SEEDS] for n in COMPUTE_GROUPS}
+        best = max(statistics.mean(v) for v in finals.values())
+        for name, vals in finals.items():
+            text = format_mean_std(statistics.mean(vals), statistics.stdev(vals))
+            assert table[LABELS[name]][col] == (f"**{text}**" if statistics.mean(vals) == best else text), (col, name)
+        base = [_compute_metrics("cheap", s, 0)[key] for s in SEEDS]
+        assert table["Base"][col] == format_mean_std(statistics.mean(base), statistics.stdev(base))
+    assert table["VGG-Flow"]["held-out: classifier ↑"].startswith("**")     # ReFL hacked the trained reward
+    assert "evaluation-only reward" in (out / "table.md").read_text(encoding="utf-8")
+
+    # curves: the trained reward, then the held-out reward, then the mix part, against steps and compute
+    panels = figures["heldout_r_c"]
+    assert [p["ylabel"] for p in panels] == ["reward ↑", "held-out: classifier ↑", "reward part: ink ↑"]
+    xs, ys = panels[1]["lines"]["ReFL (n=3)"]
+    assert xs == list(C_STEPS)
+    assert ys == pytest.approx(_mean_over_seeds(lambda s, k: _compute_metrics("cheap", s, k)["eval/heldout/classifier"]))
+    assert ys[-1] < ys[0] and panels[0]["lines"]["ReFL (n=3)"][1][-1] > panels[0]["lines"]["ReFL (n=3)"][1][0]
+
+    # Pareto: every checkpoint's (mean trained reward, mean held-out reward) is a point
+    (classifier, ink) = figures["pareto_heldout_r_c"]
+    assert classifier["ylabel"] == "held-out: classifier (higher is better)"
+    expected = [v for pair in zip(
+        _mean_over_seeds(lambda s, k: _compute_metrics("dear", s, k)["eval/reward"]),
+        _mean_over_seeds(lambda s, k: _compute_metrics("dear", s, k)["eval/heldout/classifier"])) for v in pair]
+    assert any([v for pt in p for v in pt] == pytest.approx(expected, rel=1e-12) for p in classifier["points"])
+    assert ink["ylabel"] == "reward part: ink (higher is better)"
+
+
+def test_a_sweep_without_compute_keys_reports_without_them_and_says_so(sweep, capsys):
+    out = sweep / "report"
+    assert not list(out.glob("*_vs_compute*")) and not list(out.glob("heldout_*"))
+    header, _ = _md_tables(out / "table.md")["r_a"]
+    assert "velocity evals" not in header
+    assert "No compute columns and no vs-compute figures" in (out / "table.md").read_text(encoding="utf-8")
+    assert main([str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    assert "align.report: No compute columns and no vs-compute figures" in printed
