@@ -31,24 +31,22 @@ PHASES = ("rollout", "update")
 
 
 class _Counted:
-    """``fn`` (a method of ``owner``) with the counter's bookkeeping around it. A deep copy of ``owner`` (e.g. a
-    frozen snapshot of the model) gets a wrapper of its own method that counts into the same counter, never a
-    wrapper calling back into the original."""
+    """The method ``name`` of ``owner`` with the counter's bookkeeping around it. A method the class defines is
+    looked up on the class at each call (so patching the class later still takes effect); one set on the
+    instance before (``fn``, e.g. another counter's wrapper) is called as it is. A deep copy of ``owner`` (e.g. a
+    frozen snapshot of the model) gets a wrapper of its own method counting into the same counter, never one
+    calling back into the original."""
 
-    def __init__(self, counter: "EvalCounter", owner: Any, fn: Callable, around: Callable):
-        self.counter, self.owner, self.fn, self.around = counter, owner, fn, around
+    def __init__(self, counter: "EvalCounter", owner: Any, name: str, around: Callable, fn: Callable | None):
+        self.counter, self.owner, self.name, self.around, self.fn = counter, owner, name, around, fn
 
     def __call__(self, *args, **kwargs):
-        return self.around(self.fn, *args, **kwargs)
+        fn = self.fn if self.fn is not None else types.MethodType(getattr(type(self.owner), self.name), self.owner)
+        return self.around(fn, *args, **kwargs)
 
     def __deepcopy__(self, memo):
         owner = copy.deepcopy(self.owner, memo)
-        fn = self.fn
-        if isinstance(fn, types.MethodType) and fn.__self__ is self.owner:
-            fn = types.MethodType(fn.__func__, owner)
-        else:
-            fn = copy.deepcopy(fn, memo)
-        return _Counted(self.counter, owner, fn, self.around)
+        return _Counted(self.counter, owner, self.name, self.around, copy.deepcopy(self.fn, memo))
 
 
 class EvalCounter:
@@ -70,7 +68,8 @@ class EvalCounter:
             self._install(algorithm, name, self._algorithm_method(name == "rollout"))
 
     def _install(self, owner: Any, name: str, around: Callable) -> None:
-        setattr(owner, name, _Counted(self, owner, getattr(owner, name), around))
+        own = vars(owner).get(name)                    # set on the instance (e.g. another counter's wrapper)
+        setattr(owner, name, _Counted(self, owner, name, around, own))
 
     # ---- the counts -------------------------------------------------------------------------------------
     def reset(self) -> None:
