@@ -118,16 +118,19 @@ def _entry(entry: Any, key: str, weighted: bool) -> RewardEntry:
         if unknown:
             raise ValueError(f"{key}: reward {name} has no key {unknown[0]!r}; its keys: "
                              f"{', '.join(sorted(known)) or 'none'} (and label{', weight' if weighted else ''})")
+        cfg, problem = None, None
         try:
             cfg = typed(schema, {"name": name, **entry})
-        except Exception as err:
-            raise ValueError(f"{key} ({name}): {_one_line(err)}") from None
+        except Exception as err:      # OmegaConf's type error, or the config's validate()
+            where = getattr(err, "full_key", None)
+            problem = f"{key}{'.' + where if where else ''} ({name}): {_one_line(err)}"
+        if problem is not None:       # raised outside the except: no OmegaConf error in its context
+            raise ValueError(problem)
     return RewardEntry(key, label, name, cls, cfg, None if weight is None else float(weight))
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    return text.split(" full_key:")[0]
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def common_domain(entries: Sequence[RewardEntry], key: str) -> str:
