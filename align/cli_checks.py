@@ -1,9 +1,11 @@
 """Check command-line overrides before Hydra starts any job: unknown groups or keys get a one-paragraph
 message with the valid choices, and a bad value (refused by the typed configs: align/schema.py and the
 algorithms', models' and rewards' config dataclasses) a one-line message naming the key, the value and the
-valid choices (no traceback); so do a reward of another domain than the model's, prompts the model cannot
-condition on and a given ``run_dir=`` that cannot be written. ``model=`` defaults to the reward's domain and,
-when only ``model=`` is given, ``reward=`` to the domain's ``default_reward`` (its preset, align/conf/preset/)."""
+valid choices (no traceback); so do a reward (or an ``eval.rewards`` entry) of another domain than the model's, a
+reward that is not differentiable with an algorithm that differentiates it, prompts the model cannot condition on
+and a given ``run_dir=`` that cannot be written. ``model=`` defaults to the reward's domain (a mix's: its parts';
+a callable's: ``reward.domain``) and, when only ``model=`` is given, ``reward=`` to the domain's
+``default_reward`` (its preset, align/conf/preset/)."""
 from __future__ import annotations
 
 import itertools
