@@ -52,13 +52,15 @@ TABLE: dict[tuple[str, str], dict[str, dict[str, float]]] = {
 # model -> algorithm -> setting -> value, for every reward of the domain without a TABLE row.
 DOMAIN: dict[str, dict[str, dict[str, float]]] = {
     # β of O(1)-rewards on this domain; α = 10, as g is O(0.1–1) here, not O(1e-4) as on SD3
+    # Flow-GRPO's β is its KL coefficient: 0.04, the Flow-GRPO paper's (GenEval/OCR) value on every domain
+    # (published with the code's KL, algo.kl=code; the default algo.kl=paper weighs it by 1/Δt more: docs/flow_grpo.md)
     "digits": {"vggflow": {"beta": 10.0, "alpha": 10.0}, "vggflow_pmp": {"beta": 10.0},
-               "adjoint_matching": {"beta": 10.0}},
+               "adjoint_matching": {"beta": 10.0}, "flow_grpo": {"beta": 0.04}},
     "gmm":    {"vggflow": {"beta": 1.0, "alpha": 10.0}, "vggflow_pmp": {"beta": 1.0},
-               "adjoint_matching": {"beta": 1.0}},
+               "adjoint_matching": {"beta": 1.0}, "flow_grpo": {"beta": 0.04}},
     # the aesthetic column's values (the run's start-up line says so)
     "sd3":    {"vggflow": {"beta": 5.0e4, "alpha": 1.0e4}, "vggflow_pmp": {"beta": 5.0e4},
-               "adjoint_matching": {"beta": 5.0e3}},
+               "adjoint_matching": {"beta": 5.0e3}, "flow_grpo": {"beta": 0.04}},
 }
 # algorithm -> its paper learning rate (§1.8), for every (model, reward) without a TABLE row.
 # Flow-GRPO (Liu et al. 2025, SD3.5-M, LoRA) and DiffusionNFT (Zheng et al. 2025, SD3.5-M, LoRA): 3e-4.

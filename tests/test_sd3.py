@@ -287,7 +287,7 @@ def test_prompt_sets_and_empty_prompt_file(sd3_dir, tmp_path, monkeypatch):
 
 
 # ---- (3) every algorithm through the real trainer -------------------------------------------------------------
-ALGOS = ["vggflow", "vggflow_pmp", "refl", "draft", "adjoint_matching"]
+ALGOS = ["vggflow", "vggflow_pmp", "refl", "draft", "adjoint_matching", "flow_grpo", "diffusion_nft"]
 
 
 @pytest.fixture
@@ -313,6 +313,8 @@ def test_every_algorithm_trains_two_steps_on_tiny_sd3(sd3_dir, tmp_path, algo, t
                  "eval.every=0", "eval.n_samples=4", "eval.group_size=2", "eval.final_samples=2", "device=cpu"]
     if algo in ("vggflow", "vggflow_pmp"):
         overrides.append("algo.subsample_bins=2")
+    if algo in ("flow_grpo", "diffusion_nft"):            # groups of G samples per prompt in a batch of 2
+        overrides += ["algo.group_size=2", "algo.train_steps=4"] if algo == "flow_grpo" else ["algo.group_size=2"]
     cfg = compose_config(overrides, run_dir=run_dir)
     assert "prompts" not in cfg.model and "sampler_shift" not in cfg.model       # read once, from the root
     if algo in ("vggflow", "adjoint_matching"):           # the sd3 domain row of paper_settings reaches the algorithm
