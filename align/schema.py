@@ -225,11 +225,12 @@ def typed_config(cfg: Any) -> DictConfig:
     root = OmegaConf.structured(RootConfig)
     for registry in REGISTRIES:
         section = given[registry.group]
-        for key in RETIRED_KEYS:
-            group, _, name = key.partition(".")
-            if group == registry.group:
-                section.pop(name, None)
         schema = registry.config(section["name"])
+        fields = {f.name for f in dataclasses.fields(schema)} if schema is not None else set()
+        for key in RETIRED_KEYS:     # retired for the built-ins; a part whose config has the key keeps it
+            group, _, name = key.partition(".")
+            if group == registry.group and name not in fields:
+                section.pop(name, None)
         if schema is not None:
             root[registry.group] = OmegaConf.structured(schema)
     for key, value in ABSENT_MEANS.items():       # a key the run was saved without: the behaviour it had
