@@ -25,9 +25,9 @@ COMPUTE_X = "compute/velocity"
 # Config keys that do not make runs different experiments.
 NOT_GROUPING = keys_with("group")
 FACET_KEYS = ("model.name", "reward.name")
-ALGO_ORDER = ("refl", "draft", "adjoint_matching", "vggflow_pmp", "vggflow")
+ALGO_ORDER = ("flow_grpo", "diffusion_nft", "refl", "draft", "adjoint_matching", "vggflow_pmp", "vggflow")
 ALGO_NAMES = {"vggflow": "VGG-Flow", "vggflow_pmp": "VGG-Flow-PMP", "refl": "ReFL", "draft": "DRaFT",
-              "adjoint_matching": "Adjoint Matching"}
+              "adjoint_matching": "Adjoint Matching", "flow_grpo": "Flow-GRPO", "diffusion_nft": "DiffusionNFT"}
 KEY_NAMES = {"algo.beta": "β", "algo.eta": "η", "algo.subsample_bins": "bins", "train.lr": "lr"}
 LABEL_PRIORITY = ("algo.name", "algo.beta", "algo.eta", "algo.subsample_bins")
 
