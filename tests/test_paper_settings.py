@@ -18,6 +18,9 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REWARDS = ("aesthetic", "hpsv2", "pickscore")
 ALGOS = ("vggflow", "vggflow_pmp", "refl", "draft", "adjoint_matching")
+# The Flow-GRPO paper's SD3.5-M settings (Liu et al. 2025 and its code's config/grpo.py; DiffusionNFT's code uses
+# the same lr and group size): lr 3e-4, G = 24 images per prompt, KL coefficient 0.04 (GenEval/OCR)
+FLOW_GRPO_PAPER = {"flow_grpo": (3e-4, 24, 0.04), "diffusion_nft": (3e-4, 24, None)}
 
 
 def _readme_table() -> dict[str, dict[str, tuple[float | None, float]]]:
@@ -83,11 +86,19 @@ def test_the_table1_sweep_files_resolve_to_the_readme_table(reward):
     seen = set()
     for run in sweep.runs:
         cfg = compose_config(run.overrides, run_dir=run.dir)
+        if cfg.algo.name in FLOW_GRPO_PAPER:          # not in the VGG-Flow paper's table: the Flow-GRPO paper's
+            lr, G, beta = FLOW_GRPO_PAPER[cfg.algo.name]
+            assert float(cfg.train.lr) == pytest.approx(lr) and int(cfg.algo.group_size) == G
+            assert int(cfg.train.batch_size) % G == 0
+            if cfg.algo.name == "flow_grpo":          # its published β (PickScore 0.01) assume the code's KL form
+                assert float(cfg.algo.beta) == (0.01 if reward == "pickscore" else beta) and cfg.algo.kl == "code"
+            seen.add((cfg.algo.name, int(cfg.seed)))
+            continue
         beta, lr = README[reward][cfg.algo.name]
         assert cfg.reward.name == reward and float(cfg.train.lr) == pytest.approx(lr, rel=1e-12)
         assert beta is None or float(cfg.algo.beta) == pytest.approx(beta, rel=1e-12)
         seen.add((cfg.algo.name, int(cfg.seed)))
-    assert seen == {(a, s) for a in ALGOS for s in (0, 1, 2)}
+    assert seen == {(a, s) for a in ALGOS + tuple(FLOW_GRPO_PAPER) for s in (0, 1, 2)}
 
 
 def test_what_is_given_explicitly_wins():
