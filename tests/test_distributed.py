@@ -92,8 +92,12 @@ def test_vggflow_two_processes_with_accumulation_equal_one_big_batch(tmp_path):
     one.train()
     for k, v in one.model.finetune_state_dict().items():
         torch.testing.assert_close(v, two[0]["params"][k], rtol=1e-5, atol=1e-6)
+    # φ learns from finite differences of network outputs divided by h = 1e-3, so the fp32 summation-order rounding
+    # of one big batch vs 2 × 2 micro-batches (≈1e-7) reaches its Adam steps amplified: measured 1.3e-6 at one
+    # element of 176 with the packages pip resolved on 2026-12-02 (the same at the commit before issue 14, so not a
+    # change of the math), within 1e-6 before; θ, which sees no such division, stays at 1e-6
     for k, v in one.algo.state_dict().items():
-        torch.testing.assert_close(v, two[0]["algo"][k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v, two[0]["algo"][k], rtol=1e-4, atol=3e-6)
 
 
 def test_a_non_finite_loss_on_one_process_skips_the_update_on_all(tmp_path):
