@@ -21,7 +21,7 @@ from align.interfaces import Reward
 from align.registry import register_reward
 
 
-def _check(images: torch.Tensor) -> torch.Tensor:
+def check_images(images: torch.Tensor) -> torch.Tensor:
     if images.dim() != 4 or images.shape[1:] != (1, 8, 8):
         raise ValueError(f"digits rewards score images [B, 1, 8, 8] in [0, 1], got shape {tuple(images.shape)}")
     return images.to(torch.promote_types(images.dtype, torch.float32))
@@ -52,7 +52,7 @@ class DigitsThickness(_ScaledPixelReward):
     name = "digits_thickness"
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
-        return self.scale * _check(images).flatten(1).mean(1)
+        return self.scale * check_images(images).flatten(1).mean(1)
 
 
 @dataclass
@@ -66,25 +66,35 @@ class DigitsClassifierConfig:
     weights: Optional[str] = None   # null: the shipped classifier (align/models/weights/digits_classifier.safetensors)
 
 
-@register_reward("digits_classifier", config=DigitsClassifierConfig)
-class DigitsClassifier(Reward):
-    """r = log p(c | image) under the pretrained digit classifier, c = the prompted class (or ``target``)."""
+class ClassifierReward(Reward):
+    """A reward read off the pretrained digit classifier for a class c per image: the prompted class, or ``target``
+    (shared by ``digits_classifier`` and the black-box ``digits_correct``)."""
 
-    name, domain = "digits_classifier", "digits"
+    domain = "digits"
 
     def __init__(self, target: int | str | None = None, weights: str | None = None, **_: Any):
         super().__init__()
         self.classifier = load_digit_classifier(weights)
         self.target = None if target is None else prompt_to_class(str(target))
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        images = _check(images)
+    def labels(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """c [B]: ``target`` for every image, else each prompt's class."""
         if self.target is not None:
-            labels = torch.full((images.shape[0],), self.target, dtype=torch.int64)
-        else:
-            if len(prompts) != images.shape[0]:
-                raise ValueError(f"digits_classifier: {len(prompts)} prompts for {images.shape[0]} images")
-            labels = prompts_to_classes(prompts)
+            return torch.full((images.shape[0],), self.target, dtype=torch.int64)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{self.name}: {len(prompts)} prompts for {images.shape[0]} images")
+        return prompts_to_classes(prompts)
+
+
+@register_reward("digits_classifier", config=DigitsClassifierConfig)
+class DigitsClassifier(ClassifierReward):
+    """r = log p(c | image) under the pretrained digit classifier, c = the prompted class (or ``target``)."""
+
+    name = "digits_classifier"
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        images = check_images(images)
+        labels = self.labels(images, prompts)
         logp = torch.log_softmax(self.classifier(images), dim=1)
         return logp.gather(1, labels.to(logp.device).unsqueeze(1)).squeeze(1)
 
@@ -104,5 +114,5 @@ class DigitsSymmetry(_ScaledPixelReward):
     name = "digits_symmetry"
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
-        images = _check(images)
+        images = check_images(images)
         return -self.scale * (images - images.flip(-1)).pow(2).flatten(1).mean(1)

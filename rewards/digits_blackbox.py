@@ -11,13 +11,12 @@ smooth counterpart (log p(c | x)); the null prompt "" has no class, so it scores
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from align.digits_classifier import load_digit_classifier, prompt_to_class, prompts_to_classes
-from align.interfaces import Reward
 from align.registry import register_reward
+from rewards.digits import ClassifierReward, check_images
 
 
 @dataclass
@@ -32,25 +31,14 @@ class DigitsCorrectConfig:
 
 
 @register_reward("digits_correct", config=DigitsCorrectConfig)
-class DigitsCorrect(Reward):
+class DigitsCorrect(ClassifierReward):
     """r = 1[argmax_k f_k(image) = c] with f the pretrained classifier's logits, c the prompted class (or target)."""
 
-    name, domain, differentiable = "digits_correct", "digits", False
-
-    def __init__(self, target: int | str | None = None, weights: str | None = None, **_: Any):
-        super().__init__()
-        self.classifier = load_digit_classifier(weights)
-        self.target = None if target is None else prompt_to_class(str(target))
+    name, differentiable = "digits_correct", False
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if images.dim() != 4 or images.shape[1:] != (1, 8, 8):
-            raise ValueError(f"digits rewards score images [B, 1, 8, 8] in [0, 1], got shape {tuple(images.shape)}")
-        if self.target is not None:
-            labels = torch.full((images.shape[0],), self.target, dtype=torch.int64)
-        else:
-            if len(prompts) != images.shape[0]:
-                raise ValueError(f"digits_correct: {len(prompts)} prompts for {images.shape[0]} images")
-            labels = prompts_to_classes(prompts)
+        images = check_images(images)
+        labels = self.labels(images, prompts)
         predicted = self.classifier(images.float()).argmax(dim=1)
         return (predicted == labels.to(predicted.device)).float()
