@@ -11,8 +11,8 @@ from algorithms.diffusion_nft import DiffusionNFT, eta_schedule
 from align.assemble import build_trainer
 from align.config import compose_config
 from align.run import main as run_main
-from align.run_dir import list_checkpoints, read_metrics
-from align.trainer import Trainer
+from align.run_dir import read_metrics
+from helpers.crash_resume import crash_then_resume
 from samplers import Trajectory, euler_integrate
 
 GMM = ["algo=diffusion_nft", "model=gmm", "reward=linear", "train.batch_size=8", "train.progress=false",
@@ -275,21 +275,7 @@ def test_an_interrupted_and_resumed_run_is_exact(tmp_path, monkeypatch):
     full = str(tmp_path / "full")
     build_trainer(compose_config(FAST, run_dir=full), full).train()
     part = str(tmp_path / "part")
-    original = Trainer.update
-    calls = {"n": 0}
-
-    def crashing_update(self):
-        calls["n"] += 1
-        if calls["n"] == 5:                     # dies during step 5; the last checkpoint is step 4
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "update", crashing_update)
-    with pytest.raises(KeyboardInterrupt):
-        build_trainer(compose_config(FAST, run_dir=part), part).train()
-    monkeypatch.setattr(Trainer, "update", original)
-    assert list_checkpoints(part) == [2, 4]
-    build_trainer(compose_config(FAST + [f"resume={part}"], run_dir=part), part).train()
+    assert crash_then_resume(monkeypatch, FAST, part) == [2, 4]   # dies in update 5, after step 4's checkpoint
     assert _rows(part) == _rows(full)
     a, b = (torch.load(os.path.join(d, "samples_final.pt")) for d in (full, part))
     assert torch.equal(a["x1"], b["x1"])

@@ -10,9 +10,9 @@ from algorithms.flow_grpo import FlowGRPO, group_advantages, ppo_clipped_loss
 from align.assemble import build_trainer
 from align.config import compose_config
 from align.models.gmm import GaussianMixtureFlow
-from align.run_dir import list_checkpoints, read_metrics
+from align.run_dir import read_metrics
 from align.cli_checks import ConfigProblem
-from align.trainer import Trainer
+from helpers.crash_resume import crash_then_resume
 from rewards.analytic import LinearReward
 from samplers import uniform_grid
 
@@ -235,20 +235,7 @@ def test_interrupted_and_resumed_run_writes_the_same_rows(tmp_path, monkeypatch)
     full = str(tmp_path / "full")
     build_trainer(compose_config(fast, run_dir=full), full).train()
     part = str(tmp_path / "part")
-    original, calls = Trainer.update, {"n": 0}
-
-    def crashing_update(self):
-        calls["n"] += 1
-        if calls["n"] == 5:                                     # dies in update 5; the last checkpoint is step 4
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "update", crashing_update)
-    with pytest.raises(KeyboardInterrupt):
-        build_trainer(compose_config(fast, run_dir=part), part).train()
-    monkeypatch.setattr(Trainer, "update", original)
-    assert list_checkpoints(part) == [2, 4]
-    build_trainer(compose_config(fast + [f"resume={part}"], run_dir=part), part).train()
+    assert crash_then_resume(monkeypatch, fast, part) == [2, 4]   # dies in update 5, after step 4's checkpoint
     assert _rows(part) == _rows(full)
     rows = _rows(full)       # updates 2, 3, 5, 6 sample with θ_old: ρ ≠ 1 and the clip (ε = 1e-4) acts
     assert rows[1]["clip_frac"] == 0 and all(rows[s]["clip_frac"] > 0 for s in (2, 3, 5, 6)), rows
