@@ -42,7 +42,8 @@ CFG: ``model.velocity`` is the CFG-combined field; under grad its unconditional 
 2d76907 it detaches the unconditional one, as here. Sampling uses the same guided field.
 Training grid (``train_grid``): ``uniform`` t_k = k/N (default: the gmm and digits grids' kind, and what Adjoint
 Matching trains on here); ``sd3`` SD3's shifted grid with N steps and ``train_shift`` (flow_grpo's: the scheduler's
-grid at num_steps = 10, shift 3); ``model``: the sampler's grid itself (``train_steps: null``).
+grid at num_steps = 10, shift 3); ``flux`` FluxPipeline's grid with N steps and the FLUX model's own shift (flow_grpo's
+FLUX configs: N = 6); ``model``: the sampler's grid itself (``train_steps: null``).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ from align.schema import positive, require
 from samplers import (Trajectory, flow_sde_integrate, flow_sde_noise_level, flow_sde_step_mean, flow_sde_step_stds,
                       gaussian_kl_same_std, gaussian_log_prob, make_grid, training_grid)
 
-TrainGrid = enum.StrEnum("TrainGrid", "uniform sd3 model")
+TrainGrid = enum.StrEnum("TrainGrid", "uniform sd3 flux model")
 StdOver = enum.StrEnum("StdOver", "group batch")
 Baseline = enum.StrEnum("Baseline", "group_mean leave_one_out")
 KLForm = enum.StrEnum("KLForm", "paper code")
@@ -91,7 +92,7 @@ class FlowGRPOConfig:
     clip_range: float = 1.0e-4      # PPO's ε on the ratio (code: 1e-4, from DDPO)
     kl: KLForm = KLForm.paper       # paper: ‖Δμ‖²/(2 s_k²) | code: ‖Δμ‖²/(2 g_k²) (= Δt_k × paper)
     reduce: Reduce = Reduce.mean    # over dimensions, of log p and the KL: mean (code) | sum (exact likelihood)
-    train_grid: TrainGrid = TrainGrid.uniform  # uniform | sd3 | model (see above)
+    train_grid: TrainGrid = TrainGrid.uniform  # uniform | sd3 | flux | model (see above)
     train_steps: Optional[int] = 10  # N of the training SDE (paper: 10, evaluation on 40); null: sampler.steps
     train_shift: float = 3.0        # shift of train_grid=sd3 (SD3's scheduler: 3)
     timestep_fraction: float = 1.0  # trained transitions per trajectory: ⌊N·fraction⌋ (≥ 1); code's configs: 0.99
@@ -122,7 +123,7 @@ class FlowGRPOConfig:
     def validate_steps(self, n_steps: int) -> None:
         if self.train_grid == "model" and self.train_steps not in (None, n_steps):
             raise ValueError(f"algo.train_grid=model trains on the sampler's {n_steps} steps; got "
-                             f"algo.train_steps={self.train_steps} (set it to null, or use train_grid=uniform|sd3)")
+                             f"algo.train_steps={self.train_steps} (set it to null, or use train_grid=uniform|sd3|flux)")
 
 
 def group_advantages(r: torch.Tensor, G: int, normalize_std: bool = True, baseline: str = "group_mean",
@@ -163,9 +164,12 @@ class FlowGRPO(Algorithm):
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
         super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
         cfg = self.cfg
-        if cfg.train_grid == "sd3":
-            self.train_ts = make_grid("sd3", len(ts) - 1 if cfg.train_steps is None else int(cfg.train_steps),
-                                      float(cfg.train_shift))
+        if cfg.train_grid in ("sd3", "flux"):
+            if cfg.train_grid == "flux" and not hasattr(model, "grid_shift"):
+                raise ValueError(f"algo.train_grid=flux needs a FLUX model (its scheduler's shift); model={model.name}")
+            shift = float(cfg.train_shift) if cfg.train_grid == "sd3" else float(model.grid_shift)
+            self.train_ts = make_grid(str(cfg.train_grid), len(ts) - 1 if cfg.train_steps is None
+                                      else int(cfg.train_steps), shift)
         else:
             self.train_ts = training_grid(str(cfg.train_grid), ts, cfg.train_steps)
         n, a = len(self.train_ts) - 1, float(cfg.noise_level)

@@ -42,7 +42,7 @@ def build_parts(cfg: DictConfig, training: bool = True) -> Parts:
     model = build_model(cfg)
     reward = build_reward(cfg, model, training)
     eval_rewards = build_eval_rewards(cfg, model)
-    grid = build_grid(cfg)
+    grid = build_grid(cfg, model)
     prompts = load_prompts(cfg.prompts, model)
     model.prepare(prompts, str(cfg.sampler.grid), float(cfg.sampler.shift))
     return Parts(model, reward, grid, prompts, eval_rewards)

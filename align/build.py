@@ -1,6 +1,7 @@
 """Build the model, reward, algorithm and grid a config names, with clear errors before any work."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,7 +35,9 @@ def check_domain(reward: str, model: str, reward_cfg: Any = None) -> None:
         domain = domain_of(cls, reward_cfg) if reward_cfg is not None else cls.domain
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if domain not in ("any", model):
+    # a model may score with another domain's rewards: FLUX's RGB images and prompts are the sd3 domain's
+    shared = getattr(MODELS.get(model), "reward_domain", None) if model in MODELS.names() else None
+    if domain not in ("any", model, shared):
         raise ConfigError(f"reward={reward} scores the '{domain}' domain but model={model}; "
                           f"use model={domain} or a reward of the {model} domain")
 
@@ -115,8 +118,21 @@ def build_eval_rewards(cfg: DictConfig, model: FlowModel) -> dict[str, Reward]:
     return {e.label: e.build() for e in eval_reward_entries(cfg, model.name)}
 
 
-def build_grid(cfg: DictConfig) -> torch.Tensor:
-    return make_grid(cfg.sampler.grid, int(cfg.sampler.steps), float(cfg.sampler.shift))
+def build_grid(cfg: DictConfig, model: FlowModel | None = None) -> torch.Tensor:
+    """The sampler's grid; the flux grid takes its shift from the model (``grid_shift``: its scheduler's,
+    resolution-dependent) unless ``sampler.mu`` is set."""
+    shift = float(cfg.sampler.shift)
+    if str(cfg.sampler.grid) == "flux":
+        mu = OmegaConf.select(cfg, "sampler.mu", default=None)
+        if mu is not None:
+            shift = math.exp(float(mu))
+        elif hasattr(model, "grid_shift"):
+            shift = float(model.grid_shift)
+        else:
+            raise ValueError(f"sampler.grid=flux takes its shift from a FLUX model's scheduler; model="
+                             f"{getattr(model, 'name', None)} has none: set sampler.mu=<log-shift> or use "
+                             "sampler.grid=uniform|sd3")
+    return make_grid(cfg.sampler.grid, int(cfg.sampler.steps), shift)
 
 
 def build_algorithm(cfg: DictConfig, model: FlowModel, reward: Reward, ts: torch.Tensor) -> Algorithm:

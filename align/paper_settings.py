@@ -62,6 +62,11 @@ DOMAIN: dict[str, dict[str, dict[str, float]]] = {
     "sd3":    {"vggflow": {"beta": 5.0e4, "alpha": 1.0e4}, "vggflow_pmp": {"beta": 5.0e4},
                "adjoint_matching": {"beta": 5.0e3}, "flow_grpo": {"beta": 0.04}},
 }
+# A model with no rows of its own takes another's, reported as borrowed: FLUX.1 (no paper tuned β on it) starts
+# from SD3's Table 1 row of the same reward (β is relative to the reward's scale, the same reward's), except
+# Flow-GRPO's β, 0 in flow_grpo's FLUX configs (pickscore_flux: train.beta = 0).
+BORROWS: dict[str, str] = {"flux": "sd3"}
+OWN: dict[str, dict[str, dict[str, float]]] = {"flux": {"flow_grpo": {"beta": 0.0}}}
 # algorithm -> its paper learning rate (§1.8), for every (model, reward) without a TABLE row.
 # Flow-GRPO (Liu et al. 2025, SD3.5-M, LoRA) and DiffusionNFT (Zheng et al. 2025, SD3.5-M, LoRA): 3e-4.
 LR: dict[str, float] = {"vggflow": 5.0e-4, "vggflow_pmp": 1.0e-4, "adjoint_matching": 1.0e-4, "refl": 1.0e-4,
@@ -80,6 +85,12 @@ def _names(root) -> tuple[str, str, str]:
 
 def entry(model: str, reward: str, algo: str, setting: str) -> tuple[float, str]:
     """``(value, where it comes from)`` for one setting; raises MissingSetting."""
+    own = OWN.get(model, {}).get(algo, {})
+    if setting in own:
+        return own[setting], f"the {model} domain's value"
+    if model in BORROWS:
+        value, where = entry(BORROWS[model], reward, algo, setting)
+        return value, f"{where}, {BORROWS[model]}'s row borrowed for {model} (untuned there)"
     cell = TABLE.get((model, reward), {}).get(algo, {})
     if setting in cell:
         return cell[setting], f"{SOURCE}: paper Table 1, reference §1.8/§3"

@@ -55,6 +55,7 @@ class Tracker(enum.StrEnum):
 class Grid(enum.StrEnum):
     uniform = "uniform"  # t_k = k/N
     sd3 = "sd3"          # SD3's shifted grid, t = 1 − σ
+    flux = "flux"        # FluxPipeline's grid with the checkpoint's (resolution-dependent) shift, t = 1 − σ
 
 
 class FidReference(enum.StrEnum):
@@ -116,6 +117,9 @@ class SamplerConfig:
     steps: int = 20                 # Euler steps
     grid: Grid = Grid.uniform       # config.yaml: ${model.grid}, the model's own
     shift: float = 3.0              # shift of the sd3 grid
+    # the flux grid's log-shift μ (shift exp(μ)); null: the model's, as FluxPipeline computes it from the number of
+    # image tokens and the scheduler config (FLUX.1-dev at 1024²: μ = 1.15), or its static shift (schnell: 1)
+    mu: Optional[float] = None
 
 
 @dataclass

@@ -222,3 +222,37 @@ def test_the_runner_prints_and_saves_the_resolved_settings(tmp_path):
                {"ALIGN_PLUGINS": "tempered", "PYTHONPATH": str(tmp_path)})
     assert res.returncode == 2 and res.stderr.startswith("align: no paper setting of algo.beta"), res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+
+
+# flow_grpo's pickscore_flux (config/grpo.py) and DanceGRPO's FLUX script: resolution, sampler steps, G, flow_grpo's
+# training steps (None: the sampler's), its β (no KL in either)
+FLUX_PEERS = {"pickscore": (512, 28, 24, 6), "hpsv2": (720, 16, 12, None)}
+
+
+@pytest.mark.parametrize("reward", sorted(FLUX_PEERS))
+def test_the_flux_sweep_files_take_the_peers_settings_and_sd3s_rows(reward):
+    """experiments/paper/flux_*.yaml: FLUX at the FLUX peers' settings; the VGG-Flow family borrows SD3's Table-1 row
+    of the same reward (the README's table, the independent source)."""
+    from align.sweep import load_sweep
+
+    resolution, steps, G, train_steps = FLUX_PEERS[reward]
+    sweep = load_sweep(os.path.join(ROOT, "experiments", "paper", f"flux_{reward}.yaml"))
+    seen = set()
+    for run in sweep.runs:
+        cfg = compose_config(run.overrides, run_dir=run.dir)
+        assert cfg.model.name == "flux" and cfg.sampler.grid == "flux" and cfg.reward.name == reward
+        assert cfg.model.resolution == resolution and cfg.sampler.steps == steps and cfg.model.guidance_scale == 3.5
+        assert len(cfg.eval.rewards) == 2
+        name = cfg.algo.name
+        if name in FLOW_GRPO_PAPER:
+            assert int(cfg.algo.group_size) == G and int(cfg.train.batch_size) % G == 0
+            if name == "flow_grpo":
+                assert float(cfg.algo.beta) == 0.0
+                assert cfg.algo.train_steps == train_steps
+                assert cfg.algo.train_grid == ("flux" if train_steps else "model")
+        else:
+            beta, lr = README[reward][name]
+            assert float(cfg.train.lr) == pytest.approx(lr, rel=1e-12)
+            assert beta is None or float(cfg.algo.beta) == pytest.approx(beta, rel=1e-12)
+        seen.add((name, int(cfg.seed)))
+    assert seen == {(a, s) for a in ALGOS + tuple(FLOW_GRPO_PAPER) for s in (0, 1, 2)}

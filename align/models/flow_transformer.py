@@ -293,6 +293,13 @@ class FlowTransformerModel(FlowModel):
 
         return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
 
+    def lora_adapter_metadata(self) -> dict[str, Any]:
+        """The LoRA config a pipeline's ``load_lora_weights`` needs to rebuild the same scale α/r on the same
+        modules: only keys every peft version knows (a full ``to_dict()`` carries fields older peft rejects)."""
+        cfg = self.transformer.peft_config["default"]
+        targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+        return {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha), "target_modules": targets}
+
     def save_finetuned(self, directory: str) -> None:
         """Write the LoRA adapter in diffusers' SD3 format: ``<dir>/pytorch_lora_weights.safetensors``
         with keys ``transformer.<module>.lora_{A,B}.weight`` (loadable by

@@ -27,21 +27,18 @@ config (the SD3 VAE's 1.5305 / 0.0609; TAESD3's 1 / 0: it takes the diffusion la
 from __future__ import annotations
 
 import enum
-import gc
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from align.features import build_features
 from align.loading import DTYPES, dtype_kwargs, load_component
-from align.models.flow_transformer import (LORA_TARGET_MODULES, LORA_WEIGHT_NAME, FlowTransformerModel,
-                                           enable_gradient_checkpointing)
+from align.models.flow_transformer import LORA_TARGET_MODULES, LORA_WEIGHT_NAME
+from align.models.latent_image import LatentImageModel, encode_device as _encode_device
 from align.models.sd3_text import SD3TextEncoders
-from align.models.value_unet import ValueUNet
 from align.registry import register_model
 from align.schema import Dtype, Grid
 from align.weights import WEIGHT_GLOBS, WeightSpec, looks_local, resolve
@@ -77,7 +74,7 @@ def enable_tf32() -> bool:
     return True
 
 
-def _component(folder: str, config: str | None = "config.json", weights: bool = True) -> tuple[tuple[str, ...], ...]:
+def component_files(folder: str, config: str | None = "config.json", weights: bool = True) -> tuple[tuple[str, ...], ...]:
     """The files a component folder of the diffusers layout needs: its config and, with ``weights``, a weight
     file (a config-less folder, a tokenizer, needs any file)."""
     files = ((f"{folder}/{config}",),) if config else ((f"{folder}/*",),)
@@ -88,11 +85,11 @@ def _checkpoint_specs(pretrained: str, t5: bool, vae: bool) -> tuple[WeightSpec,
     """The SD3 checkpoint directory (``model.pretrained``: a local diffusers directory or a hub id) with the
     components this run loads, and the TAESD3 decoder (``model.taesd3_path``)."""
     repo = pretrained if not looks_local(os.path.expanduser(str(pretrained))) else DEFAULT_PRETRAINED
-    required = (_component("scheduler", "scheduler_config.json", weights=False) + _component("transformer")
-                + _component("vae", weights=vae) + _component("text_encoder") + _component("text_encoder_2")
-                + _component("tokenizer", None, weights=False) + _component("tokenizer_2", None, weights=False))
+    required = (component_files("scheduler", "scheduler_config.json", weights=False) + component_files("transformer")
+                + component_files("vae", weights=vae) + component_files("text_encoder") + component_files("text_encoder_2")
+                + component_files("tokenizer", None, weights=False) + component_files("tokenizer_2", None, weights=False))
     if t5:
-        required += _component("text_encoder_3") + _component("tokenizer_3", None, weights=False)
+        required += component_files("text_encoder_3") + component_files("tokenizer_3", None, weights=False)
     spec = WeightSpec(
         what="sd3: the checkpoint", filename="the SD3 diffusers directory", config_key="model.pretrained",
         get=(f"`huggingface-cli download {repo}` (accept the model's license on the hub first; SD3.5: "
@@ -164,7 +161,7 @@ class SD3Config:
 
 
 @register_model("sd3", config=SD3Config)
-class SD3Model(FlowTransformerModel):
+class SD3Model(LatentImageModel):
     """SD3 latents as the paper's flow: v_θ(x, t, c) = −[u_uncond + w (u_cond − u_uncond)] at σ = 1 − t."""
 
     name = "sd3"
@@ -234,29 +231,20 @@ class SD3Model(FlowTransformerModel):
         self.resolution, self.grid, self.pretrained_dir = int(resolution), grid, root
         self.scheduler_shift = float(sched_cfg.get("shift", 1.0))
         # the decoder's own latent factors, as the diffusers pipeline uses its vae's (TAESD3: 1 and 0)
-        self.scaling_factor = float(getattr(dec.config, "scaling_factor", None) or 1.0)
-        self.shift_factor = float(getattr(dec.config, "shift_factor", None) or 0.0)
-        self.decoder_kind = decoder
-        self.decoder = dec.eval().requires_grad_(False)
-        self.decode_batch_size = int(decode_batch_size)
+        self.set_decoder(dec, decoder, decode_batch_size)
         self.forward_batch_size = forward_batch_size
-        self.joint_dim = int(transformer.config.joint_attention_dim)
+        self.joint_dim = self.context_dim = int(transformer.config.joint_attention_dim)
         self.value_net_kwargs = dict(value_net or {})
         if gradient_checkpointing:
-            enable_gradient_checkpointing(transformer)     # recomputes with the forward's LoRA on/off state
-            if hasattr(self.decoder, "enable_gradient_checkpointing"):
-                self.decoder.enable_gradient_checkpointing()
+            self.enable_gradient_checkpointing()
         self.feature_net = feature_net
 
         # prompt embeddings: cached on demand; ``prepare`` encodes the run's set and frees the encoders
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self.init_prompt_cache()
         self._t5_len = int(max_sequence_length)
-        dev = encode_device
-        if dev == "auto":       # this process's GPU (accelerate / torchrun set LOCAL_RANK)
-            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         text = SD3TextEncoders(toks, [e.eval().requires_grad_(False) for e in encs], max_sequence_length)
-        self._text: SD3TextEncoders | None = text.to(dev)
-        self.keep_text_encoders, self.prompt_set = bool(keep_text_encoders), []
+        self._text: SD3TextEncoders | None = text.to(_encode_device(encode_device))
+        self.keep_text_encoders = bool(keep_text_encoders)
         self._sched_cfg = sched_cfg
 
     # -- prompts
@@ -265,40 +253,7 @@ class SD3Model(FlowTransformerModel):
         empty negative prompt once, then free the text encoders (or move them to the CPU with
         ``keep_text_encoders``)."""
         check_scheduler(self._sched_cfg, shift)
-        self.prompt_set = list(prompts)
-        self.cache_prompts(["", *self.prompt_set])
-        if self.keep_text_encoders:
-            self._text.to("cpu")
-        else:
-            self.free_text_encoders()
-
-    def default_prompts(self) -> list[str]:
-        """The aesthetic task's prompt set: our list of common animals (``prompts=animals``)."""
-        from align.prompt_sets import load_named_set
-
-        return load_named_set("animals")
-
-    def free_text_encoders(self) -> None:
-        """Drop the text encoders (the cached prompt embeddings stay)."""
-        self._text = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def cache_prompts(self, prompts: Sequence[str], batch_size: int = 16) -> None:
-        """Encode the prompts not yet cached (CPU cache: CLIP part, pooled, T5 part or None)."""
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if not todo:
-            return
-        if self._text is None:
-            raise KeyError(f"sd3: no cached embedding for the prompt(s) {todo[:3]} and the text encoders were freed "
-                           "after encoding the run's prompt set; set model.keep_text_encoders=true to encode new "
-                           "prompts on the fly")
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i:i + batch_size]
-            clip, pooled, t5 = self._text.encode(chunk)
-            for j, p in enumerate(chunk):
-                self._cache[p] = (clip[j].cpu(), pooled[j].cpu(), None if t5 is None else t5[j].cpu())
+        self.prepare_prompts(prompts)
 
     def _assemble(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """[clip ⊕ 0-pad to joint_dim ; T5 or zeros] along the sequence, as the pipeline concatenates them."""
@@ -322,46 +277,6 @@ class SD3Model(FlowTransformerModel):
         one = self._assemble([""])
         return {k: v.expand(batch_size, *v.shape[1:]) for k, v in one.items()}
 
-    # -- the network, chunked when no graph is kept (evaluation batches)
-    def transformer_u(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        n = self.forward_batch_size
-        if not n or torch.is_grad_enabled() or x.shape[0] <= n:
-            return super().transformer_u(x, sigma, cond)
-        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
-        return torch.cat([super(SD3Model, self).transformer_u(x[i:i + n], sigma[i:i + n],
-                                                              {k: v[i:i + n] for k, v in cond.items()})
-                          for i in range(0, x.shape[0], n)])
-
-    # -- images
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] [B, 3, res, res], fp32, differentiable: decoder(x / scaling + shift) ∈ [−1, 1] → [0, 1],
-        with the decoder's own ``scaling_factor``/``shift_factor`` (SD3 VAE: 1.5305 / 0.0609; TAESD3: 1 / 0, it
-        decodes the diffusion latents themselves), as ``StableDiffusion3Pipeline`` does with the vae it holds."""
-        z = x.float() / self.scaling_factor + self.shift_factor
-        n = max(1, self.decode_batch_size)
-        out = [self.decoder.decode(z[i:i + n]).sample for i in range(0, z.shape[0], n)]
-        return (torch.cat(out).float() * 0.5 + 0.5).clamp(0.0, 1.0)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``model.features`` of the decoded images [B, F] (CLIP image embeddings by default)."""
-        n = max(1, self.decode_batch_size)
-        return torch.cat([self.feature_net(self.decode(x[i:i + n])).float() for i in range(0, x.shape[0], n)])
-
-    def preview_grid(self, x: torch.Tensor, n: int = 16, size: int = 256) -> torch.Tensor:
-        """[3, H, W] grid of up to n decoded samples, each resized to ``size``² for TensorBoard / PNGs."""
-        from torchvision.utils import make_grid
-
-        with torch.no_grad():
-            img = self.decode(x[:n].detach()).cpu()
-        if img.shape[-1] != size:
-            img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return make_grid(img.clamp(0, 1), nrow=4, padding=2, pad_value=0.5)
-
-    # -- VGG-Flow's value network
-    def make_value_network(self) -> nn.Module:
-        kw = {"sample_size": self.data_shape[-1], **self.value_net_kwargs}
-        return ValueUNet(channels=self.data_shape[0], cross_attention_dim=self.joint_dim, **kw)
-
     # -- export
     def save_finetuned(self, directory: str) -> None:
         """``<dir>/pytorch_lora_weights.safetensors`` in diffusers' SD3 format, with the LoRA config (rank, alpha,
@@ -370,10 +285,6 @@ class SD3Model(FlowTransformerModel):
         from diffusers.loaders import SD3LoraLoaderMixin
 
         os.makedirs(directory, exist_ok=True)
-        # only what LoraConfig needs to rebuild the same scale α/r on the same modules: keys every peft version
-        # knows (a full to_dict() carries fields older peft's LoraConfig rejects)
-        cfg = self.transformer.peft_config["default"]
-        targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
-        meta = {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha), "target_modules": targets}
         SD3LoraLoaderMixin.save_lora_weights(directory, transformer_lora_layers=self.lora_state_dict(),
-                                             weight_name=LORA_WEIGHT_NAME, transformer_lora_adapter_metadata=meta)
+                                             weight_name=LORA_WEIGHT_NAME,
+                                             transformer_lora_adapter_metadata=self.lora_adapter_metadata())
