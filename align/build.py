@@ -27,6 +27,13 @@ def build_model(cfg: DictConfig) -> FlowModel:
     return MODELS.get(cfg.model.name)(**_kwargs(cfg.model))
 
 
+def scores_domain(domain: str, model: str) -> bool:
+    """Whether a reward of ``domain`` scores the model ``model``: its own domain, ``any``, or the domain whose rewards
+    the model declares it shares (``reward_domain``: FLUX's RGB images and prompts are the sd3 domain's)."""
+    shared = getattr(MODELS.get(model), "reward_domain", None) if model in MODELS.names() else None
+    return domain in ("any", model, shared)
+
+
 def check_domain(reward: str, model: str, reward_cfg: Any = None) -> None:
     """ConfigError unless the reward ``reward`` (with its config ``reward_cfg``, where its domain depends on it:
     mix, callable) scores the model ``model``'s domain (from the class and config: no weights)."""
@@ -35,9 +42,7 @@ def check_domain(reward: str, model: str, reward_cfg: Any = None) -> None:
         domain = domain_of(cls, reward_cfg) if reward_cfg is not None else cls.domain
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    # a model may score with another domain's rewards: FLUX's RGB images and prompts are the sd3 domain's
-    shared = getattr(MODELS.get(model), "reward_domain", None) if model in MODELS.names() else None
-    if domain not in ("any", model, shared):
+    if not scores_domain(domain, model):
         raise ConfigError(f"reward={reward} scores the '{domain}' domain but model={model}; "
                           f"use model={domain} or a reward of the {model} domain")
 
@@ -98,7 +103,7 @@ def eval_reward_entries(cfg: DictConfig, model: str) -> list[RewardEntry]:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     for e, domain in zip(entries, domains):
-        if domain not in ("any", model):
+        if not scores_domain(domain, model):
             raise ConfigError(f"{e.key}: reward {e.name} scores the '{domain}' domain but model={model}; "
                               f"held-out rewards must score the model's domain")
     return entries

@@ -196,4 +196,6 @@ def describe(cfg: DictConfig) -> str | None:
     tail = "; set explicitly: " + ", ".join(f"{k}={fmt(OmegaConf.select(cfg, k))}" for k in given) if given else ""
     if (model, reward) in TABLE:
         return f"align: paper settings for {model} × {reward} × {algo}: {parts}{tail}"
+    if model in BORROWS:
+        return f"align: settings for {model} × {reward} × {algo} borrowed from {BORROWS[model]}: {parts}{tail}"
     return f"align: domain defaults for {model} × {reward} × {algo} ({SOURCE}, {model} row): {parts}{tail}"
