@@ -133,7 +133,8 @@ def test_bad_kwargs_and_a_bad_domain_are_named(user_module):
         _reward([*GMM, f"reward.target={user_module}.Offset", "reward.kwargs={offzet: 1}"])
     with pytest.raises(ConfigProblem, match=r"reward.kwargs must be a mapping"):
         _reward([*GMM, f"reward.target={user_module}.Offset", "reward.kwargs=3"])
-    with pytest.raises(ConfigProblem, match="reward.domain=mars is not a model; valid choices: any, digits, flux, gmm, sd3"):
+    with pytest.raises(ConfigProblem,
+                       match="reward.domain=mars is not a model; valid choices: any, digits, flux, gmm, sd3$"):
         check_overrides(["algo=refl", "reward=callable", "reward.domain=mars", f"reward.target={user_module}.ink",
                          "reward.differentiable=true"], CONF_DIR)
 
