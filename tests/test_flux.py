@@ -229,11 +229,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(flux_dir):
     grads = []
     for gc in (False, True):
         model = load_flux(flux_dir, gradient_checkpointing=gc)
+        assert model.transformer.gradient_checkpointing == gc      # on by default (FluxConfig), off when asked
         perturb_lora(model, scale=0.05)
         x, cond = _noise(model), model.encode(PROMPTS)
         loss = model.velocity(x, torch.tensor([0.4, 0.8]), cond).pow(2).sum()
         grads.append(torch.autograd.grad(loss, model.trainable_parameters()))
-    assert model.transformer.gradient_checkpointing
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
@@ -307,7 +307,7 @@ def test_every_algorithm_trains_two_steps_on_tiny_flux(flux_dir, tmp_path, algo,
     run_dir = str(tmp_path / "run")
     overrides = [f"algo={algo}", "model=flux", "reward=aesthetic", f"model.pretrained={flux_dir}",
                  "model.dtype=float32", f"model.resolution={RESOLUTION}", f"model.max_sequence_length={T5_LEN}",
-                 "model.features.kind=pixels", "model.value_net.block_out_channels=[8,16]",
+                 "model.decoder=vae", "model.features.kind=pixels", "model.value_net.block_out_channels=[8,16]",
                  "model.value_net.attention_head_dim=4", "prompts=hpdv2", "sampler.steps=4", "train.steps=2",
                  "train.batch_size=2", "train.progress=false", "eval.every=0", "eval.n_samples=4",
                  "eval.group_size=2", "eval.final_samples=2", "device=cpu"]

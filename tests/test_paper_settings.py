@@ -244,13 +244,16 @@ def test_the_flux_sweep_files_take_the_peers_settings_and_sd3s_rows(reward):
         assert cfg.model.resolution == resolution and cfg.sampler.steps == steps and cfg.model.guidance_scale == 3.5
         assert len(cfg.eval.rewards) == 2
         name = cfg.algo.name
+        micro_batch = int(cfg.train.batch_size) // int(cfg.train.grad_accum)
         if name in FLOW_GRPO_PAPER:
             assert int(cfg.algo.group_size) == G and int(cfg.train.batch_size) % G == 0
+            assert micro_batch == G                       # the smallest micro-batch a group allows
             if name == "flow_grpo":
                 assert float(cfg.algo.beta) == 0.0
                 assert cfg.algo.train_steps == train_steps
                 assert cfg.algo.train_grid == ("flux" if train_steps else "model")
         else:
+            assert micro_batch == 1                       # one trajectory: what docs/flux.md's memory table assumes
             beta, lr = README[reward][name]
             assert float(cfg.train.lr) == pytest.approx(lr, rel=1e-12)
             assert beta is None or float(cfg.algo.beta) == pytest.approx(beta, rel=1e-12)

@@ -130,9 +130,13 @@ class FluxConfig:
     # pixels (a multiple of 16); latents are 16 × res/8 × res/8, packed to (res/16)² tokens. FLUX.1's native size is
     # 1024; the FLUX peers (flow_grpo, DanceGRPO) train at 512
     resolution: int = 1024
-    decoder: Decoder = Decoder.vae  # vae (FLUX's own, what the peers decode with) | taef1 (tiny, for reward gradients)
+    # taef1 (tiny, as SD3's taesd3: VGG-Flow's reward gradients fit 80 GB only with it) | vae (FLUX's own, what the
+    # policy-gradient peers decode with; ≈ 24 GB per decode with grad at 1024²): docs/flux.md#hardware-and-memory
+    decoder: Decoder = Decoder.taef1
     taef1_path: str = DEFAULT_TAEF1  # hub id or local directory of TAEF1 (used when decoder=taef1)
-    gradient_checkpointing: bool = False  # recompute transformer (and decoder) activations in backward: less memory
+    # recompute transformer (and decoder) activations in backward: on by default, since one forward with grad holds
+    # ≈ 32 GB at 1024² without it (1.6 GB kept with it)
+    gradient_checkpointing: bool = True
     guidance_scale: float = 3.5     # FLUX.1-dev's guidance embedding (FluxPipeline's 3.5); schnell has none
     exact_timesteps: bool = True    # fp32 1000σ into the time embedding (false: the bf16 rounding of the pipeline)
     lora_rank: int = 8              # as SD3: r = 8, lora_alpha = 8, gaussian init
@@ -162,8 +166,8 @@ class FluxModel(LatentImageModel):
     reward_domain = "sd3"           # scored by the image rewards (aesthetic, hpsv2, pickscore, ...)
 
     def __init__(self, pretrained: str = DEFAULT_PRETRAINED, dtype: str = "bfloat16", max_sequence_length: int = 512,
-                 resolution: int = 1024, decoder: str = "vae", taef1_path: str = DEFAULT_TAEF1,
-                 gradient_checkpointing: bool = False, guidance_scale: float = 3.5, exact_timesteps: bool = True,
+                 resolution: int = 1024, decoder: str = "taef1", taef1_path: str = DEFAULT_TAEF1,
+                 gradient_checkpointing: bool = True, guidance_scale: float = 3.5, exact_timesteps: bool = True,
                  lora_rank: int = 8, lora_alpha: float = 8.0, lora_target_modules: Sequence[str] = LORA_TARGET_MODULES,
                  grid: str = "flux", value_net: dict[str, Any] | None = None, features: dict[str, Any] | None = None,
                  keep_text_encoders: bool = False, encode_device: str = "auto", decode_batch_size: int = 4,
