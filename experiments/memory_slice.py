@@ -472,6 +472,9 @@ def algorithm_estimates(tf: dict, dec: dict[str, dict], tower: float, vnet: floa
     # VGG-Flow: 6 states (5 bins + the last) in one v_θ graph; in the loss, g at the perturbed states takes another
     # ∇r(decode(x̂)) for the 6 states while that graph is alive, and ν_φ runs with grad on 6 + 1 + 6 rows.
     row("vggflow", "6 T + 6 (decode + reward) + 13 ν_φ", 6, 6, extra=vn_weights + 13 * vnet)
+    # model.reward_grad_batch_size=1: those gradients one image at a time (one decode graph alive, not 6)
+    row("vggflow (reward_grad_batch_size 1)", "6 T + 1 (decode + reward) + 13 ν_φ", 6, 1,
+        extra=vn_weights + 13 * vnet)
     # VGG-Flow-PMP: ∇r(decode(x_N)) and one VJP (one T) per step in the sweep, then 6 states with grad.
     row("vggflow_pmp", "sweep: T + decode; loss: 6 T", 6, 1, sequential=True)
     # Adjoint Matching: the same sweep through v_base, then |K| = ⌈N/4⌉ + ⌈N/4⌉ = 10 states (N = 20).

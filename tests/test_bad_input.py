@@ -20,6 +20,9 @@ GMM = ["model=gmm", "reward=linear"]
 # (overrides, substrings of the message); {tmp} is the test's folder, whose files are the user's
 CATALOGUE = [
     (["train.grad_clip=0"], ["train.grad_clip", "> 0"]),
+    (["model=flux", "reward=hpsv2", "model.reward_grad_batch_size=0"],
+     ["model.reward_grad_batch_size must be >= 1", "0"]),
+    (["model=sd3", "reward=aesthetic", "model.reward_grad_batch_size=-2"], ["model.reward_grad_batch_size", "-2"]),
     (["train.grad_clip=-1"], ["train.grad_clip", "> 0", "-1"]),
     (["train.checkpoint_every=0"], ["train.checkpoint_every must be >= 1"]),
     (["train.log_every=0"], ["train.log_every must be >= 1"]),

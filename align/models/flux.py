@@ -44,7 +44,8 @@ from align.features import build_features
 from align.loading import DTYPES, dtype_kwargs, load_component
 from align.models.flow_transformer import LORA_TARGET_MODULES, LORA_WEIGHT_NAME, sigma_to_timestep
 from align.models.flux_text import FluxTextEncoders
-from align.models.latent_image import LatentImageModel, encode_device as _encode_device
+from align.models.latent_image import LatentImageModel, check_reward_grad_batch_size
+from align.models.latent_image import encode_device as _encode_device
 from align.models.sd3 import component_files, enable_tf32
 from align.registry import register_model
 from align.schema import Dtype, Grid
@@ -147,6 +148,10 @@ class FluxConfig:
     keep_text_encoders: bool = False  # true: keep CLIP and T5 (on the CPU) to encode prompts outside the set
     encode_device: str = "auto"     # where the text encoders run for the one-off encoding (auto: cuda if available)
     decode_batch_size: int = 4      # images decoded per decoder call (evaluation batches)
+    # images per reward-gradient pass (VGG-Flow's and the adjoint methods' ∇r(decode(x))): one pass's decode-and-
+    # reward graph alive at a time instead of the whole batch's, for rewards that score each image independently;
+    # null: the whole batch at once (with the VAE, 1 halves VGG-Flow's peak at 1024²: docs/flux.md)
+    reward_grad_batch_size: Optional[int] = None
     forward_batch_size: Optional[int] = 8  # transformer batch under no_grad (evaluation / rollouts); null: no chunking
     # VGG-Flow's ν_φ: the scaled-down SD1.5 UNet2DConditionModel on the (unpacked) latents, cross-attending to the
     # T5 tokens (dim 4096); conv_out × out_scale (ν ≈ 0 at the start)
@@ -156,6 +161,9 @@ class FluxConfig:
     # image features of the diversity and FID metrics: as model=sd3 (align/features.py)
     features: Dict[str, Any] = field(default_factory=lambda: {"kind": "clip", "model_name": "ViT-L-14",
                                                              "weights": None})
+
+    def validate(self) -> None:
+        check_reward_grad_batch_size(self.reward_grad_batch_size)
 
 
 @register_model("flux", config=FluxConfig)
@@ -171,9 +179,10 @@ class FluxModel(LatentImageModel):
                  lora_rank: int = 8, lora_alpha: float = 8.0, lora_target_modules: Sequence[str] = LORA_TARGET_MODULES,
                  grid: str = "flux", value_net: dict[str, Any] | None = None, features: dict[str, Any] | None = None,
                  keep_text_encoders: bool = False, encode_device: str = "auto", decode_batch_size: int = 4,
-                 forward_batch_size: int | None = None, **_: Any):
+                 forward_batch_size: int | None = None, reward_grad_batch_size: int | None = None, **_: Any):
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype={dtype!r}: valid choices are {', '.join(DTYPES)}")
+        check_reward_grad_batch_size(reward_grad_batch_size)
         if decoder not in ("vae", "taef1"):
             raise ValueError(f"model.decoder={decoder!r}: valid choices are vae, taef1")
         if not 1 <= int(max_sequence_length) <= 512:
@@ -221,6 +230,7 @@ class FluxModel(LatentImageModel):
         self.register_buffer("img_ids", image_position_ids(side, side), persistent=False)
         self.set_decoder(dec, decoder, decode_batch_size)
         self.forward_batch_size = forward_batch_size
+        self.reward_grad_batch_size = reward_grad_batch_size
         self.context_dim = int(transformer.config.joint_attention_dim)
         self.value_net_kwargs = dict(value_net or {})
         if gradient_checkpointing:

@@ -37,7 +37,8 @@ from torch.nn import functional as F
 from align.features import build_features
 from align.loading import DTYPES, dtype_kwargs, load_component
 from align.models.flow_transformer import LORA_TARGET_MODULES, LORA_WEIGHT_NAME
-from align.models.latent_image import LatentImageModel, encode_device as _encode_device
+from align.models.latent_image import LatentImageModel, check_reward_grad_batch_size
+from align.models.latent_image import encode_device as _encode_device
 from align.models.sd3_text import SD3TextEncoders
 from align.registry import register_model
 from align.schema import Dtype, Grid
@@ -142,6 +143,10 @@ class SD3Config:
     keep_text_encoders: bool = False
     encode_device: str = "auto"     # where the text encoders run for the one-off encoding (auto: cuda if available)
     decode_batch_size: int = 8      # images decoded per decoder call (evaluation batches)
+    # images per reward-gradient pass (VGG-Flow's and the adjoint methods' ∇r(decode(x))): one pass's decode-and-
+    # reward graph alive at a time instead of the whole batch's, for rewards that score each image independently;
+    # null: the whole batch at once
+    reward_grad_batch_size: Optional[int] = None
     forward_batch_size: Optional[int] = 16  # transformer batch under no_grad (evaluation / rollouts); null: no chunking
     # VGG-Flow's ν_φ: the paper's scaled-down SD1.5 UNet2DConditionModel on latents (its keyword arguments),
     # cross-attending to the prompt embeddings (dim 4096); conv_out weight and bias × out_scale (ν ≈ 0 at the start)
@@ -159,6 +164,9 @@ class SD3Config:
     features: Dict[str, Any] = field(default_factory=lambda: {"kind": "clip", "model_name": "ViT-L-14",
                                                              "weights": None})
 
+    def validate(self) -> None:
+        check_reward_grad_batch_size(self.reward_grad_batch_size)
+
 
 @register_model("sd3", config=SD3Config)
 class SD3Model(LatentImageModel):
@@ -173,9 +181,11 @@ class SD3Model(LatentImageModel):
                  lora_target_modules: Sequence[str] = LORA_TARGET_MODULES, grid: str = "sd3",
                  value_net: dict[str, Any] | None = None, features: dict[str, Any] | None = None,
                  keep_text_encoders: bool = False, encode_device: str = "auto",
-                 decode_batch_size: int = 8, forward_batch_size: int | None = None, **_: Any):
+                 decode_batch_size: int = 8, forward_batch_size: int | None = None,
+                 reward_grad_batch_size: int | None = None, **_: Any):
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype={dtype!r}: valid choices are {', '.join(DTYPES)}")
+        check_reward_grad_batch_size(reward_grad_batch_size)
         if decoder not in ("vae", "taesd3"):
             raise ValueError(f"model.decoder={decoder!r}: valid choices are vae, taesd3")
         net_dtype = DTYPES[dtype]
@@ -233,6 +243,7 @@ class SD3Model(LatentImageModel):
         # the decoder's own latent factors, as the diffusers pipeline uses its vae's (TAESD3: 1 and 0)
         self.set_decoder(dec, decoder, decode_batch_size)
         self.forward_batch_size = forward_batch_size
+        self.reward_grad_batch_size = reward_grad_batch_size
         self.joint_dim = self.context_dim = int(transformer.config.joint_attention_dim)
         self.value_net_kwargs = dict(value_net or {})
         if gradient_checkpointing:
