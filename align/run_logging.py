@@ -82,6 +82,7 @@ class RunLogger:
         return path
 
     def close(self) -> None:
-        if self.enabled:
-            self.accelerator.end_training()
+        """Finish the trackers (the main process's) and end the process group on every process: a process that
+        exits with its gloo group alive can abort at exit ("terminate called without an active exception")."""
+        self.accelerator.end_training()
 

@@ -332,6 +332,7 @@ class Trainer:
                 if self.step % int(t.checkpoint_every) == 0 or self.step == steps:
                     self.save()
             self._final_samples()     # before logger.close(): accelerate's end_training ends the process group
+            self.accelerator.wait_for_everyone()    # no process ends the group while another still uses it
         finally:
             bar.close()
             logger.close()

@@ -35,6 +35,8 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
 
     two = _torchrun(tmp_path, tmp_path / "two", 2, tmp_path / "two_out")
     assert [w["world"] for w in two] == [2, 2]
+    # every process ended its process group (one exiting with a live gloo group can abort at exit)
+    assert [w["group_alive_after_train"] for w in two] == [False, False]
     # each process drew its own noise
     for step in range(2):
         assert not torch.allclose(two[0]["x0"][step], two[1]["x0"][step])

@@ -74,7 +74,8 @@ def main(run_dir: str, steps: int, out: str, mode: str, extra: list[str]) -> Non
     trainer.train()
     torch.save({"x0": drawn, "world": trainer.accelerator.num_processes, "skipped": trainer.skipped,
                 "params": trainer.model.finetune_state_dict(), "algo": trainer.algo.state_dict(),
-                "step": trainer.step, **record}, f"{out}.rank{rank}.pt")
+                "step": trainer.step, "group_alive_after_train": dist.is_initialized(), **record},
+               f"{out}.rank{rank}.pt")
 
 
 if __name__ == "__main__":
