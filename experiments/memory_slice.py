@@ -579,9 +579,9 @@ def report(res: dict[str, Any], kinds: list[str]) -> None:
         res["estimates"] = rows
         print(f"\nFLUX.1-dev, {R}², peak GPU memory per micro-batch of one trajectory (GB, estimates; weights: "
               f"transformer bf16 + LoRA/Adam + HPSv2 + ViT-L/14 features + decoder [+ ν_φ with Adam])")
-        print(f"{'algorithm':30s} {'decoder':7s} {'no ckpt':>8s} {'ckpt':>8s}  fits (no ckpt / ckpt)   graph")
+        print(f"{'algorithm':36s} {'decoder':7s} {'no ckpt':>8s} {'ckpt':>8s}  fits (no ckpt / ckpt)   graph")
         for r in rows:
-            print(f"{r['algorithm']:30s} {r['decoder']:7s} {r['no_ckpt']:8.1f} {r['ckpt']:8.1f}  "
+            print(f"{r['algorithm']:36s} {r['decoder']:7s} {r['no_ckpt']:8.1f} {r['ckpt']:8.1f}  "
                   f"{fits(r['no_ckpt']):>7s} / {fits(r['ckpt']):7s}   {r['graph']}")
     print(f"\n({res['seconds']:.0f} s)")
 
