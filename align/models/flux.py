@@ -131,8 +131,8 @@ class FluxConfig:
     # pixels (a multiple of 16); latents are 16 × res/8 × res/8, packed to (res/16)² tokens. FLUX.1's native size is
     # 1024; the FLUX peers (flow_grpo, DanceGRPO) train at 512
     resolution: int = 1024
-    # taef1 (tiny, as SD3's taesd3: VGG-Flow's reward gradients fit 80 GB only with it) | vae (FLUX's own, what the
-    # policy-gradient peers decode with; ≈ 24 GB per decode with grad at 1024²): docs/flux.md#hardware-and-memory
+    # taef1 (tiny, as SD3's taesd3: 2.3 GB per decode with grad at 1024²) | vae (FLUX's own, what the policy-gradient
+    # peers decode with; ≈ 24 GB per decode with grad, so VGG-Flow on 80 GB also needs reward_grad_batch_size=1)
     decoder: Decoder = Decoder.taef1
     taef1_path: str = DEFAULT_TAEF1  # hub id or local directory of TAEF1 (used when decoder=taef1)
     # recompute transformer (and decoder) activations in backward: on by default, since one forward with grad holds
@@ -150,7 +150,8 @@ class FluxConfig:
     decode_batch_size: int = 4      # images decoded per decoder call (evaluation batches)
     # images per reward-gradient pass (VGG-Flow's and the adjoint methods' ∇r(decode(x))): one pass's decode-and-
     # reward graph alive at a time instead of the whole batch's, for rewards that score each image independently;
-    # null: the whole batch at once (with the VAE, 1 halves VGG-Flow's peak at 1024²: docs/flux.md)
+    # null: the whole batch at once (with the VAE, 1 takes VGG-Flow's peak at 1024² from ≈ 124 to ≈ 71 GB:
+    # docs/flux.md#hardware-and-memory)
     reward_grad_batch_size: Optional[int] = None
     forward_batch_size: Optional[int] = 8  # transformer batch under no_grad (evaluation / rollouts); null: no chunking
     # VGG-Flow's ν_φ: the scaled-down SD1.5 UNet2DConditionModel on the (unpacked) latents, cross-attending to the
