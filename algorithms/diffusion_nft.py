@@ -39,7 +39,8 @@ The paper's setting: ``model.guidance_scale=1`` (digits defaults to 2, SD3 to 5)
 
 Departures from the released code (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py): Euler ODE collection (theirs: a
 10-step DPM2 solver, noise level 0.7 deterministic); one loss over all B·K rows (theirs: one backward per time, same
-gradient); groups are G consecutive rows of one micro-batch (theirs: all samples of one prompt in the epoch);
+gradient); groups are G consecutive rows of a process's update, across its micro-batches (theirs: all samples of one prompt
+in the epoch, over processes);
 evaluation with θ itself (theirs: an EMA of θ, decay 0.9); KL off by default (``kl_coef``; theirs 1e-4).
 """
 from __future__ import annotations
@@ -76,7 +77,7 @@ class DiffusionNFTConfig:
     lr: float = MISSING             # paper/code: 3e-4 (SD3.5-M LoRA r 32, AdamW wd 1e-4); preset: align/paper_settings.py
     beta: float = 1.0               # β, the mixing (guidance) strength of v± (code default 1.0; 0.1 for OCR, multi-reward)
     # G: rows per prompt group (paper: 24 images per prompt on SD3.5-M). 4 so that the built-in budgets split
-    # (digits: 8 rows per update); must divide train.batch_size / train.grad_accum.
+    # (digits: 8 rows per update); must divide train.batch_size (a group may span micro-batches).
     group_size: int = 4
     # Z of the optimality map: global_std (std of all the update's rewards, over processes; the code's default) |
     # group_std (std within the group) | fixed (no centring, no division: r = ½ + ½ clip(r_raw / adv_clip, −1, 1))
@@ -125,10 +126,10 @@ class DiffusionNFTConfig:
                              f"has {N} steps (sampler.steps / algo.collect_steps); lower it or use "
                              "algo.t_sampling=uniform")
 
-    def validate_batch(self, rows: int) -> None:
-        if rows % int(self.group_size):
-            raise ValueError(f"algo.group_size={self.group_size} must divide the {rows} rows of a micro-batch "
-                             "(train.batch_size / train.grad_accum): every group of G rows shares one prompt")
+    def validate_batch(self, rows_per_update: int, rows_per_micro_batch: int) -> None:
+        if rows_per_update % int(self.group_size):
+            raise ValueError(f"algo.group_size={self.group_size} must divide the {rows_per_update} rows of an update "
+                             "(train.batch_size, per process): every group of G rows shares one prompt")
 
 
 def eta_schedule(i: int, rate: float, eta_max: float, flat: int) -> float:
@@ -170,6 +171,7 @@ class DiffusionNFT(Algorithm):
 
     uses_reward_gradient = False
     update_wide = True           # the optimality map's Z is the std over the whole update (all micro-batches)
+    groups_span_micro_batches = True    # ... and its groups are taken over the update's micro-batches in order
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
         super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
@@ -223,9 +225,10 @@ class DiffusionNFT(Algorithm):
         global_std = None
         if cfg.normaliser == "global_std":
             global_std = gather(torch.cat([tr.reward_x1 for tr in trajs])).std(unbiased=False)
-        for tr in trajs:
-            tr.extras["optimality"] = optimality(tr.reward_x1, self.group_size, str(cfg.normaliser),
-                                                 float(cfg.adv_clip), global_std)
+        r = optimality(torch.cat([tr.reward_x1 for tr in trajs]), self.group_size, str(cfg.normaliser),
+                       float(cfg.adv_clip), global_std)
+        for tr, r_tr in zip(trajs, r.split([len(tr.reward_x1) for tr in trajs])):
+            tr.extras["optimality"] = r_tr
 
     # ---- 3. the loss on the forward process -----------------------------------------------------------------
     def draw_times(self, B: int, generator: torch.Generator) -> torch.Tensor:

@@ -37,6 +37,9 @@ Where the paper and flow_grpo's code (scripts/train_sd3.py, config/grpo.py) diff
     num_batches_per_epoch/2), the second on samples of the policy before the first; ``old_policy_every: 2`` does
     that (rollouts use θ_old, refreshed after every 2nd update; θ_old lives in state_dict for exact resume).
     With 1 (the default) every update is on-policy: ρ ≡ 1 and the clip never acts.
+  * groups: G consecutive rows of one process's update, across its micro-batches when G does not divide them
+    (the advantages are then taken in ``prepare`` over the whole update); the code's sampler spreads a prompt's G
+    images over the processes.
 CFG: ``model.velocity`` is the CFG-combined field; under grad its unconditional branch is detached from θ
 (align/models/flow_transformer.py). flow_grpo's first release (39d3d2c) backpropagated through both branches; since
 2d76907 it detaches the unconditional one, as here. Sampling uses the same guided field.
@@ -80,8 +83,8 @@ class FlowGRPOConfig:
     # Those values were tuned with the code's KL form (kl: code), see the module docstring.
     beta: float = 0.04
     noise_level: float = 0.7        # a of g_t = a √((1 − t)/t) (paper and code: 0.7)
-    # G: rows per prompt, consecutive in each micro-batch (paper: 24 on SD3.5-M with 48 prompts per epoch; it must
-    # divide train.batch_size / train.grad_accum, so the default is small)
+    # G: rows per prompt, consecutive in the update (paper: 24 on SD3.5-M with 48 prompts per epoch); it must
+    # divide train.batch_size, and a group may span micro-batches (one trajectory per micro-batch fits any G)
     group_size: int = 4
     normalize_std: bool = True      # divide the centred rewards by their std (off: raw centred rewards, exact target)
     std_over: StdOver = StdOver.group  # group (paper) | batch: every reward of the update (code's global_std=True)
@@ -115,10 +118,10 @@ class FlowGRPOConfig:
         require(0 < self.timestep_fraction <= 1, "algo.timestep_fraction", self.timestep_fraction, "in (0, 1]")
         require(self.old_policy_every >= 1, "algo.old_policy_every", self.old_policy_every, ">= 1")
 
-    def validate_batch(self, rows_per_micro_batch: int) -> None:
-        if rows_per_micro_batch % self.group_size:
-            raise ValueError(f"algo.group_size={self.group_size} must divide the micro-batch of "
-                             f"{rows_per_micro_batch} rows (train.batch_size / train.grad_accum)")
+    def validate_batch(self, rows_per_update: int, rows_per_micro_batch: int) -> None:
+        if rows_per_update % self.group_size:
+            raise ValueError(f"algo.group_size={self.group_size} must divide the update's {rows_per_update} rows "
+                             "(train.batch_size, per process): every group of G rows shares one prompt")
 
     def validate_steps(self, n_steps: int) -> None:
         if self.train_grid == "model" and self.train_steps not in (None, n_steps):
@@ -160,6 +163,7 @@ class FlowGRPO(Algorithm):
     """GRPO with the PPO clip and a per-step KL to the base, on the marginal-preserving SDE (module docstring)."""
 
     uses_reward_gradient = False
+    groups_span_micro_batches = True    # prepare() takes the advantages over the whole update
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
         super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
@@ -229,7 +233,7 @@ class FlowGRPO(Algorithm):
             r = self.reward(self.model.decode(sde.xs[-1]).float(), prompts).float()
         traj = Trajectory(xs=sde.xs, ts=self.train_ts, cond=cond, prompts=prompts, reward_x1=r,
                           extras={"log_probs": sde.log_probs})
-        if not self.update_wide:
+        if not self.update_wide and len(prompts) % self.G == 0:    # else prepare(): the std or the groups span
             traj.extras["advantages"] = self.advantages(r)
         return traj
 
@@ -242,11 +246,14 @@ class FlowGRPO(Algorithm):
 
     def prepare(self, trajs: list[Trajectory], generator: torch.Generator,
                 gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """``std_over: batch``: σ of every reward of the update, over all processes (flow_grpo's global std)."""
-        every = gather(torch.cat([t.reward_x1 for t in trajs]))
-        std = every.std(correction=0)
-        for t in trajs:
-            t.extras["advantages"] = self.advantages(t.reward_x1, std.to(t.reward_x1))
+        """The advantages over the update's micro-batches taken in order (a group may span them), with
+        ``std_over: batch`` σ of every reward of the update over all processes (flow_grpo's global std)."""
+        r = torch.cat([t.reward_x1 for t in trajs])
+        std = None
+        if self.cfg.normalize_std and self.cfg.std_over == "batch":
+            std = gather(r).std(correction=0).to(r)
+        for t, adv in zip(trajs, self.advantages(r, std).split([len(t.reward_x1) for t in trajs])):
+            t.extras["advantages"] = adv
 
     # ---- 4: the clipped surrogate and the KL ---------------------------------------------------------------
     def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:

@@ -135,6 +135,10 @@ class Algorithm(nn.Module, abc.ABC):
     # True: the trainer rolls out every micro-batch of an update before any loss and calls ``prepare`` with all
     # of them (statistics over the whole update, e.g. VGG-Flow's clip threshold). Rollouts must then hold no graph.
     update_wide: bool = False
+    # True: a group of ``group_size`` rows may be larger than a micro-batch or straddle two (G ∤ batch_size /
+    # grad_accum): the trainer draws the update's prompts in groups, rolls out every micro-batch first and
+    # ``prepare`` computes the group statistics over all of them (so one trajectory per micro-batch fits G = 24)
+    groups_span_micro_batches: bool = False
     # True: the loss differentiates the reward (∇r); such an algorithm refuses a reward that is not differentiable
     uses_reward_gradient: bool = True
 
@@ -153,8 +157,9 @@ class Algorithm(nn.Module, abc.ABC):
 
     @property
     def group_size(self) -> int:
-        """G: the trainer draws each micro-batch's prompts in groups of G consecutive rows sharing one prompt (the
-        policy-gradient methods' groups; 1: every row its own prompt)."""
+        """G: the trainer draws prompts in groups of G consecutive rows sharing one prompt (the policy-gradient
+        methods' groups; 1: every row its own prompt), within each micro-batch or, with
+        ``groups_span_micro_batches``, over the update's micro-batches taken in order."""
         return 1
 
     def param_groups(self) -> list[dict[str, Any]]:

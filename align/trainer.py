@@ -72,6 +72,7 @@ class Trainer:
                  config: dict[str, Any] | None = None, eval_rewards: dict[str, Reward] | None = None):
         self.train_cfg, self.eval_cfg, self.seed, self.config = train, evaluation, int(seed), config
         self.run_dir = run_dir
+        self._check_groups(algorithm)
         # Read the checkpoint before anything else: one that cannot be resumed is a clear error before any work,
         # and the trackers need its step (TensorBoard purges the events after it).
         loaded = load_latest(run_dir) if resume else None
@@ -109,6 +110,16 @@ class Trainer:
         self.start_norms, self.broken = self._param_norms(), []   # the divergence guard's reference
         if loaded is not None:
             self.load_state(loaded[1])
+
+    def _check_groups(self, algorithm: Algorithm) -> None:
+        """Before any work: the update splits into groups of G, and groups that span micro-batches are allowed."""
+        G, rows = int(algorithm.group_size), int(self.train_cfg.batch_size)
+        if rows % G:
+            raise ValueError(f"train.batch_size={rows} does not split into groups of algo.group_size={G}")
+        micro = rows // int(self.train_cfg.grad_accum)
+        if micro % G and not algorithm.groups_span_micro_batches:
+            raise ValueError(f"algo={algorithm.name}'s groups of algo.group_size={G} must lie within one "
+                             f"micro-batch (here train.batch_size / train.grad_accum = {micro})")
 
     def _preflight(self) -> None:
         """Score two noise samples so that shape or weight problems surface before sampling starts."""
@@ -164,29 +175,47 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     # ---- one update -------------------------------------------------------------------------------------
-    def _rollout_batch(self, n: int):
+    def _draw_prompts(self, n: int) -> list[str]:
+        """n rows of prompts in groups of G consecutive rows sharing one prompt drawn from the prompt set."""
         G = int(self.algo.group_size)
         if n % G:
-            raise ValueError(f"a micro-batch of {n} rows (train.batch_size / train.grad_accum) does not split into "
-                             f"groups of algo.group_size={G}")
+            raise ValueError(f"{n} rows (train.batch_size, or a micro-batch of it) do not split into groups of "
+                             f"algo.group_size={G}")
         picks = torch.randint(len(self.prompt_set), (n // G,), generator=self.generator).tolist()
-        prompts = [self.prompt_set[i] for i in picks for _ in range(G)]
+        return [self.prompt_set[i] for i in picks for _ in range(G)]
+
+    def _rollout_batch(self, n: int, prompts: list[str] | None = None):
+        """One micro-batch of n trajectories: its own groups of prompts, or the given ``prompts``."""
+        prompts = self._draw_prompts(n) if prompts is None else prompts
         x0 = self.model.sample_noise(n, self.generator)
         return self.algo.rollout(x0, prompts, self.model.encode(prompts), self.generator)
 
+    def groups_span_micro_batches(self) -> bool:
+        """True when a group of G rows is larger than, or straddles, a micro-batch (G ∤ batch_size / grad_accum):
+        the update's prompts are drawn in groups first, the micro-batches take consecutive rows of them, and the
+        algorithm's ``prepare`` computes the group statistics over the whole update."""
+        micro = int(self.train_cfg.batch_size) // int(self.train_cfg.grad_accum)
+        return micro % int(self.algo.group_size) != 0
+
     def update(self) -> dict[str, Any]:
         """One optimizer update from ``train.grad_accum`` freshly rolled-out micro-batches."""
-        micro = int(self.train_cfg.batch_size) // int(self.train_cfg.grad_accum)
-        trajs = (self._rollout_batch(micro) for _ in range(int(self.train_cfg.grad_accum)))
-        return self.learn(trajs)
+        accum = int(self.train_cfg.grad_accum)
+        micro = int(self.train_cfg.batch_size) // accum
+        if not self.groups_span_micro_batches():     # each micro-batch holds whole groups (the draws as before)
+            return self.learn(self._rollout_batch(micro) for _ in range(accum))
+        prompts = self._draw_prompts(micro * accum)
+        return self.learn([self._rollout_batch(micro, prompts[i * micro:(i + 1) * micro]) for i in range(accum)],
+                          groups_span=True)
 
-    def learn(self, trajs: Iterable[Trajectory]) -> dict[str, Any]:
+    def learn(self, trajs: Iterable[Trajectory], groups_span: bool = False) -> dict[str, Any]:
         """One optimizer update from the micro-batches ``trajs`` (rolled out with the current θ).
 
-        For an ``update_wide`` algorithm every micro-batch is rolled out first and ``prepare`` sees them all
-        (and, through ``gather``, every process's); otherwise one micro-batch is alive at a time.
+        For an ``update_wide`` algorithm, or when the prompt groups span micro-batches (``groups_span``: rows
+        ``i·G … i·G + G − 1`` of the micro-batches taken in order share a prompt), every micro-batch is rolled out
+        first and ``prepare`` sees them all (and, through ``gather``, every process's); otherwise one micro-batch
+        is alive at a time.
         """
-        if self.algo.update_wide:
+        if self.algo.update_wide or groups_span:
             trajs = list(trajs)
             self.algo.prepare(trajs, self.generator, self.accelerator.gather)
         self.optimizer.zero_grad(set_to_none=True)

@@ -179,7 +179,8 @@ def test_no_reward_gradient_is_ever_requested(tmp_path, monkeypatch):
 
 
 BAD = [
-    (["algo.group_size=3"], ["algo.group_size=3 must divide the 8 rows"]),
+    (["algo.group_size=3"], ["algo.group_size=3 must divide the 8 rows of an update"]),
+    (["algo.group_size=16", "train.grad_accum=8"], ["algo.group_size=16 must divide the 8 rows of an update"]),
     (["algo.group_size=1"], ["algo.group_size must be >= 2", "normaliser=fixed", "1"]),
     (["algo.beta=0"], ["algo.beta must be finite and > 0", "0"]),
     (["algo.eta_max=1.5"], ["algo.eta_max must be in [0, 1]", "1.5"]),

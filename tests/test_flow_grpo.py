@@ -132,8 +132,8 @@ def test_kl_gradient_vanishes_at_the_base_and_not_elsewhere():
 
 GMM = ["model=gmm", "reward=linear", "algo=flow_grpo", "train.batch_size=8"]
 BAD = [
-    (["algo.group_size=3"], "algo.group_size=3 must divide the micro-batch of 8 rows"),
-    (["algo.group_size=4", "train.grad_accum=4"], "algo.group_size=4 must divide the micro-batch of 2 rows"),
+    (["algo.group_size=3"], "algo.group_size=3 must divide the update's 8 rows (train.batch_size, per process)"),
+    (["algo.group_size=16", "train.grad_accum=4"], "algo.group_size=16 must divide the update's 8 rows"),
     (["algo.group_size=1"], "algo.group_size must be >= 2"),
     (["algo.noise_level=0"], "algo.noise_level must be finite and > 0"),
     (["algo.noise_level=-0.7"], "algo.noise_level must be finite and > 0"),

@@ -90,6 +90,7 @@ def test_the_table1_sweep_files_resolve_to_the_readme_table(reward):
             lr, G, beta = FLOW_GRPO_PAPER[cfg.algo.name]
             assert float(cfg.train.lr) == pytest.approx(lr) and int(cfg.algo.group_size) == G
             assert int(cfg.train.batch_size) % G == 0
+            assert int(cfg.train.grad_accum) == int(cfg.train.batch_size)     # a group spans G micro-batches of one
             if cfg.algo.name == "flow_grpo":          # its published β (PickScore 0.01) assume the code's KL form
                 assert float(cfg.algo.beta) == (0.01 if reward == "pickscore" else beta) and cfg.algo.kl == "code"
             seen.add((cfg.algo.name, int(cfg.seed)))
@@ -245,15 +246,14 @@ def test_the_flux_sweep_files_take_the_peers_settings_and_sd3s_rows(reward):
         assert len(cfg.eval.rewards) == 2
         name = cfg.algo.name
         micro_batch = int(cfg.train.batch_size) // int(cfg.train.grad_accum)
+        assert micro_batch == 1               # one trajectory (groups span micro-batches): docs/flux.md's memory table
         if name in FLOW_GRPO_PAPER:
             assert int(cfg.algo.group_size) == G and int(cfg.train.batch_size) % G == 0
-            assert micro_batch == G                       # the smallest micro-batch a group allows
             if name == "flow_grpo":
                 assert float(cfg.algo.beta) == 0.0
                 assert cfg.algo.train_steps == train_steps
                 assert cfg.algo.train_grid == ("flux" if train_steps else "model")
         else:
-            assert micro_batch == 1                       # one trajectory: what docs/flux.md's memory table assumes
             beta, lr = README[reward][name]
             assert float(cfg.train.lr) == pytest.approx(lr, rel=1e-12)
             assert beta is None or float(cfg.algo.beta) == pytest.approx(beta, rel=1e-12)
