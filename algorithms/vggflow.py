@@ -212,17 +212,24 @@ class VGGFlow(Algorithm):
         n_phi, n_phi_1 = self.value_at_states_and_x1(traj, x, t, sample)
 
         # 2. Forward-looking value gradient with the update's reward-gradient clip.
-        v_theta = model.velocity(x, t, cond)                                       # grad → θ
         with torch.no_grad():
             v_base = model.base_velocity(x, t, cond)
         g = self.value_gradient(x, t, cond, prompts, tau, grad_r=grad_r, n_phi=n_phi)
-
-        # 3. Value-gradient matching (Eq. 13): ṽ_θ → −β g, g a fixed target.
-        loss_match = per_sample_mse(v_theta, (v_base - beta * g).detach()).mean()
-        logs = {"loss_match": loss_match.item(), "rgrad_norm": per_sample_norms(grad_r).mean().item(),
+        logs = {"rgrad_norm": per_sample_norms(grad_r).mean().item(),
                 "rgrad_tau": float(tau) if tau is not None else float("nan")}
+        # v_θ with grad is taken after the φ terms (4, 5), whose residual takes new reward gradients: its graph and
+        # theirs (decode + reward) are then never alive together. within_step needs it first, for its segment.
+        v_theta = model.velocity(x, t, cond) if cfg.consistency_times == "within_step" else None     # grad → θ
+
+        def matching(v_theta: torch.Tensor | None) -> torch.Tensor:
+            """3. Value-gradient matching (Eq. 13): ṽ_θ → −β g, g a fixed target."""
+            v_theta = model.velocity(x, t, cond) if v_theta is None else v_theta                  # grad → θ
+            loss = per_sample_mse(v_theta, (v_base - beta * g).detach()).mean()
+            logs["loss_match"] = loss.item()
+            return loss
+
         if self.value_net is None:
-            return loss_match, logs
+            return matching(v_theta), logs
 
         # 4. Gradient-HJB consistency (Eq. 12) by finite differences (App. C.1), times β (velocity units).
         def g_field(xx: torch.Tensor, tt: torch.Tensor, x_hat: torch.Tensor | None = None) -> torch.Tensor:
@@ -267,5 +274,5 @@ class VGGFlow(Algorithm):
             loss_bnd = per_sample_mse(n_phi[last]).mean()
 
         logs.update(loss_cons=loss_cons.item(), loss_bnd=loss_bnd.item())
-        return loss_match + loss_cons + self.alpha * loss_bnd, logs
+        return matching(v_theta) + loss_cons + self.alpha * loss_bnd, logs
 

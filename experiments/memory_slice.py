@@ -454,13 +454,14 @@ def algorithm_estimates(tf: dict, dec: dict[str, dict], tower: float, vnet: floa
 
     rows = []
 
-    def row(name: str, graph: str, n_tf: int, n_dec: int, extra: float = 0.0, sequential: bool = False) -> None:
+    def row(name: str, graph: str, n_tf: int, n_dec: int, extra: float = 0.0, sequential: bool = False,
+            tf_with_decode: int = 1) -> None:
         for d in ("vae", "taef1"):
             w = base + dec_weights(d) + extra
             # checkpointed: the backward recomputes one block at a time, for all the graph's rows at once
-            if sequential:      # decode+reward and the transformer graph are never alive together
-                no = w + max(n_tf * T, decode(d, n_dec, False) + T * bool(n_dec))
-                ck = w + max(n_tf * (Tk + blk), decode(d, n_dec, True) + Tk + blk)
+            if sequential:      # decode+reward (with tf_with_decode T beside it) and the loss's graph apart
+                no = w + max(n_tf * T, decode(d, n_dec, False) + T * tf_with_decode * bool(n_dec))
+                ck = w + max(n_tf * (Tk + blk), decode(d, n_dec, True) + (Tk + blk) * tf_with_decode)
             else:
                 no = w + n_tf * T + decode(d, n_dec, False)
                 ck = w + n_tf * (Tk + blk) + decode(d, n_dec, True)
@@ -469,12 +470,14 @@ def algorithm_estimates(tf: dict, dec: dict[str, dict], tower: float, vnet: floa
                 rows[-1]["decoder"] = "—"
                 break
 
-    # VGG-Flow: 6 states (5 bins + the last) in one v_θ graph; in the loss, g at the perturbed states takes another
-    # ∇r(decode(x̂)) for the 6 states while that graph is alive, and ν_φ runs with grad on 6 + 1 + 6 rows.
-    row("vggflow", "6 T + 6 (decode + reward) + 13 ν_φ", 6, 6, extra=vn_weights + 13 * vnet)
+    # VGG-Flow: ν_φ with grad on 6 + 1 + 6 rows throughout the loss; g at the 6 perturbed states takes another
+    # ∇r(decode(x̂)) (no-grad x̂), and only then v_θ runs with grad on the 6 states (5 bins + the last): the two
+    # graphs are never alive together (algorithms/vggflow.py, tests/test_vggflow_graph_lifetimes.py).
+    row("vggflow", "max(6 (decode + reward), 6 T) + 13 ν_φ", 6, 6, extra=vn_weights + 13 * vnet, sequential=True,
+        tf_with_decode=0)
     # model.reward_grad_batch_size=1: those gradients one image at a time (one decode graph alive, not 6)
-    row("vggflow (reward_grad_batch_size 1)", "6 T + 1 (decode + reward) + 13 ν_φ", 6, 1,
-        extra=vn_weights + 13 * vnet)
+    row("vggflow (reward_grad_batch_size 1)", "max(1 (decode + reward), 6 T) + 13 ν_φ", 6, 1,
+        extra=vn_weights + 13 * vnet, sequential=True, tf_with_decode=0)
     # VGG-Flow-PMP: ∇r(decode(x_N)) and one VJP (one T) per step in the sweep, then 6 states with grad.
     row("vggflow_pmp", "sweep: T + decode; loss: 6 T", 6, 1, sequential=True)
     # Adjoint Matching: the same sweep through v_base, then |K| = ⌈N/4⌉ + ⌈N/4⌉ = 10 states (N = 20).

@@ -4,8 +4,6 @@ decode-and-reward graph is alive at a time (counted through autograd's saved-ten
 VGG-Flow run is the same with it as without."""
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 from torch import nn
@@ -13,6 +11,7 @@ from torch.nn import functional as F
 
 from align.interfaces import Reward
 from align.reward_grad import reward_and_grad
+from helpers.saved_bytes import AliveSavedBytes, storages
 from helpers.tiny_flux import RESOLUTION, build_tiny_flux, load_flux
 from helpers.tiny_sd3 import tiny_reward_registered as _tiny_reward_registered
 
@@ -65,43 +64,11 @@ def test_chunked_reward_gradients_equal_the_whole_batch_s(model, n):
     torch.testing.assert_close(g[2:3], g1, atol=1e-6, rtol=1e-5)
 
 
-class AliveSavedBytes:
-    """The peak bytes autograd holds for backward at once: each saved tensor is counted from its packing until
-    the graph holding it is freed (the packed holder's finalizer); the model's weights are left out."""
-
-    def __init__(self, weights: set[int]):
-        self.weights, self.alive, self.peak = weights, 0, 0
-
-    def pack(self, t: torch.Tensor) -> "_Box":
-        box = _Box(t)
-        if t.untyped_storage().data_ptr() not in self.weights:
-            n = t.untyped_storage().nbytes()
-            self.alive += n
-            self.peak = max(self.peak, self.alive)
-            weakref.finalize(box, self._release, n)
-        return box
-
-    def _release(self, n: int) -> None:
-        self.alive -= n
-
-    @staticmethod
-    def unpack(box: "_Box") -> torch.Tensor:
-        return box.tensor
-
-
-class _Box:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-
 def _peak_saved_bytes(model, reward, x, n) -> int:
-    weights = {t.untyped_storage().data_ptr() for m in (model, reward) for t in [*m.parameters(), *m.buffers()]}
-    counter = AliveSavedBytes(weights)
+    counter = AliveSavedBytes(storages(model, reward))
     model.reward_grad_batch_size = n
     try:
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        with counter.counting():
             reward_and_grad(model, reward, x, PROMPTS)
     finally:
         model.reward_grad_batch_size = None
