@@ -39,8 +39,9 @@ Every measurement runs in its own process (spawn), so its peak RSS (``resource.g
     python experiments/memory_slice.py --what all --json /tmp/mem.json
     python experiments/memory_slice.py --what sd3 --resolution 512
 
-Results and the per-algorithm estimates built from them: docs/flux.md#hardware-and-memory (the method's
-bookkeeping is checked by tests/test_memory_slice.py on tiny FLUX transformers).
+Results and the per-algorithm estimates built from them: docs/flux.md#hardware-and-memory and, for SD3-medium
+(``--what all``: its table needs the decoders, tower and ν_φ measured with FLUX), docs/sd3.md#hardware-and-memory
+(the method's bookkeeping is checked by tests/test_memory_slice.py on tiny FLUX transformers).
 """
 from __future__ import annotations
 
@@ -433,13 +434,20 @@ def vae_scaled(fused: dict, math_: dict, ckpt: dict, measured_res: int, res: int
             "rss_measured": fused["rss_peak"] - fused["rss_before"]}
 
 
-def algorithm_estimates(tf: dict, dec: dict[str, dict], tower: float, vnet: float, sizes: dict, res: int
-                        ) -> list[dict[str, Any]]:
+def algorithm_estimates(tf: dict, dec: dict[str, dict], tower: float, vnet: float, sizes: dict, res: int,
+                        kind: str = "flux") -> list[dict[str, Any]]:
     """Peak GPU memory per micro-batch of one trajectory (GB), fused attention kernels, without / with
-    ``model.gradient_checkpointing`` (which also checkpoints the VAE's mid and up blocks)."""
+    ``model.gradient_checkpointing`` (which also checkpoints the VAE's mid and up blocks).
+
+    ``kind="sd3"``: SD3-medium with CFG (its default w = 5): under grad the unconditional branch keeps only x and
+    its backward recomputes it with a graph to x (align/models/flow_transformer.py), so every transformer pass with
+    grad is counted twice (an upper bound: the two graphs need not be alive together); the decoders are FLUX's
+    (SD3's VAE has the same decoder, TAESD3 TAEF1's architecture) and ν_φ the FLUX measurement (same latent grid)."""
     T, Tk, blk = tf["full"] / GB, tf["ckpt_kept"] / GB, max(tf["blocks"].values()) / GB
-    lora = sizes["flux_lora_params"] * 16 / GB       # fp32 weight + grad + Adam's two moments
-    base = sizes["flux_params"] * 2 / GB + lora + 3.9 + 1.2   # transformer bf16, HPSv2 ViT-H-14 + ViT-L/14 features
+    if kind == "sd3":
+        T, Tk, blk = 2 * T, 2 * Tk, 2 * blk
+    lora = sizes[f"{kind}_lora_params"] * 16 / GB       # fp32 weight + grad + Adam's two moments
+    base = sizes[f"{kind}_params"] * 2 / GB + lora + 3.9 + 1.2   # transformer bf16, HPSv2 ViT-H-14 + ViT-L/14 features
     vn_weights = 0.6
 
     def decode(name: str, n: int, ck: bool) -> float:
@@ -575,12 +583,15 @@ def report(res: dict[str, Any], kinds: list[str]) -> None:
         print(f"FLUX VAE {v['params'] / 1e6:.1f} M ({v['params'] * 4 / GB:.2f} GB fp32; decoder "
               f"{v['decoder_params'] / 1e6:.1f} M), TAEF1 {t['params'] / 1e6:.2f} M, HPSv2 tower "
               f"{res['hpsv2_tower']['params'] / 1e6:.0f} M, ν_φ {res['value_net']['params'] / 1e6:.1f} M")
-    if "flux" in kinds:
+    for kind in [k for k in kinds if "flux" in kinds]:        # the decoders, tower and ν_φ come with flux
         dec = {"vae": res["vae"], "taef1": {"fused": res["taef1"]["fused"], "params": res["taef1"]["params"]}}
-        rows = algorithm_estimates(res["flux"], dec, res["hpsv2_tower"]["fused"] / GB,
-                                   res["value_net"]["fused"] / GB, sz, R)
-        res["estimates"] = rows
-        print(f"\nFLUX.1-dev, {R}², peak GPU memory per micro-batch of one trajectory (GB, estimates; weights: "
+        rows = algorithm_estimates(res[kind], dec, res["hpsv2_tower"]["fused"] / GB,
+                                   res["value_net"]["fused"] / GB, sz, R, kind)
+        res[f"estimates_{kind}"] = rows
+        title = ("FLUX.1-dev" if kind == "flux" else
+                 "SD3-medium with CFG (each transformer pass with grad counted twice: the unconditional branch's "
+                 "recomputation in backward; guidance 1 halves the transformer part)")
+        print(f"\n{title}, {R}², peak GPU memory per micro-batch of one trajectory (GB, estimates; weights: "
               f"transformer bf16 + LoRA/Adam + HPSv2 + ViT-L/14 features + decoder [+ ν_φ with Adam])")
         print(f"{'algorithm':36s} {'decoder':7s} {'no ckpt':>8s} {'ckpt':>8s}  fits (no ckpt / ckpt)   graph")
         for r in rows:

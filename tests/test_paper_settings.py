@@ -86,6 +86,8 @@ def test_the_table1_sweep_files_resolve_to_the_readme_table(reward):
     seen = set()
     for run in sweep.runs:
         cfg = compose_config(run.overrides, run_dir=run.dir)
+        # one trajectory per micro-batch, checkpointed: what docs/sd3.md's memory table assumes (the same updates)
+        assert int(cfg.train.grad_accum) == int(cfg.train.batch_size) and cfg.model.gradient_checkpointing
         if cfg.algo.name in FLOW_GRPO_PAPER:          # not in the VGG-Flow paper's table: the Flow-GRPO paper's
             lr, G, beta = FLOW_GRPO_PAPER[cfg.algo.name]
             assert float(cfg.train.lr) == pytest.approx(lr) and int(cfg.algo.group_size) == G

@@ -150,7 +150,7 @@ class FluxConfig:
     decode_batch_size: int = 4      # images decoded per decoder call (evaluation batches)
     # images per reward-gradient pass (VGG-Flow's and the adjoint methods' ∇r(decode(x))): one pass's decode-and-
     # reward graph alive at a time instead of the whole batch's, for rewards that score each image independently;
-    # null: the whole batch at once (with the VAE, 1 takes VGG-Flow's peak at 1024² from ≈ 124 to ≈ 71 GB:
+    # null: the whole batch at once (with the VAE, 1 takes VGG-Flow's peak at 1024² from ≈ 110 to ≈ 57 GB:
     # docs/flux.md#hardware-and-memory)
     reward_grad_batch_size: Optional[int] = None
     forward_batch_size: Optional[int] = 8  # transformer batch under no_grad (evaluation / rollouts); null: no chunking
