@@ -126,7 +126,7 @@ class DiffusionNFTConfig:
                              f"has {N} steps (sampler.steps / algo.collect_steps); lower it or use "
                              "algo.t_sampling=uniform")
 
-    def validate_batch(self, rows_per_update: int, rows_per_micro_batch: int) -> None:
+    def validate_batch(self, rows_per_update: int) -> None:
         if rows_per_update % int(self.group_size):
             raise ValueError(f"algo.group_size={self.group_size} must divide the {rows_per_update} rows of an update "
                              "(train.batch_size, per process): every group of G rows shares one prompt")

@@ -118,7 +118,7 @@ class FlowGRPOConfig:
         require(0 < self.timestep_fraction <= 1, "algo.timestep_fraction", self.timestep_fraction, "in (0, 1]")
         require(self.old_policy_every >= 1, "algo.old_policy_every", self.old_policy_every, ">= 1")
 
-    def validate_batch(self, rows_per_update: int, rows_per_micro_batch: int) -> None:
+    def validate_batch(self, rows_per_update: int) -> None:
         if rows_per_update % self.group_size:
             raise ValueError(f"algo.group_size={self.group_size} must divide the update's {rows_per_update} rows "
                              "(train.batch_size, per process): every group of G rows shares one prompt")

@@ -178,10 +178,9 @@ class RootConfig:
         algo_schema = OmegaConf.get_type(self.algo) if isinstance(self.algo, DictConfig) else None
         if hasattr(algo_schema, "validate_steps"):
             algo_schema.validate_steps(self.algo, int(self.sampler.steps))
-        # ... and on the batch (e.g. groups of G rows per prompt): validate_batch(rows per update, per micro-batch)
+        # ... and on the update's rows per process (e.g. groups of G rows per prompt): validate_batch(batch_size)
         if hasattr(algo_schema, "validate_batch"):
-            algo_schema.validate_batch(self.algo, int(self.train.batch_size),
-                                       int(self.train.batch_size) // max(1, int(self.train.grad_accum)))
+            algo_schema.validate_batch(self.algo, int(self.train.batch_size))
         if self.device == Device.cuda and not torch.cuda.is_available():
             raise ValueError("device=cuda but torch sees no GPU (torch.cuda.is_available() is False); "
                                  "use device=cpu or device=auto")

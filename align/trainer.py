@@ -176,11 +176,9 @@ class Trainer:
 
     # ---- one update -------------------------------------------------------------------------------------
     def _draw_prompts(self, n: int) -> list[str]:
-        """n rows of prompts in groups of G consecutive rows sharing one prompt drawn from the prompt set."""
+        """n rows of prompts in groups of G consecutive rows sharing one prompt drawn from the prompt set (G | n:
+        ``_check_groups``)."""
         G = int(self.algo.group_size)
-        if n % G:
-            raise ValueError(f"{n} rows (train.batch_size, or a micro-batch of it) do not split into groups of "
-                             f"algo.group_size={G}")
         picks = torch.randint(len(self.prompt_set), (n // G,), generator=self.generator).tolist()
         return [self.prompt_set[i] for i in picks for _ in range(G)]
 
