@@ -10,12 +10,12 @@ from samplers import Trajectory
 
 def reward_and_grad(model: FlowModel, reward: Reward, x: torch.Tensor, prompts: list[str]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """r(decode(x)) [B] and its gradient w.r.t. x [B, ...], in fp32 (fp64 when the reward holds fp64 tensors),
+    """r(decode(x)) [B] and its gradient w.r.t. x [B, ...], in fp32 (fp64 when x or the reward's tensors are fp64),
     detached from any outer graph. A model with ``reward_grad_batch_size`` = n takes the gradient n images at a
     time (one decode-and-reward graph alive at once, not B): the same gradient for a reward that scores each image
     independently, at a fraction of the memory (FLUX's VAE: docs/flux.md#hardware-and-memory)."""
     held = [p.dtype for p in (*reward.parameters(), *reward.buffers()) if p.is_floating_point()]
-    dtype = torch.float64 if torch.float64 in held else torch.float32
+    dtype = torch.float64 if torch.float64 in held or x.dtype == torch.float64 else torch.float32
     n = getattr(model, "reward_grad_batch_size", None) or len(x)
     parts = [_reward_and_grad(model, reward, x[i:i + n], prompts[i:i + n], dtype) for i in range(0, len(x), n)]
     if len(parts) == 1:

@@ -5,8 +5,6 @@ rows add up. A CFG-combined velocity is one row although the network sees two; a
 counts its own evaluations into the same counter."""
 import copy
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -135,23 +133,18 @@ def test_an_old_checkpoint_without_counts_warns_and_restarts_them_at_zero(tmp_pa
     assert rows[-1]["step"] == 3 and rows[-1]["compute/v_nograd"] == N * B      # step 3's update only
 
 
-@pytest.mark.slow        # two torchrun processes: ~30 s alone, longer on a shared machine
-def test_two_processes_add_their_rows(tmp_path):
-    """tests/helpers/dist_worker.py under torchrun: DRaFT-K (K = 2) on N = 6 steps, 4 trajectories per process.
-    Each process counts its own rows; the logged figure is both processes' sum."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here)])}
-    run_dir = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(here, "helpers", "dist_worker.py"), str(run_dir), "2", str(tmp_path / "out"), "fresh"]
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+@pytest.mark.xdist_group("torchrun")
+def test_two_processes_add_their_rows(two_process_draft):
+    """The shared two-process run (tests/helpers/torchrun.py): DRaFT-K (K = 2) on N = 6 steps, 4 trajectories per
+    process. Each process counts its own rows; the logged figure is both processes' sum."""
+    from helpers.torchrun import SHARED_STEPS
+
+    _, run_dir, _ = two_process_draft
     n_steps, K, per_process, world = 6, 2, 4, 2
     per_update = {"v_nograd": world * (n_steps - K) * per_process, "v_grad": world * K * per_process,
                   "v_base": 0, "reward": 0, "reward_grad": world * per_process}
     rows = read_metrics(str(run_dir))
-    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows] == list(range(SHARED_STEPS + 1))
     for r in rows:
         assert _compute(r) == {k: r["step"] * v for k, v in per_update.items()}
     state = torch.load(run_dir / "checkpoints" / "step_0000002" / "state.pt", weights_only=False)

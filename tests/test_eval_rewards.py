@@ -137,30 +137,28 @@ def test_they_are_not_bookkeeping_keys():
 
 
 # ---- two processes ---------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_two_processes_give_the_one_process_figures_bitwise(tmp_path):
-    """gmm, DRaFT-K on a mix (linear + quadratic) with two held-out rewards, evaluated at steps 0 and 1 by two
-    processes (16 rows in chunks of 4, two chunks each): one process re-evaluating the checkpoint and the base model
-    gets the same figures exactly."""
-    from helpers.dist_worker import BASE, DRAFT
+@pytest.mark.xdist_group("torchrun")
+def test_two_processes_give_the_one_process_figures_bitwise(two_process_probe):
+    """The shared probe run (tests/helpers/torchrun.py PROBE): VGG-Flow on a mix (quadratic + linear) with two
+    held-out rewards, evaluated at steps 0, 1 and 2 by two processes (40 rows in chunks of 32: one chunk each); one
+    process re-evaluating the checkpoint and the base model gets the same mix parts and held-out figures exactly."""
+    from helpers.dist_worker import BASE
+    from helpers.torchrun import PROBE
 
     from align.evaluate import main as evaluate_main
-    from test_distributed import _torchrun
 
-    extra = DRAFT + ["reward=mix", "reward.parts=[{name: linear, weight: 1.0}, {name: quadratic, weight: 0.5}]",
-                     "eval.rewards=[{name: gmm_region}, {name: quadratic, center: [0.0, 1.0], label: q01}]",
-                     "eval.every=1", "eval.batch_size=4"]
-    run = tmp_path / "run"
-    _torchrun(tmp_path, run, 1, tmp_path / "out", extra=extra)
+    tmp, run, _ = two_process_probe
     rows = {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")}
             for r in read_metrics(str(run)) if "eval/reward" in r}
-    assert sorted(rows) == [0, 1] and rows[0] != rows[1]
-    assert {"eval/reward/linear", "eval/reward/quadratic", "eval/heldout/gmm_region", "eval/heldout/q01"} <= set(rows[1])
-    for argv, step in (([str(run)], 1), (BASE + extra + ["train.steps=1"], 0)):
-        out = tmp_path / f"one{step}"
+    assert sorted(rows) == [0, 1, 2] and rows[0] != rows[2]
+    columns = {"eval/reward/linear", "eval/reward/quadratic", "eval/heldout/gmm_region", "eval/heldout/q01"}
+    assert columns <= set(rows[2])
+    for argv, step in (([str(run)], 2), (BASE + PROBE + ["train.steps=2"], 0)):
+        out = tmp / f"heldout_one{step}"
         assert evaluate_main(argv + ["--out", str(out)]) == 0
         with open(out / "metrics.json", encoding="utf-8") as fh:
-            assert {k: v for k, v in json.load(fh).items() if k != "step"} == rows[step]
+            one = json.load(fh)
+        assert {k: one[k] for k in columns} == {k: rows[step][k] for k in columns}, step
 
 
 def _pil_jpeg_bytes(image: torch.Tensor) -> int:

@@ -5,7 +5,7 @@ import torch
 
 from align.config import compose_config
 from align.reward_grad import per_sample_norms
-from align.assemble import build_trainer
+from helpers.fp64 import assert_same_parameters, build_fp64_trainer
 from samplers import Trajectory
 
 torch.set_num_threads(1)
@@ -24,13 +24,11 @@ def _cat(trajs: list[Trajectory]) -> Trajectory:
 
 
 def _fp64_trainer(tmp_path, name: str, accum: int):
-    """In fp64: the residual's finite differences divide by h (3e-5), so in fp32 the rounding of kernels whose
-    result depends on the batch size (1e-7) reaches φ's Adam steps at 1e-6 — float noise, not the split."""
-    trainer = build_trainer(compose_config(OVERRIDES + [f"train.grad_accum={accum}"], str(tmp_path / name)),
-                            str(tmp_path / name))
-    for part in (trainer.model, trainer.reward, trainer.algo):
-        part.double()
-    return trainer
+    """In float64 (tests/helpers/fp64.py): the parameters after AdamW updates are compared, and the residual's finite
+    differences divide by h (3e-5), so in float32 the rounding of kernels whose result depends on the batch size
+    (1e-7) reaches φ's Adam steps at 1e-6 and beyond — float noise, not the split."""
+    return build_fp64_trainer(compose_config(OVERRIDES + [f"train.grad_accum={accum}"], str(tmp_path / name)),
+                              str(tmp_path / name))
 
 
 def test_grad_accum_4_gives_the_update_of_one_batch(tmp_path):
@@ -44,7 +42,5 @@ def test_grad_accum_4_gives_the_update_of_one_batch(tmp_path):
         # not vacuous: the micro-batches' own thresholds differ from the update's
         per_micro = [torch.quantile(per_sample_norms(t.extras["vgg_grad_r"]), 0.8) for t in micro]
         assert max(abs(float(q - one.algo.tau)) for q in per_micro) > 1e-3
-    for k, v in one.model.finetune_state_dict().items():
-        torch.testing.assert_close(four.model.finetune_state_dict()[k], v, rtol=1e-5, atol=1e-6)
-    for k, v in one.algo.state_dict().items():
-        torch.testing.assert_close(four.algo.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert_same_parameters(one.model.finetune_state_dict(), four.model.finetune_state_dict())
+    assert_same_parameters(one.algo.state_dict(), four.algo.state_dict())

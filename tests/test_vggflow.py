@@ -212,3 +212,23 @@ def test_parameter_groups_are_theta_and_phi():
     theta = {id(p) for p in groups[0]["params"]}
     phi = {id(p) for p in groups[1]["params"]}
     assert theta and phi and not theta & phi
+
+
+@pytest.mark.parametrize("eta", ["t", "t2"])
+def test_eta_is_taken_in_the_trajectorys_precision(eta):
+    """g_φ's −η_t·∇r(x̂_1) in float64 at times a few 1e-9 apart (the residual differences g at t and t + δ): η_t
+    as float64 arithmetic gives it. Rounded to float32 (spacing 3e-8 near 0.3), two of these times collapse to one
+    and the difference of g is off by O(1) relative."""
+    cfg = compose_config(["reward=quadratic", f"algo.eta={eta}", "algo.learn_value=false", "algo.rgrad_clip=none"]).algo
+    model = _base()
+    algo = VGGFlow(cfg, model, QuadraticReward(M.tolist(), Q.tolist()), uniform_grid(20)).double()
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grad_r = torch.randn(1, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64).repeat(3, 1)
+    t = torch.full((3,), 0.3, dtype=torch.float64)
+    dt = torch.tensor([0.0, 4e-9, 8e-9], dtype=torch.float64)
+    g = algo.value_gradient(x, t + dt, None, [""] * 3, None, grad_r=grad_r)
+    power = {"t": 1, "t2": 2}[eta]
+    torch.testing.assert_close(g, -((t + dt) ** power)[:, None] * grad_r, rtol=1e-15, atol=0)
+    dg = (g[1:] - g[0]) / grad_r[1:]                          # −(η(t + dt) − η(t)): the same ∇r on every row
+    expected = -(((t + dt) ** power) - t ** power)[1:, None].expand_as(dg)
+    torch.testing.assert_close(dg, expected, rtol=1e-6, atol=0)     # float64 cancellation: ≈ 1e-16 / 4e-9

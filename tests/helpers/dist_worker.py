@@ -2,15 +2,17 @@
 (DRaFT-K unless extra overrides are given), record the x_0 each process drew, and save them with the final
 finetuned parameters. ``ALIGN_TEST_NAN_RANK=r`` makes the first loss of rank r non-finite. Mode ``probe`` also
 records the process group's timeout and, for every gradient sync, the all-reduce calls made and each rank's
-gradients before and after (rank 1's first parameter has no gradient: it counts as zeros)."""
+gradients before and after (rank 1's first parameter has no gradient: it counts as zeros). ``ALIGN_TEST_FP64=1``
+trains in float64 (tests/helpers/fp64.py: parameters compared with a one-process run)."""
 import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-from align.config import compose_config
 from align.assemble import build_trainer
+from align.config import compose_config
+from helpers.fp64 import build_fp64_trainer
 
 DRAFT = ["algo=draft", "algo.variant=k", "algo.k=2", "algo.objective=raw"]
 BASE = ["model=gmm", "reward=linear", "model.hidden=16", "sampler.steps=6", "train.batch_size=4", "train.lr=1e-2",
@@ -50,7 +52,8 @@ def main(run_dir: str, steps: int, out: str, mode: str, extra: list[str]) -> Non
     torch.set_num_threads(1)
     extra = extra + [f"train.steps={steps}"] + ([f"resume={run_dir}"] if mode == "resume" else [])
     base = BASE if any(o.startswith("algo=") for o in extra) else OVERRIDES
-    trainer = build_trainer(compose_config(base + extra, run_dir), run_dir)
+    build = build_fp64_trainer if os.environ.get("ALIGN_TEST_FP64") == "1" else build_trainer
+    trainer = build(compose_config(base + extra, run_dir), run_dir)
     rank = trainer.accelerator.process_index
     drawn = []
     sample_noise = trainer.model.sample_noise
@@ -71,10 +74,12 @@ def main(run_dir: str, steps: int, out: str, mode: str, extra: list[str]) -> Non
 
         trainer.algo.loss = poisoned
     record = probe(trainer) if mode == "probe" else {}
+    start = {"start_params": {k: v.clone() for k, v in trainer.model.finetune_state_dict().items()},
+             "start_algo": {k: v.clone() for k, v in trainer.algo.state_dict().items()}}
     trainer.train()
     torch.save({"x0": drawn, "world": trainer.accelerator.num_processes, "skipped": trainer.skipped,
                 "params": trainer.model.finetune_state_dict(), "algo": trainer.algo.state_dict(),
-                "step": trainer.step, "group_alive_after_train": dist.is_initialized(), **record},
+                "step": trainer.step, "group_alive_after_train": dist.is_initialized(), **start, **record},
                f"{out}.rank{rank}.pt")
 
 
