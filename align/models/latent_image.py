@@ -117,13 +117,15 @@ class LatentImageModel(FlowTransformerModel):
 
     # -- images
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] [B, 3, res, res], fp32, differentiable: decoder(x / scaling + shift) ∈ [−1, 1] → [0, 1],
-        with the decoder's own ``scaling_factor``/``shift_factor`` (a tiny decoder: 1 / 0, it decodes the
-        diffusion latents themselves), as the diffusers pipeline does with the vae it holds."""
-        z = x.float() / self.scaling_factor + self.shift_factor
+        """Images in [0, 1] [B, 3, res, res], in the decoder's dtype (fp32; fp64 for a float64 copy), differentiable:
+        decoder(x / scaling + shift) ∈ [−1, 1] → [0, 1], with the decoder's own ``scaling_factor``/``shift_factor``
+        (a tiny decoder: 1 / 0, it decodes the diffusion latents themselves), as the diffusers pipeline does with
+        the vae it holds."""
+        dtype = torch.promote_types(next(self.decoder.parameters()).dtype, torch.float32)
+        z = x.to(dtype) / self.scaling_factor + self.shift_factor
         n = max(1, self.decode_batch_size)
         out = [self.decoder.decode(z[i:i + n]).sample for i in range(0, z.shape[0], n)]
-        return (torch.cat(out).float() * 0.5 + 0.5).clamp(0.0, 1.0)
+        return (torch.cat(out).to(dtype) * 0.5 + 0.5).clamp(0.0, 1.0)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``model.features`` of the decoded images [B, F] (CLIP image embeddings by default)."""
