@@ -1,11 +1,9 @@
 """Every bad value is refused before any work (issue 16 item 7): exit code 2, one message naming the key or the
-file, no traceback, no run directory left behind, no file of the user's touched. Most cases go through
-``align.run.main`` in-process (the checks run before Hydra starts); a few are real ``python -m align.run``
-processes, and ``align.sweep --dry-run`` applies the same checks to every run."""
+file, no traceback, no run directory left behind, no file of the user's touched. The cases go through
+``align.run.main`` in this process (tests/helpers/cli.py; tests/test_cli.py runs a real ``python -m align.run``),
+and ``align.sweep --dry-run`` applies the same checks to every run."""
 import hashlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +11,7 @@ import torch
 from align.digits_classifier import WEIGHTS_DIR
 from align.run import main as run_main
 from align.sweep import main as sweep_main
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+from helpers.cli import align_run
 GMM = ["model=gmm", "reward=linear"]
 
 # (overrides, substrings of the message); {tmp} is the test's folder, whose files are the user's
@@ -97,9 +94,7 @@ def _garbage_weights(tmp_path, name: str, json_beside: bool) -> str:
 def test_a_garbage_weights_file_names_the_file_and_the_key(tmp_path, key):
     weights = _garbage_weights(tmp_path, "garbage", json_beside=key == "model.weights")
     before = sorted(os.listdir(tmp_path))
-    res = subprocess.run([sys.executable, "-m", "align.run", "model=digits", f"{key}={weights}",
-                          f"run_dir={tmp_path / 'run'}"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                         timeout=300)
+    res = align_run("model=digits", f"{key}={weights}", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and f"{weights} is not a readable safetensors file" in res.stderr
     assert f"`{key}=<path>`" in res.stderr, res.stderr
@@ -107,8 +102,7 @@ def test_a_garbage_weights_file_names_the_file_and_the_key(tmp_path, key):
 
 
 def test_the_real_command_line_refuses_with_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "align.run", *GMM, "train.log_every=0", f"run_dir={tmp_path / 'r'}"],
-                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    res = align_run(*GMM, "train.log_every=0", f"run_dir={tmp_path / 'r'}", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr == "align: train.log_every must be >= 1, got 0\n", res.stderr
     assert os.listdir(tmp_path) == []
 

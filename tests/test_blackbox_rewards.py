@@ -1,9 +1,6 @@
 """Black-box rewards (digits_correct, gmm_region, jpeg_compressibility): their values against hand computations,
 no gradient, and the refusal of an algorithm that differentiates the reward (command line and build_trainer)."""
 import io
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ from align.build import ConfigError, build_algorithm, gradient_free_algorithms
 from align.cli_checks import ConfigProblem, check_overrides
 from align.config import CONF_DIR, compose_config
 from align.registry import ALGORITHMS, REWARDS
+from helpers.cli import align_run
 
 BLACK_BOX = {"digits_correct": "digits", "gmm_region": "gmm", "jpeg_compressibility": "sd3"}
 FIRST_ORDER = ["refl", "draft", "adjoint_matching", "vggflow", "vggflow_pmp"]
@@ -119,10 +117,7 @@ def test_the_gradient_free_algorithms_accept_black_box_rewards(reward):
 
 
 def test_the_refusal_from_the_command_line_leaves_no_run_directory(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "align.run", "algo=refl", "reward=gmm_region",
-                          f"run_dir={tmp_path / 'r'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = align_run("algo=refl", "reward=gmm_region", f"run_dir={tmp_path / 'r'}", cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and res.stderr.startswith("align: ")
     assert "algo=refl" in res.stderr and "reward=gmm_region" in res.stderr and "not differentiable" in res.stderr

@@ -1,12 +1,12 @@
-"""The command line: bad configs stop before any work with a short message listing the valid choices."""
+"""The command line: bad configs stop before any work with a short message listing the valid choices. The
+command lines run in this process (tests/helpers/cli.py) but one: a real ``python -m align.run``."""
 import os
-import subprocess
-import sys
 
 import pytest
 
 from align.cli_checks import ConfigProblem, check_overrides
 from align.config import CONF_DIR, compose_config
+from helpers.cli import align_run, subprocess_run
 
 
 @pytest.mark.parametrize("override,needles", [
@@ -45,15 +45,9 @@ def test_sweeps_check_every_combination():
         check_overrides(["-m", "algo=vggflow,nope"], CONF_DIR)
 
 
-def _run(args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "align.run", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 def test_cli_errors_have_no_traceback_and_leave_no_run_directory(tmp_path):
     for args in (["algo=nope"], ["algo.eta=t3"], ["model=gmm", "model.weights=[1,2,3]"], ["train.steps=0"]):
-        res = _run([*args, f"run_dir={tmp_path / 'r'}"], tmp_path)
+        res = align_run(*args, f"run_dir={tmp_path / 'r'}", cwd=tmp_path)
         assert res.returncode == 2, res.stderr
         assert "Traceback" not in res.stderr and res.stderr.startswith("align: "), res.stderr
         assert len(res.stderr.strip().splitlines()) <= 3
@@ -63,10 +57,12 @@ def test_cli_errors_have_no_traceback_and_leave_no_run_directory(tmp_path):
 def test_cli_single_run_and_multirun(tmp_path):
     common = ["reward=linear", "train.steps=2", "train.batch_size=4", "eval.n_samples=16", "eval.final_samples=8",
               "train.progress=false"]
-    res = _run([*common, f"run_dir={tmp_path / 'one'}"], tmp_path)
+    # the real command: a new Python process, `python -m align.run`, its exit status and output as the shell sees them
+    res = subprocess_run("align.run", [*common, f"run_dir={tmp_path / 'one'}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+    assert "align: done. eval reward" in res.stdout and res.stderr == "", res.stderr
     assert (tmp_path / "one" / "samples_final.pt").exists()
-    res = _run(["-m", *common, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    res = align_run("-m", *common, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     runs = sorted(r for r in os.listdir(tmp_path / "sweep") if "seed=" in r)   # one directory per job
     assert len(runs) == 2 and "seed=0" in runs[0] and "seed=1" in runs[1]

@@ -2,8 +2,6 @@
 every Table-1 cell resolves to the README's table (parsed here as the independent source), anything set
 explicitly wins, digits and gmm keep their per-domain values, and the runner prints what it took."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from align.cli_checks import ConfigProblem
 from align.config import compose_config
 from align.paper_settings import DOMAIN as DOMAIN_ROWS
 from align.paper_settings import describe, fmt
+from helpers.cli import align_run, subprocess_run
 
 torch.set_num_threads(1)
 
@@ -190,16 +189,10 @@ class Tempered(ReFL):
 """
 
 
-def _run(args, cwd, env=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "align.run", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 def test_the_runner_prints_and_saves_the_resolved_settings(tmp_path):
     tiny = ["reward=linear", "algo=adjoint_matching", "train.steps=1", "train.batch_size=4", "eval.n_samples=16",
             "eval.final_samples=8", "train.progress=false", "sampler.steps=4"]
-    res = _run([*tiny, f"run_dir={tmp_path / 'a'}"], tmp_path)
+    res = align_run(*tiny, f"run_dir={tmp_path / 'a'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     line = ("align: domain defaults for gmm × linear × adjoint_matching (align/paper_settings.py, gmm row): "
             "algo.beta=1 (the gmm domain's value), train.lr=1e-4 (the algorithm's paper value, reference §1.8)")
@@ -208,21 +201,21 @@ def test_the_runner_prints_and_saves_the_resolved_settings(tmp_path):
     saved = OmegaConf.load(tmp_path / "a" / "config.yaml")
     assert saved.algo.beta == 1.0 and saved.train.lr == 1e-4 and saved.algo.lr == 1e-4   # resolved, literal
     # given on the command line: it wins, and the line says so
-    res = _run([*tiny, "algo.beta=0.5", f"run_dir={tmp_path / 'b'}"], tmp_path)
+    res = align_run(*tiny, "algo.beta=0.5", f"run_dir={tmp_path / 'b'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "train.lr=1e-4 (the algorithm's paper value, reference §1.8); set explicitly: algo.beta=0.5" in res.stdout
     assert OmegaConf.load(tmp_path / "b" / "config.yaml").algo.beta == 0.5
     # Hydra multirun: every job resolves and prints its own settings
     multi = [o for o in tiny if not o.startswith("algo=")] + ["algo=adjoint_matching,refl"]
-    res = _run(["-m", *multi, f"hydra.sweep.dir={tmp_path / 'm'}"], tmp_path)
+    res = align_run("-m", *multi, f"hydra.sweep.dir={tmp_path / 'm'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count(line) == 1 and res.stdout.count(
         "align: domain defaults for gmm × linear × refl (align/paper_settings.py, gmm row): train.lr=1e-4") == 1
     # no setting and none given (an added algorithm that takes β from the table, which has no entry for it):
-    # the CLI's one-line error, before any work
+    # the CLI's one-line error, before any work (a real process: the plugin registers itself for good)
     (tmp_path / "tempered.py").write_text(TEMPERED)
-    res = _run(["reward=linear", "algo=tempered", f"run_dir={tmp_path / 'c'}"], tmp_path,
-               {"ALIGN_PLUGINS": "tempered", "PYTHONPATH": str(tmp_path)})
+    res = subprocess_run("align.run", ["reward=linear", "algo=tempered", f"run_dir={tmp_path / 'c'}"], cwd=tmp_path,
+                         env={"ALIGN_PLUGINS": "tempered", "PYTHONPATH": str(tmp_path)})
     assert res.returncode == 2 and res.stderr.startswith("align: no paper setting of algo.beta"), res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
 

@@ -1,6 +1,8 @@
 """The run directory's lifecycle is safe (issue 16): a user's folder is never touched, one writer per run directory,
 Ctrl-C stops a sweep, a resume writes each step once, an interrupted extension is not finished, and a damaged newest
-checkpoint falls back to an intact one. Real ``python -m align.run`` / ``align.sweep`` processes on the tiny gmm."""
+checkpoint falls back to an intact one. On the tiny gmm: the runs that are killed, signalled or hold a lock against
+another are real ``python -m align.run`` / ``align.sweep`` processes; the others run ``align.run.main`` in this
+process (tests/helpers/cli.py)."""
 import hashlib
 import json
 import os
@@ -16,6 +18,7 @@ import torch
 from align.checkpoint import CheckpointError, load_latest, save_checkpoint
 from align.run_dir import HOLDER_FILE, list_checkpoints, read_metrics, run_status
 from align.sweep import main as sweep_main
+from helpers.cli import Result, align_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["model=gmm", "reward=linear", "train.batch_size=4", "eval.n_samples=16", "eval.final_samples=8"]
@@ -29,8 +32,9 @@ def _cmd(*args: str) -> list[str]:
             *args]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(*args), capture_output=True, text=True, env=ENV, timeout=180)
+def _run(*args: str) -> Result:
+    """``align.run`` as ``_cmd`` would start it, in this process."""
+    return align_run(*_cmd(*args)[3:])
 
 
 def _start(*args: str) -> subprocess.Popen:

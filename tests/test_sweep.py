@@ -4,8 +4,6 @@ sweep fails before any run starts, and re-running a sweep skips finished runs an
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 
 import pytest
 from hydra._internal.config_loader_impl import get_overrides_dirname
@@ -17,6 +15,7 @@ from align.cli_checks import check_overrides
 from align.config import CONF_DIR, compose_config
 from align.run_dir import RunMismatch, claim_run_dir, plan_existing_run, read_metrics
 from align.sweep import hydra_commands, load_sweep, main
+from helpers.cli import align_run
 
 TINY = ["model=gmm", "reward=linear", "train.steps=2", "train.batch_size=4", "train.checkpoint_every=1",
         "eval.every=1", "eval.n_samples=16", "eval.final_samples=8"]
@@ -156,10 +155,9 @@ def test_a_real_sweep_runs_skips_and_resumes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "different config" in err and "train.batch_size: saved 4, requested 8" in err
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}   # align.run itself (Hydra launchers)
-    run = [sys.executable, "-m", "align.run", *TINY, "seed=1", f"run_dir='{one}'"]
-    res = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    run = [*TINY, "seed=1", f"run_dir='{one}'"]                  # align.run itself (Hydra launchers)
+    res = align_run(*run)
     assert res.returncode == 0 and f"{one} already finished, skipping" in res.stdout, res.stderr
-    res = subprocess.run(run + ["train.batch_size=8"], capture_output=True, text=True, env=env, timeout=300)
+    res = align_run(*run, "train.batch_size=8")
     assert res.returncode == 2 and "holds a run of a different config" in res.stderr
     assert "Traceback" not in res.stderr

@@ -1,9 +1,5 @@
 """Bad values are refused by the typed configs (align/schema.py; the algorithms', models' and rewards' config
 dataclasses) before any work, in one line naming the key, the value and, for a choice, the valid ones."""
-import os
-import subprocess
-import sys
-
 import pytest
 from omegaconf import OmegaConf
 
@@ -11,6 +7,7 @@ from align.cli_checks import ConfigProblem, check_overrides
 from align.conf import CONF_DIR
 from align.config import compose_config
 from align.schema import typed_config
+from helpers.cli import align_run
 
 # (overrides, substrings of the message)
 BAD = [
@@ -61,16 +58,10 @@ def test_bad_values_are_refused_naming_key_value_and_choices(overrides, needles)
         assert n in msg, msg
 
 
-def _run(args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "align.run", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.parametrize("overrides,needles", [BAD[0], BAD[8], BAD[14], BAD[19], BAD[22], BAD[24], BAD[26]],
                          ids=["algo", "objective", "am", "train", "sampler", "eval", "device"])
 def test_the_command_line_exits_2_with_the_message_and_no_traceback(tmp_path, overrides, needles):
-    res = _run([*overrides, f"run_dir={tmp_path / 'r'}"], tmp_path)
+    res = align_run(*overrides, f"run_dir={tmp_path / 'r'}", cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("align: ") and "Traceback" not in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and all(n in res.stderr for n in needles), res.stderr

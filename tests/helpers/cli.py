@@ -13,6 +13,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -37,8 +38,9 @@ def _exit_code(code: object) -> int:
 def run_main(main: Callable[[list[str]], object], argv: Sequence[str], cwd: str | os.PathLike | None = None,
              env: dict[str, str] | None = None) -> Result:
     """``main(argv)`` with stdout/stderr captured, in ``cwd`` and with ``env`` added to the environment (both
-    restored afterwards, as is ``sys.argv``, which Hydra's entry point rewrites). An uncaught exception is a failure
-    of the test, not an exit status: the command line never shows a traceback."""
+    restored afterwards, as is ``sys.argv``, which Hydra's entry point rewrites). Warnings are printed to stderr as
+    a new interpreter's default filters would (pytest would otherwise record them). An uncaught exception is a
+    failure of the test, not an exit status: the command line never shows a traceback."""
     out, err = io.StringIO(), io.StringIO()
     argv_before, cwd_before = list(sys.argv), os.getcwd()
     env_before = {k: os.environ.get(k) for k in (env or {})}
@@ -47,7 +49,8 @@ def run_main(main: Callable[[list[str]], object], argv: Sequence[str], cwd: str 
     try:
         if cwd is not None:
             os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            _interpreter_warning_filters()
             try:
                 code = main(list(argv))
             except SystemExit as exit_:
@@ -61,6 +64,17 @@ def run_main(main: Callable[[list[str]], object], argv: Sequence[str], cwd: str 
             else:
                 os.environ[k] = v
     return Result(_exit_code(code), out.getvalue(), err.getvalue())
+
+
+def _interpreter_warning_filters() -> None:
+    """Python's default warning filters (``python -m`` shows a UserWarning once per place, hides deprecations in
+    library code), printing to the current sys.stderr."""
+    warnings.resetwarnings()
+    warnings.simplefilter("default")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def align_run(*argv: str, cwd: str | os.PathLike | None = None) -> Result:
