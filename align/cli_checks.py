@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from align.build import ConfigError, check_reward
 from align.paper_settings import find_missing   # registers ${align_paper:...} (β, α, lr per model × reward × algo)
 from align.prompts import load_prompts
-from align.registry import MODELS, REWARDS, SCHEMA_SUFFIX, register_all
+from align.registry import MODELS, REGISTRIES, REWARDS, SCHEMA_SUFFIX, register_all
 from align.schema import check, typed_config
 
 GROUPS = ("algo", "model", "reward")
@@ -223,8 +223,7 @@ def _check_combo(conf_dir: str, combo: list[str], training: bool = True) -> None
         v = _group_values(combo, g)
         if v is not None and v not in _options(conf_dir, g):
             raise _unknown_group(conf_dir, g, v)
-    groups_only = [o for o in combo if o.partition("=")[0] in GROUPS]
-    base = compose(config_name="config", overrides=groups_only)
+    base = _groups_config(conf_dir, [o for o in combo if o.partition("=")[0] in GROUPS])
     for o in combo:
         key = o.partition("=")[0]
         if key in GROUPS or key.startswith(("+", "~")):
@@ -241,6 +240,20 @@ def _check_combo(conf_dir: str, combo: list[str], training: bool = True) -> None
             raise ConfigProblem(str(missing)) from None
         raise ConfigProblem(bad_value_message(err, combo)) from None
     _check_parts(cfg, explicit_run_dir=_group_values(combo, "run_dir") is not None, training=training)
+
+
+_GROUPS_CONFIGS: dict[tuple, DictConfig] = {}
+
+
+def _groups_config(conf_dir: str, groups_only: list[str]) -> DictConfig:
+    """The config of the group choices alone (``algo=``, ``model=``, ``reward=``), in which an override's key is looked
+    up: composed once per choice and set of registered parts (a sweep checks many runs of few choices). Read only."""
+    key = (os.path.abspath(conf_dir), tuple(groups_only), tuple(len(r) for r in REGISTRIES))
+    if key not in _GROUPS_CONFIGS:
+        if len(_GROUPS_CONFIGS) >= 256:
+            _GROUPS_CONFIGS.clear()
+        _GROUPS_CONFIGS[key] = compose(config_name="config", overrides=groups_only)
+    return _GROUPS_CONFIGS[key]
 
 
 def _check_parts(cfg: DictConfig, explicit_run_dir: bool, training: bool = True) -> None:

@@ -74,6 +74,10 @@ class Registry:
         self._import_all()
         return sorted(self._entries)
 
+    def __len__(self) -> int:
+        """How many classes are registered so far (without importing the packages)."""
+        return len(self._entries)
+
 
 def import_plugins() -> None:
     """Import the modules named in ``$ALIGN_PLUGINS`` (comma-separated); they register themselves."""

@@ -45,3 +45,10 @@ def two_process_probe(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("two_process_probe")
     return tmp, tmp / "run", torchrun(tmp, tmp / "run", 2, tmp / "out", mode="probe", extra=PROBE)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The random order's seed (pytest-randomly), so that a failure that depends on the order can be replayed."""
+    if config.pluginmanager.hasplugin("randomly"):
+        seed = config.getoption("randomly_seed")
+        terminalreporter.write_line(f"random order: --randomly-seed={seed} replays it; -p no:randomly runs in file order")

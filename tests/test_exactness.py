@@ -21,7 +21,7 @@ from align.assemble import build_trainer
 
 GAUSSIAN = ["model.weights=[1.0]", "model.means=[[0.5,-0.5]]", "model.covs=[[[0.25,0.0],[0.0,2.0]]]",
             "reward=linear", "reward.direction=[1.0,1.0]", "algo.beta=0.7", "sampler.steps=20",
-            "train.progress=false", "eval.every=0", "eval.n_samples=64", "eval.final_samples=2000"]
+            "train.progress=false", "eval.every=0", "eval.n_samples=64", "eval.final_samples=2000", "eval.batch_size=2000"]
 
 
 def _train(tmp_path, extra):

@@ -215,8 +215,8 @@ def test_pmp_training_reaches_the_deterministic_optimum(tmp_path):
 
     cfg = _compose(["algo=vggflow_pmp", "model=gmm", "reward=linear", "model.weights=[1.0]", f"model.means=[{MU}]",
                     f"model.covs=[{COV}]", f"reward.direction={C}", "train.steps=200", "train.lr=3e-3",
-                    "eval.every=0", "eval.n_samples=64", "eval.final_samples=20000", "train.progress=false",
-                    "train.log_every=50", "train.checkpoint_every=100000", f"run_dir={tmp_path}"])
+                    "eval.every=0", "eval.n_samples=64", "eval.final_samples=20000", "eval.batch_size=20000",
+                    "train.progress=false", "train.log_every=50", "train.checkpoint_every=100000", f"run_dir={tmp_path}"])
     trainer = build_trainer(cfg, str(tmp_path))
     trainer.train()
     n_steps, beta = int(cfg.sampler.steps), float(cfg.algo.beta)

@@ -164,6 +164,7 @@ def test_vggflow_losses_vanish_at_the_exact_solution(eta):
     algo = VGGFlow(cfg, model, reward, ts)
     algo.value_net = ExactNu(model, reward, algo.eta)
     g_star = exact_g(MU, COV, Q, M, BETA)
+    g_star(torch.zeros(len(ts), 2, dtype=torch.float64), ts)     # the grid's (P, q) in one batched integration
 
     class OptimalResidual(nn.Module):           # ṽ_θ = −β g*: the matched model
         def forward(self, x, t):
