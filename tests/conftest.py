@@ -31,20 +31,21 @@ def _one_thread_and_a_fixed_random_state():
 @pytest.fixture(scope="session")
 def two_process_draft(tmp_path_factory):
     """(folder, run directory, each rank's record) of the shared float64 DRaFT-K run of 3 updates on 2 processes."""
-    from helpers.torchrun import SHARED_ENV, SHARED_STEPS, torchrun
+    from helpers.torchrun import SHARED_ENV, SHARED_STEPS, shared_launch, torchrun
 
-    tmp = tmp_path_factory.mktemp("two_process_draft")
-    ranks = torchrun(tmp, tmp / "run", SHARED_STEPS, tmp / "out", env_extra=SHARED_ENV)
+    tmp, ranks = shared_launch(tmp_path_factory, "two_process_draft", lambda tmp: torchrun(
+        tmp, tmp / "run", SHARED_STEPS, tmp / "out", env_extra=SHARED_ENV))
     return tmp, tmp / "run", ranks
 
 
 @pytest.fixture(scope="session")
 def two_process_probe(tmp_path_factory):
     """(folder, run directory, each rank's record) of the shared probe run (tests/helpers/torchrun.py PROBE)."""
-    from helpers.torchrun import PROBE, torchrun
+    from helpers.torchrun import PROBE, shared_launch, torchrun
 
-    tmp = tmp_path_factory.mktemp("two_process_probe")
-    return tmp, tmp / "run", torchrun(tmp, tmp / "run", 2, tmp / "out", mode="probe", extra=PROBE)
+    tmp, ranks = shared_launch(tmp_path_factory, "two_process_probe", lambda tmp: torchrun(
+        tmp, tmp / "run", 2, tmp / "out", mode="probe", extra=PROBE))
+    return tmp, tmp / "run", ranks
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -17,8 +17,6 @@ from align.run_dir import FINISHED_FILE, read_metrics
 from helpers.fp64 import ATOL, assert_same_parameters, build_fp64_trainer
 from helpers.torchrun import SHARED_ENV, SHARED_STEPS, torchrun
 
-pytestmark = pytest.mark.xdist_group("torchrun")
-
 
 def _one_process(overrides: list[str], steps: int, noise: list[torch.Tensor], run_dir) -> dict[str, dict]:
     """One process in float64 on the global batches ``noise`` (one per update): its θ and the algorithm's state."""

@@ -1,17 +1,20 @@
 """Two processes on the CPU: ``torchrun --nproc_per_node 2 tests/helpers/dist_worker.py`` (gloo, through
-accelerate), and the two-process runs that several test files read (built once per test session by the fixtures of
-tests/conftest.py; the tests that use them share the xdist group ``torchrun``, so one worker launches each once).
+accelerate), and the two-process runs that several test files read (``shared_launch``: once per test session, also
+across pytest-xdist workers; the fixtures are in tests/conftest.py).
 
 Each launch costs two Python processes that import torch (≈ 10 s of two cores), so one launch serves every claim that
 can be read off the same run."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
+from filelock import FileLock
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(TESTS, "helpers", "dist_worker.py")
@@ -27,6 +30,23 @@ def torchrun(cwd: Path, run_dir: Path, steps: int, out: Path, mode: str = "fresh
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def shared_launch(tmp_path_factory, name: str, launch: Callable[[Path], list[dict]]) -> tuple[Path, list[dict]]:
+    """``launch(folder)`` once per test session: under pytest-xdist the workers share one folder (the session's
+    base temporary directory's parent, as pytest-xdist documents) and a lock, so the first worker to need the run
+    launches it and the others wait for it and read it. (folder, each rank's record)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            ranks = launch(folder)
+            torch.save(ranks, folder / "ranks.pt")
+            done.write_text(json.dumps({"worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}))
+    return folder, torch.load(folder / "ranks.pt", weights_only=False)
 
 
 # The shared DRaFT-K run (helpers/dist_worker.py's default algorithm) in float64: 3 updates of 4 trajectories per
