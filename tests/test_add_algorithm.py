@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,6 +23,7 @@ def _run(args, tmp_path):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_readme_example_algorithm_trains_from_a_plugin(tmp_path):
     (tmp_path / "reward_max.py").write_text(_example())
     run_dir = tmp_path / "run"
@@ -32,6 +35,7 @@ def test_readme_example_algorithm_trains_from_a_plugin(tmp_path):
     assert not os.path.exists(os.path.join(ROOT, "algorithms", "reward_max.py"))
 
 
+@pytest.mark.slow
 def test_the_plugins_config_is_typed_and_listed(tmp_path):
     (tmp_path / "reward_max.py").write_text(_example())
     res = _run(["algo=reward_max", "algo.from_end=two", f"run_dir={tmp_path / 'r'}"], tmp_path)

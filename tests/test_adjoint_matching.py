@@ -327,6 +327,7 @@ def _train(tmp_path, weights, means, covs, direction, steps: int, lr: float, bat
     return trainer, cfg, x1
 
 
+@pytest.mark.slow
 def test_am_training_reaches_the_tilted_gaussian(tmp_path):
     """One 2-D Gaussian, r = cᵀx, β = 1 (model.am_beta), 20 uniform steps: p* = N(μ + βΣc, Σ).
 
@@ -358,6 +359,7 @@ def test_am_training_reaches_the_tilted_gaussian(tmp_path):
     assert (x1.mean(0) - (torch.tensor(mu).double() + det)).norm() > 0.3
 
 
+@pytest.mark.slow
 def test_am_training_reaches_the_tilted_gaussian_when_sampling_on_the_sd3_grid(tmp_path):
     """As above, but the model samples on SD3's shifted 20-step grid (sampler.grid=sd3) and AM trains on its default
     uniform 20-step grid: the learned v_θ(x, t) is read at the sd3 times. Mean tolerance: 4σ Monte-Carlo + the

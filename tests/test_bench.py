@@ -105,6 +105,7 @@ def test_vary_one_table_per_value(tmp_path, monkeypatch, capsys):
         [("refl", 4), ("draft", 4)], [("refl", 5), ("draft", 5)]]
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     """The one real run: the parent starts a benchmark process per algorithm and reads its row."""
     out = tmp_path / "bench.json"

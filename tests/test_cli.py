@@ -54,6 +54,7 @@ def test_cli_errors_have_no_traceback_and_leave_no_run_directory(tmp_path):
         assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_cli_single_run_and_multirun(tmp_path):
     common = ["reward=linear", "train.steps=2", "train.batch_size=4", "eval.n_samples=16", "eval.final_samples=8",
               "train.progress=false"]

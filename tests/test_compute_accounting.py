@@ -133,6 +133,7 @@ def test_an_old_checkpoint_without_counts_warns_and_restarts_them_at_zero(tmp_pa
     assert rows[-1]["step"] == 3 and rows[-1]["compute/v_nograd"] == N * B      # step 3's update only
 
 
+@pytest.mark.slow
 def test_two_processes_add_their_rows(two_process_draft):
     """The shared two-process run (tests/helpers/torchrun.py): DRaFT-K (K = 2) on N = 6 steps, 4 trajectories per
     process. Each process counts its own rows; the logged figure is both processes' sum."""

@@ -30,6 +30,7 @@ def _one_process(overrides: list[str], steps: int, noise: list[torch.Tensor], ru
     return {"params": one.model.finetune_state_dict(), "algo": one.algo.state_dict()}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_global_batch(two_process_draft, tmp_path):
     from helpers.dist_worker import OVERRIDES
 
@@ -52,6 +53,7 @@ def test_two_processes_match_one_process_with_the_global_batch(two_process_draft
     assert moved > 100 * ATOL, moved                      # not vacuous
 
 
+@pytest.mark.slow
 def test_a_two_process_run_resumes_exactly(two_process_draft):
     """The checkpoint holds both processes' noise streams; resuming the run from its step-2 checkpoint with two
     processes continues exactly as the run went on (a copy of it, interrupted after that checkpoint)."""
@@ -82,6 +84,7 @@ VGG = ["algo=vggflow", "reward=quadratic", "reward.center=[1.0,0.5]", "reward.pr
        "algo.fd_delta=1e-3"]
 
 
+@pytest.mark.slow
 def test_vggflow_two_processes_with_accumulation_equal_one_big_batch(tmp_path):
     """The reward-gradient clip threshold is the quantile over the whole update: 2 processes × 2 micro-batches of
     2 trajectories give the update of one process with all 8 (θ and φ, float64)."""
@@ -100,6 +103,7 @@ def test_vggflow_two_processes_with_accumulation_equal_one_big_batch(tmp_path):
         assert moved > 100 * ATOL, (key, moved)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_process_skips_the_update_on_all(tmp_path):
     """Rank 1's first loss is NaN: both ranks skip that update (skipped = 1 on each) and keep identical parameters."""
     two = torchrun(tmp_path, tmp_path / "nan", 3, tmp_path / "nan_out", env_extra={"ALIGN_TEST_NAN_RANK": "1"})
@@ -121,6 +125,7 @@ def _evaluated(argv: list[str], out) -> dict:
         return {k: v for k, v in json.load(fh).items() if k != "step"}
 
 
+@pytest.mark.slow
 def test_a_two_process_evaluation_equals_the_one_process_evaluation_bitwise(two_process_probe):
     from helpers.dist_worker import BASE
     from helpers.torchrun import PROBE
@@ -135,6 +140,7 @@ def test_a_two_process_evaluation_equals_the_one_process_evaluation_bitwise(two_
     assert _evaluated(BASE + PROBE, tmp / "base") == _eval_row(run, 0)
 
 
+@pytest.mark.slow
 def test_gradients_are_averaged_with_one_all_reduce_per_parameter_group(two_process_probe):
     _, _, ranks = two_process_probe
     groups = ranks[0]["groups"]
@@ -151,6 +157,7 @@ def test_gradients_are_averaged_with_one_all_reduce_per_parameter_group(two_proc
                 assert torch.equal(w["averaged"][step][i], expected), (step, i)
 
 
+@pytest.mark.slow
 def test_the_collective_timeout_reaches_the_process_group(two_process_probe):
     _, _, ranks = two_process_probe
     assert [w["timeout_s"] for w in ranks] == [321.0, 321.0]

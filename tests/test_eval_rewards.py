@@ -137,6 +137,7 @@ def test_they_are_not_bookkeeping_keys():
 
 
 # ---- two processes ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_figures_bitwise(two_process_probe):
     """The shared probe run (tests/helpers/torchrun.py PROBE): VGG-Flow on a mix (quadratic + linear) with two
     held-out rewards, evaluated at steps 0, 1 and 2 by two processes (40 rows in chunks of 32: one chunk each); one

@@ -3,6 +3,7 @@ writes a Markdown table with the expected rows and columns and finite numbers.""
 import math
 import re
 
+import pytest
 import torch
 
 from experiments.exact_targets import COLS, main
@@ -10,6 +11,7 @@ from experiments.exact_targets import COLS, main
 torch.set_num_threads(1)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_table(tmp_path):
     out = tmp_path / "exact.md"
     text = main(["--quick", "--out", str(out)])

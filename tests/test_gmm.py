@@ -33,6 +33,7 @@ def test_velocity_is_the_conditional_expectation(model, t):
         assert torch.allclose(mc, exact, atol=0.03), (mc, exact)
 
 
+@pytest.mark.slow
 def test_ode_samples_have_the_mixture_moments(model):
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(40_000, 2, generator=g, dtype=torch.float64)

@@ -77,6 +77,7 @@ def test_every_table1_cell_resolves_to_the_readme_table(reward, algo):
     assert f"train.lr={fmt(lr)}" in line and (beta is None or f"algo.beta={fmt(beta)}" in line)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reward", REWARDS)
 def test_the_table1_sweep_files_resolve_to_the_readme_table(reward):
     from align.sweep import load_sweep
@@ -189,6 +190,7 @@ class Tempered(ReFL):
 """
 
 
+@pytest.mark.slow
 def test_the_runner_prints_and_saves_the_resolved_settings(tmp_path):
     tiny = ["reward=linear", "algo=adjoint_matching", "train.steps=1", "train.batch_size=4", "eval.n_samples=16",
             "eval.final_samples=8", "train.progress=false", "sampler.steps=4"]
@@ -225,6 +227,7 @@ def test_the_runner_prints_and_saves_the_resolved_settings(tmp_path):
 FLUX_PEERS = {"pickscore": (512, 28, 24, 6), "hpsv2": (720, 16, 12, None)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reward", sorted(FLUX_PEERS))
 def test_the_flux_sweep_files_take_the_peers_settings_and_sd3s_rows(reward):
     """experiments/paper/flux_*.yaml: FLUX at the FLUX peers' settings; the VGG-Flow family borrows SD3's Table-1 row

@@ -204,6 +204,7 @@ def test_config_composes_with_the_domain_beta():
 MU, COV, C = [0.5, -0.3], [[1.0, 0.4], [0.4, 0.5]], [1.0, 0.5]
 
 
+@pytest.mark.slow
 def test_pmp_training_reaches_the_deterministic_optimum(tmp_path):
     """One 2-D Gaussian (non-isotropic), r = cᵀx, β = 1, 20 uniform steps, driven through the Trainer.
 

@@ -116,6 +116,7 @@ def test_a_users_folder_is_refused_and_left_untouched(tmp_path, capsys):
     assert _checksums(mine) == before
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     first = _start(*ENDLESS, f"run_dir={run}")
@@ -158,6 +159,7 @@ def test_ctrl_c_stops_a_sweep_and_a_rerun_finishes_it(tmp_path):
         assert _steps(out / f"seed={seed}") == [0, 1, 2, 3] and run_status(str(out / f"seed={seed}")) == "finished"
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_resumes_with_each_step_once(tmp_path):
     run = tmp_path / "run"
     p = _start(*ENDLESS, f"run_dir={run}")
@@ -175,6 +177,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_with_each_step_once(tm
     assert _steps(run) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_an_interrupted_extension_is_not_finished_and_shrinking_is_refused(tmp_path):
     run = tmp_path / "run"
     assert _run("train.steps=2", "train.checkpoint_every=1", f"run_dir={run}").returncode == 0

@@ -101,6 +101,7 @@ def test_reward_times_c_with_beta_over_c_trains_the_same_model_on_gmm(algo, expo
     assert moved > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["vggflow", "vggflow_pmp", "adjoint_matching"])
 @pytest.mark.parametrize("factor", [1e2, 1e4])
 def test_reward_times_c_with_beta_over_c_trains_the_same_model_on_digits(algo, factor, tmp_path):

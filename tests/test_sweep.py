@@ -133,6 +133,7 @@ grids:
 """
 
 
+@pytest.mark.slow
 def test_a_real_sweep_runs_skips_and_resumes(tmp_path, capsys):
     sweep_file, out = _file(tmp_path, SMALL), tmp_path / "out"
     args = [sweep_file, "--out", str(out), "--jobs", "2"]

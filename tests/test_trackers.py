@@ -47,6 +47,7 @@ def _wandb_history(run_file: str) -> dict[int, dict[str, str]]:
     return history
 
 
+@pytest.mark.slow
 def test_every_tracker_receives_the_metrics_rows(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
