@@ -31,10 +31,10 @@ def _one_thread_and_a_fixed_random_state():
 @pytest.fixture(scope="session")
 def two_process_draft(tmp_path_factory):
     """(folder, run directory, each rank's record) of the shared float64 DRaFT-K run of 3 updates on 2 processes."""
-    from helpers.torchrun import SHARED_ENV, SHARED_STEPS, shared_launch, torchrun
+    from helpers.torchrun import SHARED_ENV, SHARED_EXTRA, SHARED_STEPS, shared_launch, torchrun
 
     tmp, ranks = shared_launch(tmp_path_factory, "two_process_draft", lambda tmp: torchrun(
-        tmp, tmp / "run", SHARED_STEPS, tmp / "out", env_extra=SHARED_ENV))
+        tmp, tmp / "run", SHARED_STEPS, tmp / "out", extra=SHARED_EXTRA, env_extra=SHARED_ENV))
     return tmp, tmp / "run", ranks
 
 

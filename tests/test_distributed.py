@@ -14,15 +14,17 @@ import torch
 
 from align.evaluate import main as evaluate_main
 from align.run_dir import FINISHED_FILE, read_metrics
-from helpers.fp64 import ATOL, assert_same_parameters, build_fp64_trainer
-from helpers.torchrun import SHARED_ENV, SHARED_STEPS, torchrun
+from helpers.fp64 import ATOL, LINEAR_ADAM, assert_same_parameters, build_linear_fp64_trainer
+from helpers.torchrun import SHARED_ENV, SHARED_EXTRA, SHARED_STEPS, torchrun
 
 
 def _one_process(overrides: list[str], steps: int, noise: list[torch.Tensor], run_dir) -> dict[str, dict]:
-    """One process in float64 on the global batches ``noise`` (one per update): its θ and the algorithm's state."""
+    """One process in float64 (tests/helpers/fp64.py) on the global batches ``noise`` (one per update): its θ and
+    the algorithm's state."""
     from align.config import compose_config
 
-    one = build_fp64_trainer(compose_config(overrides + [f"train.steps={steps}"], str(run_dir)), str(run_dir))
+    cfg = compose_config(overrides + [LINEAR_ADAM, f"train.steps={steps}"], str(run_dir))
+    one = build_linear_fp64_trainer(cfg, str(run_dir))
     batches, own = list(noise), one.model.sample_noise
     one.model.sample_noise = lambda n, generator: batches.pop(0) if batches else own(n, generator)
     one.train()
@@ -50,7 +52,7 @@ def test_two_processes_match_one_process_with_the_global_batch(two_process_draft
     one = _one_process(OVERRIDES + ["train.batch_size=8"], SHARED_STEPS, noise, tmp_path / "one")
     assert_same_parameters(two[0]["params"], one["params"])
     moved = max((v - two[0]["start_params"][k]).abs().max().item() for k, v in two[0]["params"].items())
-    assert moved > 100 * ATOL, moved                      # not vacuous
+    assert moved > 1e4 * ATOL, moved                      # not vacuous
 
 
 @pytest.mark.slow
@@ -64,7 +66,8 @@ def test_a_two_process_run_resumes_exactly(two_process_draft):
     shutil.copytree(run, cut)
     shutil.rmtree(cut / "checkpoints" / f"step_{SHARED_STEPS:07d}")
     (cut / FINISHED_FILE).unlink()
-    resumed = torchrun(tmp, cut, SHARED_STEPS, tmp / "resumed_out", mode="resume", env_extra=SHARED_ENV)
+    resumed = torchrun(tmp, cut, SHARED_STEPS, tmp / "resumed_out", mode="resume", extra=SHARED_EXTRA,
+                       env_extra=SHARED_ENV)
     for r in (0, 1):
         assert resumed[r]["step"] == SHARED_STEPS
         # the noise drawn after the resume: the third update's batch, then the final samples' (their own stream)
@@ -90,8 +93,8 @@ def test_vggflow_two_processes_with_accumulation_equal_one_big_batch(tmp_path):
     2 trajectories give the update of one process with all 8 (θ and φ, float64)."""
     from helpers.dist_worker import BASE
 
-    two = torchrun(tmp_path, tmp_path / "two", 2, tmp_path / "two_out", extra=VGG + ["train.grad_accum=2"],
-                   env_extra=SHARED_ENV)
+    two = torchrun(tmp_path, tmp_path / "two", 2, tmp_path / "two_out",
+                   extra=VGG + ["train.grad_accum=2", LINEAR_ADAM], env_extra=SHARED_ENV)
     for k, v in two[0]["params"].items():
         assert torch.equal(v, two[1]["params"][k]), k
     noise = [torch.cat([two[r]["x0"][2 * s + m] for r in (0, 1) for m in (0, 1)]) for s in range(2)]
@@ -100,7 +103,7 @@ def test_vggflow_two_processes_with_accumulation_equal_one_big_batch(tmp_path):
     assert_same_parameters(two[0]["algo"], one["algo"])
     for key in ("params", "algo"):      # not vacuous: θ and φ moved far beyond the tolerance
         moved = max((v - two[0][f"start_{key}"][k]).abs().max().item() for k, v in two[0][key].items())
-        assert moved > 100 * ATOL, (key, moved)
+        assert moved > 1e4 * ATOL, (key, moved)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import torch
 
 from align.config import compose_config
 from align.reward_grad import per_sample_norms
-from helpers.fp64 import assert_same_parameters, build_fp64_trainer
+from helpers.fp64 import ATOL, LINEAR_ADAM, assert_same_parameters, build_linear_fp64_trainer
 from samplers import Trajectory
 
 torch.set_num_threads(1)
@@ -24,15 +24,18 @@ def _cat(trajs: list[Trajectory]) -> Trajectory:
 
 
 def _fp64_trainer(tmp_path, name: str, accum: int):
-    """In float64 (tests/helpers/fp64.py): the parameters after AdamW updates are compared, and the residual's finite
-    differences divide by h (3e-5), so in float32 the rounding of kernels whose result depends on the batch size
-    (1e-7) reaches φ's Adam steps at 1e-6 and beyond — float noise, not the split."""
-    return build_fp64_trainer(compose_config(OVERRIDES + [f"train.grad_accum={accum}"], str(tmp_path / name)),
-                              str(tmp_path / name))
+    """In float64 with AdamW linear in the gradient (tests/helpers/fp64.py): the parameters after the updates are
+    compared, and the residual's finite differences divide by h (3e-5), so in float32 the rounding of kernels whose
+    result depends on the batch size (1e-7) reaches φ's Adam steps at 1e-6 and beyond — float noise, not the
+    split."""
+    cfg = compose_config(OVERRIDES + [LINEAR_ADAM, f"train.grad_accum={accum}"], str(tmp_path / name))
+    return build_linear_fp64_trainer(cfg, str(tmp_path / name))
 
 
 def test_grad_accum_4_gives_the_update_of_one_batch(tmp_path):
     one, four = _fp64_trainer(tmp_path, "a", 1), _fp64_trainer(tmp_path, "b", 4)
+    start = [{k: v.clone() for k, v in part.items()} for part in (one.model.finetune_state_dict(),
+                                                                   one.algo.state_dict())]
     for _ in range(2):
         micro = [four._rollout_batch(2) for _ in range(4)]
         whole = [_cat(micro)]
@@ -44,3 +47,5 @@ def test_grad_accum_4_gives_the_update_of_one_batch(tmp_path):
         assert max(abs(float(q - one.algo.tau)) for q in per_micro) > 1e-3
     assert_same_parameters(one.model.finetune_state_dict(), four.model.finetune_state_dict())
     assert_same_parameters(one.algo.state_dict(), four.algo.state_dict())
+    for before, after in zip(start, (one.model.finetune_state_dict(), one.algo.state_dict())):   # not vacuous
+        assert max((after[k] - v).abs().max().item() for k, v in before.items()) > 1e4 * ATOL

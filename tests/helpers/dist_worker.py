@@ -3,7 +3,8 @@
 finetuned parameters. ``ALIGN_TEST_NAN_RANK=r`` makes the first loss of rank r non-finite. Mode ``probe`` also
 records the process group's timeout and, for every gradient sync, the all-reduce calls made and each rank's
 gradients before and after (rank 1's first parameter has no gradient: it counts as zeros). ``ALIGN_TEST_FP64=1``
-trains in float64 (tests/helpers/fp64.py: parameters compared with a one-process run)."""
+trains in float64 (tests/helpers/fp64.py: parameters compared with a one-process run; the overrides must hold
+``LINEAR_ADAM``)."""
 import os
 import sys
 
@@ -12,7 +13,7 @@ import torch.distributed as dist
 
 from align.assemble import build_trainer
 from align.config import compose_config
-from helpers.fp64 import build_fp64_trainer
+from helpers.fp64 import build_linear_fp64_trainer
 
 DRAFT = ["algo=draft", "algo.variant=k", "algo.k=2", "algo.objective=raw"]
 BASE = ["model=gmm", "reward=linear", "model.hidden=16", "sampler.steps=6", "train.batch_size=4", "train.lr=1e-2",
@@ -52,7 +53,7 @@ def main(run_dir: str, steps: int, out: str, mode: str, extra: list[str]) -> Non
     torch.set_num_threads(1)
     extra = extra + [f"train.steps={steps}"] + ([f"resume={run_dir}"] if mode == "resume" else [])
     base = BASE if any(o.startswith("algo=") for o in extra) else OVERRIDES
-    build = build_fp64_trainer if os.environ.get("ALIGN_TEST_FP64") == "1" else build_trainer
+    build = build_linear_fp64_trainer if os.environ.get("ALIGN_TEST_FP64") == "1" else build_trainer
     trainer = build(compose_config(base + extra, run_dir), run_dir)
     rank = trainer.accelerator.process_index
     drawn = []

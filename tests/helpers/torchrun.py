@@ -54,6 +54,7 @@ def shared_launch(tmp_path_factory, name: str, launch: Callable[[Path], list[dic
 # tests/test_compute_accounting.py: the two processes' counts add up).
 SHARED_STEPS = 3
 SHARED_ENV = {"ALIGN_TEST_FP64": "1"}
+SHARED_EXTRA = ["train.adam_eps=1.0"]      # tests/helpers/fp64.py LINEAR_ADAM
 
 # The shared probe run (mode ``probe``): VGG-Flow (θ and φ, two parameter groups) on a mix of two gmm rewards with two
 # held-out rewards, 2 updates, evaluated at every step in chunks of 32 rows: 40 evaluation samples (5 groups of 8) are
