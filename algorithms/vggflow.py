@@ -43,6 +43,8 @@ RgradClip = enum.StrEnum("RgradClip", "batch_quantile previous_step const none")
 FdScheme = enum.StrEnum("FdScheme", "central forward")
 FdTerms = enum.StrEnum("FdTerms", "spacetime separate")
 FdNetwork = enum.StrEnum("FdNetwork", "auto fd jvp")
+FdStep = enum.StrEnum("FdStep", "rms raw")
+ConsistencyLoss = enum.StrEnum("ConsistencyLoss", "velocity code")
 ConsistencyTimes = enum.StrEnum("ConsistencyTimes", "grid within_step")
 BoundaryAt = enum.StrEnum("BoundaryAt", "t1 last_state")
 
@@ -82,16 +84,29 @@ class VGGFlowConfig:
     fd_delta: float = 3.0e-5
     # auto: bf16/fp16 flow networks by forward-mode AD (FD there is rounding noise), FD in fp32 | fd | jvp
     fd_network: FdNetwork = FdNetwork.auto
+    # rms: x-steps of per-coordinate RMS fd_eps along the normalised direction | raw: the preview code's steps,
+    # x + fd_eps·g for J_{v_base}·g and x − fd_eps·(v_base − βg)/β for J_g·(v_base − βg) (fd_terms=separate only)
+    fd_step: FdStep = FdStep.rms
     time_derivative_scale: float = 1.0  # 1 (paper); 1e-3 reproduces the preview code's τ = 1000σ units
-    consistency_weight: float = 1.0     # 1 (paper, on ‖β·R‖²); the preview code's ‖R/β‖² corresponds to 1/β⁴
+    # velocity: L_cons = ‖β·R‖² (βR is a velocity, like the matching loss and N_φ) | code: ‖R/β‖² (the preview
+    # code: 1/β⁴ of it, so that its boundary weighs α·β⁴/6 against it, docs/vggflow.md)
+    consistency_loss: ConsistencyLoss = ConsistencyLoss.velocity
+    consistency_weight: float = 1.0     # a factor on L_cons (1: the paper's L_cons + α L_bnd)
     # Where the consistency residual is enforced: grid (paper: at the sub-sampled grid states) | within_step (at a
     # uniform time inside each state's Euler step, on the sampler's own segment: ν_φ is then constrained between
     # grid times too; on SD3's shifted grid `grid` leaves the late gaps 0.73 → 0.85 → 0.99 free, see docs/vggflow.md)
     consistency_times: ConsistencyTimes = ConsistencyTimes.grid
-    boundary_at: BoundaryAt = BoundaryAt.t1  # t1 (paper: ν at x_1, t = 1) | last_state (preview code: ‖ν‖² at x_{N−1})
+    # t1 (paper: ‖β(g(x₁, 1) + ∇r(x₁))‖², the mean over trajectories) | last_state (the preview code: ‖N_φ‖² at the
+    # last grid state x_{N−1}, weighted as it weighs it: α/M · Σ over the M sub-sampled columns that hold x_{N−1}
+    # of the mean over those rows, M = subsample_bins + 1)
+    boundary_at: BoundaryAt = BoundaryAt.t1
 
     def validate(self) -> None:
         require(positive(self.beta), "algo.beta", self.beta, "finite and > 0")
+        if self.fd_step == "raw" and (self.fd_terms != "separate" or self.fd_network == "jvp"):
+            raise ValueError(f"algo.fd_step=raw (the preview code's steps) differences ∂_t g, J_g·d and J_v_base·g "
+                             f"separately and through the network: it needs algo.fd_terms=separate (got "
+                             f"{self.fd_terms}) and algo.fd_network=fd or auto (got {self.fd_network})")
 
     def validate_steps(self, n_steps: int) -> None:
         require(1 <= self.subsample_bins <= n_steps, "algo.subsample_bins", self.subsample_bins,
@@ -109,6 +124,10 @@ class VGGFlow(Algorithm):
         self.value_net = model.make_value_network() if cfg.learn_value else None   # outputs N_φ = β ν_φ
         # bf16/fp16 networks: forward-mode AD through the network in the residual (align/value_gradient.py)
         self.network_jvp = use_network_jvp(cfg.fd_network, network_dtype(model))
+        if cfg.fd_step == "raw" and self.network_jvp:
+            raise ValueError(f"algo.fd_step=raw differences the flow network itself, which computes in "
+                             f"{network_dtype(model)} here (algo.fd_network=auto would take forward-mode AD): "
+                             "set algo.fd_network=fd, as the preview code does")
         self.register_buffer("prev_tau", torch.tensor(float(cfg.rgrad_clip_value)))
         self.tau: torch.Tensor | None = None      # this update's clip threshold (set by prepare)
 
@@ -261,8 +280,10 @@ class VGGFlow(Algorithm):
                                      cfg.fd_scheme, g_x=gc, v_base_x=vbc,
                                      time_scale=float(cfg.time_derivative_scale),
                                      predictor=predictor, jvp=self.network_jvp,
-                                     spacetime=cfg.fd_terms == "spacetime", x_hat=x_hat)
-        loss_cons = float(cfg.consistency_weight) * per_sample_mse(beta * resid).mean()
+                                     spacetime=cfg.fd_terms == "spacetime", x_hat=x_hat,
+                                     raw_steps=cfg.fd_step == "raw")
+        units = beta if cfg.consistency_loss == "velocity" else 1.0 / beta
+        loss_cons = float(cfg.consistency_weight) * per_sample_mse(units * resid).mean()
 
         # 5. Boundary (Eq. 14): g(x_1, 1) = −∇r(x_1) with the same clipped gradient, times β; for η_1 = 1 this is
         #    ‖N_φ(x_1, 1)‖². The preview code instead penalises ‖N_φ‖² at the last grid state x_{N−1}.
@@ -272,9 +293,25 @@ class VGGFlow(Algorithm):
             gb = self.value_gradient(xb, tb, traj.cond, traj.prompts, tau, grad_r=grad_rb, n_phi=n_phi_1)
             loss_bnd = per_sample_mse(beta * gb, -beta * clip_per_sample(grad_rb, tau).to(xb.dtype)).mean()
         else:
-            last = (k == traj.n_steps - 1).nonzero().flatten()
-            loss_bnd = per_sample_mse(n_phi[last]).mean()
+            loss_bnd = last_state_boundary(per_sample_mse(n_phi), k, traj.n_steps, traj.extras["vgg_idx"].shape[1])
 
         logs.update(loss_cons=loss_cons.item(), loss_bnd=loss_bnd.item())
         return matching(v_theta) + loss_cons + self.alpha * loss_bnd, logs
 
+
+@register_algorithm("vggflow_authors", config=VGGFlowConfig)
+class VGGFlowAuthors(VGGFlow):
+    """``algo=vggflow_authors``: VGG-Flow with every choice of the authors' code at once (its preset,
+    align/conf/algo/vggflow_authors.yaml; each difference from ``algo=vggflow`` and its measured effect:
+    docs/vggflow.md). The same algorithm: only the settings differ."""
+
+
+def last_state_boundary(per_state: torch.Tensor, k: torch.Tensor, n_steps: int, columns: int) -> torch.Tensor:
+    """The preview code's boundary loss (``boundary_at: last_state``) from ‖N_φ‖² at each training state (rows of
+    ``columns`` sub-sampled states each, the last grid state first): each column that holds x_{N−1} in some rows
+    adds the mean over those rows, and the sum is divided by the number of columns (the code averages every term
+    over them). Column 0 always holds x_{N−1}; the last bin's column does in the rows that drew it too."""
+    column = torch.arange(len(k), device=k.device) % columns
+    last = k == n_steps - 1
+    terms = [per_state[last & (column == j)].mean() for j in range(columns) if bool((last & (column == j)).any())]
+    return torch.stack(terms).sum() / columns

@@ -26,9 +26,12 @@ Sources.
 """
 from __future__ import annotations
 
+import os
 import re
 
 from omegaconf import DictConfig, OmegaConf
+
+from align.conf import CONF_DIR
 
 RESOLVER = "align_paper"
 SOURCE = "align/paper_settings.py"
@@ -71,6 +74,8 @@ OWN: dict[str, dict[str, dict[str, float]]] = {"flux": {"flow_grpo": {"beta": 0.
 # Flow-GRPO (Liu et al. 2025, SD3.5-M, LoRA) and DiffusionNFT (Zheng et al. 2025, SD3.5-M, LoRA): 3e-4.
 LR: dict[str, float] = {"vggflow": 5.0e-4, "vggflow_pmp": 1.0e-4, "adjoint_matching": 1.0e-4, "refl": 1.0e-4,
                         "draft": 1.0e-4, "flow_grpo": 3.0e-4, "diffusion_nft": 3.0e-4}
+# Presets that read another algorithm's row: VGG-Flow as its authors' code runs it takes VGG-Flow's β and α.
+ROW_OF: dict[str, str] = {"vggflow_authors": "vggflow"}
 # Where each setting is used in the config (what ``describe`` reports; α is not: it is fixed per domain).
 CONFIG_KEYS = {"beta": "algo.beta", "lr": "train.lr"}
 
@@ -85,6 +90,7 @@ def _names(root) -> tuple[str, str, str]:
 
 def entry(model: str, reward: str, algo: str, setting: str) -> tuple[float, str]:
     """``(value, where it comes from)`` for one setting; raises MissingSetting."""
+    algo = ROW_OF.get(algo, algo)
     own = OWN.get(model, {}).get(algo, {})
     if setting in own:
         return own[setting], f"the {model} domain's value"
@@ -179,6 +185,17 @@ def resolved_from_table(cfg: DictConfig) -> list[tuple[str, float, str]]:
     return out
 
 
+def _preset_literals(algo: str) -> dict[str, float]:
+    """The values an algorithm preset (align/conf/algo/<algo>.yaml) writes itself rather than from the table, by
+    config key (its ``lr`` is train.lr's default)."""
+    path = os.path.join(CONF_DIR, "algo", f"{algo}.yaml")
+    if not os.path.isfile(path):
+        return {}
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    keys = {"lr": "train.lr", "beta": "algo.beta"}
+    return {keys[k]: float(v) for k, v in raw.items() if k in keys and isinstance(v, (int, float))}
+
+
 def describe(cfg: DictConfig) -> str | None:
     """The line ``align.run`` prints at start, e.g. ``align: paper settings for sd3 × hpsv2 × vggflow:
     algo.beta=3e7, train.lr=5e-4 (align/paper_settings.py: paper Table 1, reference §1.8/§3)``; None when
@@ -193,7 +210,11 @@ def describe(cfg: DictConfig) -> str | None:
     parts = ", ".join(f"{', '.join(keys)} ({where})" for where, keys in by_where.items())
     given = [k for k in CONFIG_KEYS.values() if k not in {f[0] for f in found}
              and OmegaConf.select(cfg, k, default=None) is not None]
-    tail = "; set explicitly: " + ", ".join(f"{k}={fmt(OmegaConf.select(cfg, k))}" for k in given) if given else ""
+    preset = _preset_literals(algo)
+    by_preset = [k for k in given if preset.get(k) == OmegaConf.select(cfg, k)]
+    given = [k for k in given if k not in by_preset]
+    tail = "".join(f"; {label}: " + ", ".join(f"{k}={fmt(OmegaConf.select(cfg, k))}" for k in keys)
+                   for label, keys in ((f"the {algo} preset's", by_preset), ("set explicitly", given)) if keys)
     if (model, reward) in TABLE:
         return f"align: paper settings for {model} × {reward} × {algo}: {parts}{tail}"
     if model in BORROWS:

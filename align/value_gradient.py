@@ -79,14 +79,16 @@ def _rms(d: torch.Tensor) -> torch.Tensor:
 
 
 def directional_derivative(f: Field, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float,
-                           scheme: str = "central", f_x: torch.Tensor | None = None) -> torch.Tensor:
+                           scheme: str = "central", f_x: torch.Tensor | None = None,
+                           step_scale: float | None = None) -> torch.Tensor:
     """J_f(x, t)·d by a finite difference along the detached direction d.
 
     The step is ε·d/rms(d) (ε is per-coordinate, whatever the scale of d) and the result is rescaled by
-    rms(d), so it is exact for linear f. ``forward`` reuses f_x = f(x, t) when given.
+    rms(d), so it is exact for linear f. ``step_scale`` = c instead takes the step ε·c·d as it is (the preview
+    code's steps, ``raw_steps`` of ``consistency_residual``). ``forward`` reuses f_x = f(x, t) when given.
     """
     d = d.detach()
-    s = _rms(d)
+    s = _rms(d) if step_scale is None else torch.tensor(1.0 / step_scale, dtype=d.dtype, device=d.device)
     step = eps * d / s
     if scheme == "central":
         return (f(x + step, t) - f(x - step, t)) * (s / (2 * eps))
@@ -163,11 +165,15 @@ def consistency_residual(g: Field, v_base: Field, x: torch.Tensor, t: torch.Tens
                          g_x: torch.Tensor | None = None, v_base_x: torch.Tensor | None = None,
                          time_scale: float = 1.0, predictor: Field | None = None,
                          jvp: bool = False, spacetime: bool = False,
-                         x_hat: torch.Tensor | None = None) -> torch.Tensor:
+                         x_hat: torch.Tensor | None = None, raw_steps: bool = False) -> torch.Tensor:
     """R = ∂_t g + J_gᵀ(v_base − β g) + J_{v_base}ᵀ g at (x, t), all by finite differences.
 
     ``g_x``/``v_base_x`` are g(x, t) and v_base(x, t) when already computed. ``time_scale`` multiplies
     ∂_t g (1 in the paper; the preview code's τ = 1000σ units correspond to 1e−3).
+
+    ``raw_steps`` (separate differences, no ``jvp``): the x-steps of the authors' preview code, x + ε·g for
+    J_{v_base}·g and x − ε·(v_base − βg)/β for J_g·(v_base − βg) (its direction u_base/β + g in SD3's u = −v), in
+    place of steps of per-coordinate RMS ε.
 
     ``spacetime=True``: ∂_t g + J_g(v_base − βg) is one derivative of g along the space-time direction
     (v_base − βg, 1) (``spacetime_derivative``: one difference of g instead of two; the paper's Eq. 43 moves x
@@ -179,13 +185,17 @@ def consistency_residual(g: Field, v_base: Field, x: torch.Tensor, t: torch.Tens
     ``directional_derivative_through``, ``spacetime_derivative_through``, which reuses ``x_hat`` = x̂_1(x, t), and
     then g_x = g(x, t, x_hat=x_hat), when given); without ``predictor`` g is differenced as it is.
     """
+    if raw_steps and (jvp or spacetime):
+        raise ValueError("the preview code's raw finite-difference steps (algo.fd_step=raw) difference g and v_base "
+                         "separately and the network itself: set algo.fd_terms=separate and algo.fd_network=fd")
     g_x = g(x, t) if g_x is None else g_x
     v_base_x = v_base(x, t) if v_base_x is None else v_base_x
     direction = (v_base_x - beta * g_x).detach()
     if jvp:
         d_b = network_jvp(v_base, x, t, dx=g_x.detach())[1]
     else:
-        d_b = directional_derivative(v_base, x, t, g_x.detach(), eps, scheme, f_x=v_base_x)
+        d_b = directional_derivative(v_base, x, t, g_x.detach(), eps, scheme, f_x=v_base_x,
+                                     step_scale=1.0 if raw_steps else None)
     through = jvp and predictor is not None
     if spacetime and through:
         # g_x is reused only with the x̂_1 it was computed from: a bf16 x̂_1 recomputed by another kernel (the
@@ -199,7 +209,8 @@ def consistency_residual(g: Field, v_base: Field, x: torch.Tensor, t: torch.Tens
                + directional_derivative_through(g, predictor, x, t, direction, eps, scheme))
     else:
         d_g = (time_scale * time_derivative(g, x, t, delta, scheme, f_x=g_x)
-               + directional_derivative(g, x, t, direction, eps, scheme, f_x=g_x))
+               + directional_derivative(g, x, t, direction, eps, scheme, f_x=g_x,
+                                        step_scale=-1.0 / beta if raw_steps else None))
     return d_g + d_b
 
 

@@ -97,11 +97,14 @@ def test_the_table1_sweep_files_resolve_to_the_readme_table(reward):
                 assert float(cfg.algo.beta) == (0.01 if reward == "pickscore" else beta) and cfg.algo.kl == "code"
             seen.add((cfg.algo.name, int(cfg.seed)))
             continue
-        beta, lr = README[reward][cfg.algo.name]
+        if cfg.algo.name == "vggflow_authors":       # VGG-Flow's β and α, the authors' run.sh learning rate
+            beta, lr = README[reward]["vggflow"][0], 1e-3
+        else:
+            beta, lr = README[reward][cfg.algo.name]
         assert cfg.reward.name == reward and float(cfg.train.lr) == pytest.approx(lr, rel=1e-12)
         assert beta is None or float(cfg.algo.beta) == pytest.approx(beta, rel=1e-12)
         seen.add((cfg.algo.name, int(cfg.seed)))
-    assert seen == {(a, s) for a in ALGOS + tuple(FLOW_GRPO_PAPER) for s in (0, 1, 2)}
+    assert seen == {(a, s) for a in ALGOS + ("vggflow_authors",) + tuple(FLOW_GRPO_PAPER) for s in (0, 1, 2)}
 
 
 def test_what_is_given_explicitly_wins():
