@@ -7,8 +7,10 @@ Algorithm 1 (lean adjoint), on the *training* grid t_0 < … < t_N (``algo.train
   1. roll out the SDE with the current v_θ, no grad (the last step is a noiseless base Euler step);
   2. lean adjoint, one VJP through v_base per step:
        ã_N = −β ∇r(decode(X_N)),   ã_k = ã_{k+1} + Δt_k ∇_x[ã_{k+1}·b_base(x, t_k)]_{x = X_k};
-  3. L(θ) = Σ_{k∈K} ‖ (2/σ_k)(v_θ − v_base)(X_k, t_k) + σ_k ã_{k+1} ‖²  (X, ã detached), K a subset of times,
-     averaged over the samples that survive the per-sample loss clip (``algo.loss_clip``).
+  3. L(θ) = Σ_{k∈K} w_k ‖ (2/σ_k)(v_θ − v_base)(X_k, t_k) + σ_k ã_{k+1} ‖²  (X, ã detached), K a subset of times,
+     w_k = Δt_k / mean Δt (the time integral of AM's loss, discretised as the reference code's δ·‖u + σã‖²;
+     ``algo.time_weight``), averaged over the samples that survive the per-sample loss clip (``algo.loss_clip``).
+     On the default uniform training grid every w_k is 1.
 Pairing X_k with ã_{k+1} is the discrete optimality condition of the step k → k+1 (reference §3, pairing note).
 Samples for evaluation come from the ODE with v_θ on the *model's* grid (the trainer's evaluator), as in AM.
 
@@ -47,6 +49,7 @@ from samplers import (Trajectory, memoryless_drift, memoryless_noise_level, memo
                       training_grid)
 
 TrainGrid = enum.StrEnum("TrainGrid", "uniform model")
+TimeWeight = enum.StrEnum("TimeWeight", "dt uniform")
 
 
 @dataclass
@@ -70,6 +73,10 @@ class AdjointMatchingConfig:
     train_steps: Optional[int] = None  # steps of the uniform training grid; null: sampler.steps (same cost per update)
     h: Optional[float] = None       # offset of the memoryless schedule; null: half the first step (default_offset)
     loss_times: LossTimes = field(default_factory=LossTimes)
+    # Each loss time's weight: dt (Δt_k / mean Δt: AM's ∫ dt discretised, as the reference code's δ·‖u + σã‖²; 1 on a
+    # uniform training grid) | uniform (every time alike: on a non-uniform grid, e.g. train_grid=model on SD3's,
+    # the late wide steps count as much as the early narrow ones)
+    time_weight: TimeWeight = TimeWeight.dt
     # Per-sample loss clip (LCT): drop samples whose loss, in AM's units (Σ over loss times and elements), exceeds
     # loss_clip·β², and average over the kept samples. AM uses 1.6 on images; null disables (the default until tuned).
     loss_clip: Optional[float] = None
@@ -78,6 +85,13 @@ class AdjointMatchingConfig:
         require(positive(self.beta), "algo.beta", self.beta, "finite and > 0")
         if self.h is not None and self.h <= 0:
             raise ValueError(f"algo.h must be > 0 (or null for Δt_0/2), got {self.h}")
+
+def time_weights(ts: torch.Tensor, kind: str) -> torch.Tensor:
+    """w_k, k = 0..N−1, of the loss at time t_k (``algo.time_weight``): Δt_k / mean Δt (``dt``), or 1 (``uniform``).
+    In float64 from the float64 grid, so that on a uniform grid ``dt`` is 1 to rounding (1.0 exactly in fp32)."""
+    dt = (ts[1:] - ts[:-1]).double()
+    return dt / dt.mean() if kind == "dt" else torch.ones_like(dt)
+
 
 def default_offset(ts: torch.Tensor) -> float:
     """h = Δt_0 / 2, Δt_0 = t_1 − t_0 of the training grid.
@@ -166,16 +180,17 @@ class AdjointMatching(Algorithm):
         # v_base from the sweep; only X_0 (below its stop) is evaluated here
         v_base = kept_at(swept.kept, k, sample, stop, lambda r: model.base_velocity(x[r], t[r], index_cond(cond, r)))
         sq = ((2.0 / sigma) * (v_theta - v_base) + sigma * a_next.detach()).pow(2).flatten(1)   # [B·M, D]
+        w = time_weights(traj.ts, self.cfg.time_weight)[k].to(sq.dtype)                  # [B·M]
 
-        # Per-sample loss clipping (LCT), in AM's units: Σ over loss times and elements, threshold loss_clip·β².
-        # A dropped sample leaves the batch: the mean runs over the kept samples only (dropping does not shrink
-        # the step of the others); if every sample is dropped the loss is 0 (its gradient 0, no NaN).
-        am_loss = sq.detach().sum(1).reshape(B, M).sum(1)
+        # Per-sample loss clipping (LCT), in AM's units: Σ over loss times (weighted) and elements, threshold
+        # loss_clip·β². A dropped sample leaves the batch: the mean runs over the kept samples only (dropping does
+        # not shrink the step of the others); if every sample is dropped the loss is 0 (its gradient 0, no NaN).
+        am_loss = (sq.detach().sum(1) * w).reshape(B, M).sum(1)
         keep = torch.ones(B, dtype=torch.bool, device=x.device)
         if self.cfg.loss_clip is not None:
             keep = am_loss <= float(self.cfg.loss_clip) * self.beta ** 2
         kept_rows = keep.repeat_interleave(M)
-        per_row = sq.mean(1) * kept_rows.to(sq.dtype)
+        per_row = sq.mean(1) * w * kept_rows.to(sq.dtype)
         loss = per_row.sum() / max(int(kept_rows.sum().item()), 1)
         logs = {"loss_am": am_loss.mean().item(), "clipped_frac": 1.0 - keep.float().mean().item(),
                 "adjoint_norm_1": per_sample_norms(a[-1]).mean().item(),

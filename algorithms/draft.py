@@ -8,17 +8,19 @@ DRaFT-K (``variant: k``):
     L(θ)    = mean_b ℓ(r(decode(x_N)))
   ``k_random: true`` draws K ~ Uniform{1..k} once per trajectory (never per step).
 
-DRaFT-LV (``variant: lv``, K = 1 with lower variance):
+DRaFT-LV (``variant: lv``, K = 1 with lower variance; the DRaFT paper's estimator, Clark et al., ICLR 2024):
     x_N     = Euler ODE of v_θ from x_0, without grad;   σ = 1 − t_{N−1}
     x̃^(i)  = (1 − σ)·sg(x_N) + σ·ε_i,  ε_i ~ N(0, I),  i = 1..n
     x̂^(i)  = x̃^(i) + (1 − t_{N−1})·v_θ(x̃^(i), t_{N−1})            (grad through θ)
     L(θ)    = (1/n) Σ_i mean_b ℓ(r(decode(x̂^(i))))        (``lv_reduce: mean``, default)
             =       Σ_i mean_b ℓ(r(decode(x̂^(i))))        (``lv_reduce: sum``)
-  Mean or sum over the n copies: the DRaFT paper's own DRaFT-LV pseudo-code (Clark et al., ICLR 2024,
-  Algorithm 2) could not be retrieved to check it (the recollection is that it accumulates, i.e. sums, the
-  n per-copy reward gradients; reference §4 [MEM] and the public re-implementations found, e.g.
-  RuoyuWang-2077/FlowBP, average). The default stays ``mean``; ``sum`` is the same gradient times n. Under
-  AdamW the two differ only through Adam's ε, the weight decay's relative weight and the grad-norm clip.
+  Mean or sum over the n copies: the DRaFT paper's own pseudo-code (Algorithm 2) could not be retrieved to check
+  it (the recollection is that it accumulates, i.e. sums, the n per-copy reward gradients; reference §4 [MEM]).
+  The default stays ``mean``; ``sum`` is the same gradient times n. Under AdamW the two differ only through
+  Adam's ε, the weight decay's relative weight and the grad-norm clip.
+  ``lv_include_last: true`` is RuoyuWang-2077/FlowBP's form (``flowbp/trainers/sd35/draft_lv.py``): the un-noised
+  last step x̂^(0) = x_{N−1} + (1 − t_{N−1})·v_θ(x_{N−1}, t_{N−1}) (DRaFT-1, with grad) is an (n + 1)-th row
+  beside the n re-noised ones, and the mean runs over the n + 1 (one more v_θ and reward gradient per sample).
 
 CFG: v_θ is the guided field of the model; under grad its unconditional branch is detached from θ but not
 from x (align/models/flow_transformer.py), so DRaFT-K's x-chain carries w J_cond + (1 − w) J_uncond.
@@ -57,6 +59,7 @@ class DRaFTConfig(ObjectiveConfig):
     # lv: mean | sum of the n copies' losses (sum = n × the mean's gradient; the DRaFT paper's Algorithm 2 was not
     # checked, see above)
     lv_reduce: LvReduce = LvReduce.mean
+    lv_include_last: bool = False   # lv: also the un-noised last step from x_{N−1} as a row (FlowBP's form)
     k: int = 1                      # k: steps with grad (DRaFT recommends 1; the VGG paper does not report K)
     k_random: bool = False          # k: true draws K ~ Uniform{1..k} once per trajectory
 
@@ -120,11 +123,16 @@ class DRaFT(Algorithm):
         x_tilde = ((1.0 - sigma) * x_N.unsqueeze(0) + sigma * eps).flatten(0, 1)   # [n·B, ...], copy-major
         rows = torch.arange(B).repeat(n)
         cond = index_cond(traj.cond, rows)
-        t = torch.full((n * B,), t_last, dtype=x_N.dtype, device=x_N.device)
+        copies = n
+        if self.cfg.lv_include_last:           # FlowBP: x_{N−1}'s own last step (DRaFT-1) as the copy i = 0
+            x_tilde = torch.cat([traj.xs[-2].detach().to(x_tilde), x_tilde])
+            rows, copies = torch.cat([torch.arange(B), rows]), n + 1
+            cond = index_cond(traj.cond, rows)
+        t = torch.full((copies * B,), t_last, dtype=x_N.dtype, device=x_N.device)
         x_hat = one_step_prediction(x_tilde, t, self.model.velocity(x_tilde, t, cond))
-        # The mean over all n·B rows is (1/n) Σ_i of the per-copy batch means; ``sum`` multiplies it by n.
+        # The mean over all rows is (1/copies) Σ_i of the per-copy batch means; ``sum`` multiplies it by the copies.
         loss, logs = reward_loss(self.model, self.reward, x_hat, [traj.prompts[i] for i in rows.tolist()], self.cfg)
         if self.cfg.lv_reduce == "sum":
-            loss = loss * n
+            loss = loss * copies
         logs["renoise_sigma"] = sigma
         return loss, logs

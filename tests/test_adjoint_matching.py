@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from align.interfaces import Reward
 from align.models.digits import DigitsFlow
 from align.models.gmm import GaussianMixtureFlow
-from algorithms.adjoint_matching import AdjointMatching, default_offset, loss_time_indices
+from algorithms.adjoint_matching import AdjointMatching, default_offset, loss_time_indices, time_weights
 from rewards.analytic import LinearReward, QuadraticReward
 from helpers.kept_v_base import check_kept_v_base
 from samplers import euler_integrate, memoryless_drift, memoryless_noise_level, sd3_grid, uniform_grid
@@ -407,3 +407,32 @@ def test_am_training_moves_the_mixture_weights_as_the_tilt_predicts(tmp_path):
     # Nearest-mean classification, cruder with this overlap (8% of each tilted component lies nearer the other
     # mean): the tilt gives 0.69, the base model 0.50.
     assert nearest > 0.62, nearest
+
+
+def test_loss_times_are_weighted_by_their_step_as_the_reference_code():
+    """``time_weight=dt`` (default): the loss is the reference code's (microsoft/soc-fine-tuning-sd, am_trainer.py:
+    mean over samples and times of δ_k·Σ_elements (u + σ_k ã)², u = (2/σ_k)(v_θ − v_base)) divided by mean δ and the
+    dimension, by hand here; on a uniform grid it equals ``uniform`` (every weight 1), on SD3's grid it does not."""
+    model = _gmm([1.0], [[0.3, -0.2]], [[[0.5, 0.1], [0.1, 0.8]]], residual_scale=0.3)
+    reward = QuadraticReward(center=[0.5, 1.0], precision=[[1.0, 0.0], [0.0, 2.0]]).double()
+    every = {"last": 1.0, "random": 0.0}                            # all states, no random draw
+    for uniform, grid in ((True, uniform_grid(10)), (False, sd3_grid(10).double())):
+        by_dt = AdjointMatching(_cfg(train_grid="model", loss_times=every), model, reward, grid)
+        alike = AdjointMatching(_cfg(train_grid="model", loss_times=every, time_weight="uniform"), model, reward, grid)
+        traj = by_dt.rollout(_x0(6), [""] * 6, None, torch.Generator().manual_seed(2))
+        loss, equal = by_dt.loss(traj, torch.Generator())[0], alike.loss(traj, torch.Generator())[0]
+        N, (B, D) = traj.n_steps, traj.xs.shape[1:]
+        a = by_dt.sweep(traj).costates
+        ref = torch.zeros((), dtype=torch.float64)
+        for k in range(N):
+            x, t = traj.xs[k], grid[k].expand(B)
+            sigma = memoryless_noise_level(grid[k], by_dt.h)
+            u = (2.0 / sigma) * (model.velocity(x, t) - model.base_velocity(x, t))
+            ref = ref + (grid[k + 1] - grid[k]) * (u + sigma * a[k + 1]).pow(2).sum(1).sum() / (B * N)
+        delta = (grid[-1] - grid[0]) / N                                # mean δ
+        torch.testing.assert_close(loss * delta * D, ref, rtol=1e-12, atol=0)
+        if uniform:
+            assert torch.equal(time_weights(grid, "dt").float(), torch.ones(N))    # 1.0 exactly in fp32
+            torch.testing.assert_close(loss, equal, rtol=1e-14, atol=0)
+        else:
+            assert abs(loss.item() / equal.item() - 1) > 0.05          # SD3's steps differ by up to 30×

@@ -180,6 +180,30 @@ def test_draft_lv_uses_n_renoised_copies_and_matches_independent_gradient(object
         assert torch.allclose(g, r, atol=1e-6, rtol=1e-5)
 
 
+def test_draft_lv_with_the_last_step_is_flowbps_n_plus_one_rows():
+    """``lv_include_last``: FlowBP's DRaFT-LV (flowbp/trainers/sd35/draft_lv.py): the un-noised last step from
+    x_{N−1}, with grad, is a row beside the n re-noised copies, and the loss is the mean over the n + 1 (by hand)."""
+    n, B, N = 2, 4, 6
+    algo = make(N=N, variant="lv", n=n, objective="raw", lv_include_last=True)
+    model = algo.model
+    x0 = torch.randn(B, 2, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(8)
+    traj = algo.rollout(x0, [""] * B, None, gen)
+    state = gen.get_state()
+    loss, _ = algo.loss(traj, gen)
+    t_last, sigma = float(algo.ts[N - 1]), 1.0 - float(algo.ts[N - 1])
+    xs = euler_integrate(lambda x, t: model.velocity(x, t), x0, algo.ts)
+    eps = torch.randn((n, B, 2), generator=torch.Generator().set_state(state))
+    rows = [xs[N - 1]] + [(1 - sigma) * xs[N] + sigma * eps[i] for i in range(n)]
+    t = torch.full((B,), t_last)
+    ref = sum(OBJ["raw"]((x + (1 - t_last) * model.velocity(x, t)) @ C).mean() for x in rows) / (n + 1)
+    assert torch.allclose(loss, ref, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(loss, params(algo)), torch.autograd.grad(ref, params(algo))):
+        assert torch.allclose(g, r, atol=1e-6, rtol=1e-5)
+    plain = make(N=N, variant="lv", n=n, objective="raw")           # not vacuous: the extra row changes the loss
+    assert not torch.allclose(plain.loss(traj, torch.Generator().set_state(state))[0], loss, atol=1e-4)
+
+
 @pytest.mark.parametrize("bad, match", [({"variant": "x"}, "variant"), ({"variant": "k", "k": 0}, "algo.k"),
                                         ({"variant": "k", "k": 7}, "algo.k"), ({"n": 0}, "algo.n"),
                                         ({"objective": "exp"}, "objective")])
