@@ -295,7 +295,9 @@ class VGGFlow(Algorithm):
         else:
             loss_bnd = last_state_boundary(per_sample_mse(n_phi), k, traj.n_steps, traj.extras["vgg_idx"].shape[1])
 
-        logs.update(loss_cons=loss_cons.item(), loss_bnd=loss_bnd.item())
+        # the residual's RMS, in g's units whatever the loss's form (consistency_loss), to compare the forms
+        logs.update(loss_cons=loss_cons.item(), loss_bnd=loss_bnd.item(),
+                    resid_rms=resid.detach().pow(2).mean().sqrt().item())
         return matching(v_theta) + loss_cons + self.alpha * loss_bnd, logs
 
 

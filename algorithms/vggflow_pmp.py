@@ -10,12 +10,16 @@ Algorithm (no value network):
      (``adjoint: lean`` keeps only a_{k+1}·v_base: the adjoint that holds at the optimum, Prop. 3);
   3. match: L(θ) = ‖ṽ_θ(x_k, t_k) + β sg(a_{k+1})‖² on sub-sampled states. Pairing x_k with a_{k+1} is the
      discrete optimality condition ∂J/∂ṽ_k = Δt_k (λ ṽ_k + a_{k+1}) = 0 (``target: same`` uses a_k).
+The fixed point is the optimum of the problem discretised on the grid the rollout and the sweep run on
+(``algo.train_grid``): ``model``, the sampler's grid, or ``uniform``, t_k = k/N (N = ``algo.train_steps``, default
+the sampler's number of steps, the same cost), the learned v_θ(x, t) then sampled on the model's grid, as Adjoint
+Matching does (docs/vggflow.md#the-training-grid-of-vgg-flow-pmp: which lands closer on SD3's grid).
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import MISSING
@@ -27,9 +31,10 @@ from align.registry import register_algorithm
 from align.reward_grad import per_sample_norms, reward_grad_at_x1
 from align.schema import positive, require
 from align.subsampling import binned_time_indices, gather_states, per_sample_mse
-from samplers import Trajectory
+from samplers import Trajectory, euler_integrate, training_grid
 
 Adjoint = enum.StrEnum("Adjoint", "full lean")
+TrainGrid = enum.StrEnum("TrainGrid", "model uniform")
 Target = enum.StrEnum("Target", "next same")
 
 
@@ -44,9 +49,14 @@ class VGGFlowPMPConfig:
     adjoint: Adjoint = Adjoint.full
     target: Target = Target.next    # next: x_k ↔ a_{k+1}, the exact discrete optimality condition | same: x_k ↔ a_k
     subsample_bins: int = 5         # one state per bin of the N transitions + the last grid state (§1.7)
+    # The grid the ODE rollout, the costate sweep and the matching run on (the model samples on its own grid):
+    # model: the sampler's | uniform: t_k = k/N, N = train_steps (null: sampler.steps)
+    train_grid: TrainGrid = TrainGrid.model
+    train_steps: Optional[int] = None
 
     def validate(self) -> None:
         require(positive(self.beta), "algo.beta", self.beta, "finite and > 0")
+        require(self.train_steps is None or self.train_steps >= 1, "algo.train_steps", self.train_steps, ">= 1")
 
     def validate_steps(self, n_steps: int) -> None:
         require(1 <= self.subsample_bins <= n_steps, "algo.subsample_bins", self.subsample_bins,
@@ -60,6 +70,15 @@ class VGGFlowPMP(Algorithm):
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
         super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
         self.beta = float(self.cfg.beta)
+        self.train_ts = training_grid(self.cfg.train_grid, ts, self.cfg.train_steps)
+        if self.cfg.train_steps is not None:            # the bins split the training grid's steps
+            require(1 <= self.cfg.subsample_bins <= self.cfg.train_steps, "algo.subsample_bins",
+                    self.cfg.subsample_bins, f"in [1, algo.train_steps={self.cfg.train_steps}]")
+
+    def rollout(self, x0: torch.Tensor, prompts: list[str], cond: Any, generator: torch.Generator) -> Trajectory:
+        """The Euler ODE of the current v_θ on the training grid, no grad, every state recorded."""
+        xs = euler_integrate(lambda x, t: self.model.velocity(x, t, cond), x0, self.train_ts)
+        return Trajectory(xs=xs, ts=self.train_ts, cond=cond, prompts=prompts)
 
     # ---- the Hamiltonian of step k (summed over the batch), keeping v_base(x_k, t_k) for the loss -----------
     def hamiltonian(self, cond: Any):
