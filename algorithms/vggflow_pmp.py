@@ -13,7 +13,7 @@ Algorithm (no value network):
 The fixed point is the optimum of the problem discretised on the grid the rollout and the sweep run on
 (``algo.train_grid``): ``model``, the sampler's grid, or ``uniform``, t_k = k/N (N = ``algo.train_steps``, default
 the sampler's number of steps, the same cost), the learned v_θ(x, t) then sampled on the model's grid, as Adjoint
-Matching does (docs/vggflow.md#the-training-grid-of-vgg-flow-pmp: which lands closer on SD3's grid).
+Matching does (docs/vggflow.md#where-the-residual-is-enforced-and-pmps-training-grid: which lands closer).
 """
 from __future__ import annotations
 
