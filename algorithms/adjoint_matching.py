@@ -18,7 +18,7 @@ Training grid (``algo.train_grid``). The discrete fixed point ṽ_k = −(σ_k²
 discretised SDE, not of the ODE that produces the samples; on a strongly non-uniform grid the two part ways.
 Exact check (one Gaussian N(μ, Σ), Σ = diag(.25, 2), r = cᵀx, c = (1, 1); ã is then deterministic, so the fixed
 point is a per-step constant; read out with the 20-step Euler ODE on SD3's shifted grid and compared with the
-tilt's mean shift βΣc, reference §6.2; align/exact_discrete.py): training on the sd3 20-step grid itself misses
+tilt's mean shift βΣc, reference §6.2; experiments/exact/discrete.py): training on the sd3 20-step grid itself misses
 the shift by 9.8 % in norm (−14 % / −10 % per component); training on the uniform 20-step grid and sampling on
 the sd3 grid misses it by 0.8 % (≤ 1.3 % per component), at the same cost per update (N − 1 velocity calls in
 the rollout, N − 1 base VJPs, |K| v_θ calls in the loss, whose v_base the VJPs kept). Hence the default
@@ -38,13 +38,13 @@ from typing import Any, Optional
 import torch
 from omegaconf import MISSING
 
-from align.adjoint import Sweep, costate_sweep, kept_at
-from align.batching import index_cond, per_sample
-from align.interfaces import Algorithm
-from align.registry import register_algorithm
-from align.reward_grad import per_sample_norms, reward_grad_at_x1
-from align.schema import positive, require
-from align.subsampling import gather_states
+from algorithms.common.adjoint import Sweep, costate_sweep, kept_at
+from align.core.batching import index_cond, per_sample
+from align.core.interfaces import Algorithm
+from align.core.registry import register_algorithm
+from algorithms.common.reward_grad import per_sample_norms, reward_grad_at_x1
+from align.core.schema import positive, require
+from algorithms.common.subsampling import gather_states
 from samplers import (Trajectory, memoryless_drift, memoryless_noise_level, memoryless_sde_integrate,
                       training_grid)
 
@@ -65,7 +65,7 @@ class AdjointMatchingConfig:
     name: str = "adjoint_matching"
     lr: float = MISSING             # the VGG paper's setting for AM: 1e-4 (AM itself: 2e-5, Adam β₁ = .95); preset
     # Reward multiplier λ_AM: the target is p_base·exp(β r). Not VGG-Flow's β; the two are tuned separately.
-    # SD3 (VGG paper, reference §3): 5e3 aesthetic, 3e5 HPSv2, 1e4 PickScore; preset: align/paper_settings.py.
+    # SD3 (VGG paper, reference §3): 5e3 aesthetic, 3e5 HPSv2, 1e4 PickScore; preset: align/setup/paper_settings.py.
     beta: float = MISSING
     # The grid the SDE rollout, the lean adjoint and the loss run on (the model still samples on its own grid):
     # uniform: t_k = k/N, N = train_steps (see above) | model: the sampler's grid, the former behaviour.

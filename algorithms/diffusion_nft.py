@@ -54,10 +54,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from omegaconf import MISSING
 
-from align.batching import index_cond, per_sample
-from align.interfaces import Algorithm
-from align.registry import register_algorithm
-from align.schema import positive, require
+from align.core.batching import index_cond, per_sample
+from align.core.interfaces import Algorithm
+from align.core.registry import register_algorithm
+from align.core.schema import positive, require
 from samplers import Trajectory, euler_integrate, one_step_prediction, training_grid
 
 CollectGrid = enum.StrEnum("CollectGrid", "model uniform")
@@ -74,7 +74,7 @@ ADAPTIVE_MIN = 1e-5     # the code's floor on the adaptive weight
 class DiffusionNFTConfig:
     """``algo=diffusion_nft``."""
     name: str = "diffusion_nft"
-    lr: float = MISSING             # paper/code: 3e-4 (SD3.5-M LoRA r 32, AdamW wd 1e-4); preset: align/paper_settings.py
+    lr: float = MISSING             # paper/code: 3e-4 (SD3.5-M LoRA r 32, AdamW wd 1e-4); preset: align/setup/paper_settings
     beta: float = 1.0               # β, the mixing (guidance) strength of v± (code default 1.0; 0.1 for OCR, multi-reward)
     # G: rows per prompt group (paper: 24 images per prompt on SD3.5-M). 4 so that the built-in budgets split
     # (digits: 8 rows per update); must divide train.batch_size (a group may span micro-batches).

@@ -25,7 +25,7 @@ DRaFT-LV (``variant: lv``, K = 1 with lower variance; the DRaFT paper's estimato
 CFG: v_θ is the guided field of the model; under grad its unconditional branch is detached from θ but not
 from x (align/models/flow_transformer.py), so DRaFT-K's x-chain carries w J_cond + (1 − w) J_uncond.
 
-ℓ = −ReLU(r) by default (align/objectives.py).
+ℓ = −ReLU(r) by default (algorithms/common/objectives.py).
 """
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from omegaconf import MISSING
 
-from algorithms.objective_config import ObjectiveConfig
-from align.batching import index_cond, per_sample
-from align.interfaces import Algorithm
-from align.objectives import reward_loss
-from align.registry import register_algorithm
+from algorithms.common.objective_config import ObjectiveConfig
+from align.core.batching import index_cond, per_sample
+from align.core.interfaces import Algorithm
+from algorithms.common.objectives import reward_loss
+from align.core.registry import register_algorithm
 from samplers import Trajectory, euler_integrate, one_step_prediction
 
 Variant = enum.StrEnum("Variant", "lv k")

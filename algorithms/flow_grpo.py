@@ -59,10 +59,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from omegaconf import MISSING
 
-from align.batching import index_cond
-from align.interfaces import Algorithm
-from align.registry import register_algorithm
-from align.schema import positive, require
+from align.core.batching import index_cond
+from align.core.interfaces import Algorithm
+from align.core.registry import register_algorithm
+from align.core.schema import positive, require
 from samplers import (Trajectory, flow_sde_integrate, flow_sde_noise_level, flow_sde_step_mean, flow_sde_step_stds,
                       gaussian_kl_same_std, gaussian_log_prob, make_grid, training_grid)
 
@@ -78,7 +78,7 @@ TimestepSelection = enum.StrEnum("TimestepSelection", "first random")
 class FlowGRPOConfig:
     """``algo=flow_grpo``."""
     name: str = "flow_grpo"
-    lr: float = MISSING             # paper: 3e-4 (LoRA on SD3.5-M, AdamW); preset: align/paper_settings.py
+    lr: float = MISSING             # paper: 3e-4 (LoRA on SD3.5-M, AdamW); preset: align/setup/paper_settings.py
     # KL coefficient β: paper 0.04 (GenEval, OCR); code's PickScore config 0.01; 0 drops the KL (and v_base calls).
     # Those values were tuned with the code's KL form (kl: code), see the module docstring.
     beta: float = 0.04

@@ -4,7 +4,7 @@ For each trajectory:
     k ~ Uniform{k_lo, …, k_hi − 1}                      (truncation step; {15..19} on the 20-step grid)
     x_k  = Euler ODE of the current v_θ from x_0 ~ N(0, I), without grad
     x̂_1 = sg(x_k) + (1 − t_k)·v_θ(sg(x_k), t_k)       (one-step prediction; grad through θ only)
-    L(θ) = mean_b ℓ(r(decode(x̂_1)))                    ℓ = −ReLU(r) by default (align/objectives.py)
+    L(θ) = mean_b ℓ(r(decode(x̂_1)))                    ℓ = −ReLU(r) by default (algorithms/common/objectives.py)
 
 The range ``truncation: [lo, hi)`` is written on a ``truncation_grid_steps``-step grid (20, the paper's).
 On an N-step grid it keeps the same fraction of the step index: k ∈ {k : lo/G ≤ k/N < hi/G}, i.e.
@@ -18,10 +18,10 @@ from typing import Any, List
 import torch
 from omegaconf import MISSING
 
-from algorithms.objective_config import ObjectiveConfig
-from align.interfaces import Algorithm
-from align.objectives import reward_loss
-from align.registry import register_algorithm
+from algorithms.common.objective_config import ObjectiveConfig
+from align.core.interfaces import Algorithm
+from algorithms.common.objectives import reward_loss
+from align.core.registry import register_algorithm
 from samplers import Trajectory, euler_integrate, one_step_prediction
 
 

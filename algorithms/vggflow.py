@@ -25,13 +25,13 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import MISSING
 
-from align.batching import index_cond, per_sample
-from align.interfaces import Algorithm
-from align.registry import register_algorithm
-from align.schema import positive, require
-from align.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad
-from align.subsampling import binned_time_indices, gather_states, per_sample_mse
-from align.value_gradient import consistency_residual, network_dtype, use_network_jvp
+from align.core.batching import index_cond, per_sample
+from align.core.interfaces import Algorithm
+from align.core.registry import register_algorithm
+from align.core.schema import positive, require
+from algorithms.common.reward_grad import clip_per_sample, per_sample_norms, reward_and_grad
+from algorithms.common.subsampling import binned_time_indices, gather_states, per_sample_mse
+from algorithms.common.value_gradient import consistency_residual, network_dtype, use_network_jvp
 from samplers import Trajectory, euler_integrate, one_step_prediction
 
 ETA = {"t2": lambda t: t ** 2, "t": lambda t: t, "const": lambda t: torch.ones_like(t),
@@ -56,11 +56,11 @@ class VGGFlowConfig:
     lr: float = MISSING             # paper: 5e-4 for every reward (preview code run.sh: 1e-3); preset: the paper's
     value_lr: Optional[float] = None  # learning rate of the value network φ (null: train.lr, as in the code)
     # β = 1/λ: inverse temperature of the relaxed control problem (paper: 5e4 aesthetic, 3e7 HPSv2, 5e5 PickScore,
-    # 1e4 ablations); the matching target is ṽ = −β g. Preset: align/paper_settings.py.
+    # 1e4 ablations); the matching target is ṽ = −β g. Preset: align/setup/paper_settings.py.
     beta: float = MISSING
     # α weights the boundary loss ‖β(g(x₁,1) + ∇r(x₁))‖² against the consistency loss ‖β·R‖²: both are velocities
     # (β g is the velocity correction; the value network outputs N_φ = β ν_φ), so α means the same at every reward
-    # scale and β. Per domain (align/paper_settings.py): 1e4 on SD3 (paper), 10 on gmm and digits (1e4 swamps
+    # scale and β. Per domain (align/setup/paper_settings.py): 1e4 on SD3 (paper), 10 on gmm and digits (1e4 swamps
     # L_cons there, reference §3 note).
     alpha: float = MISSING
     eta: Eta = Eta.t2               # forward-looking weight η_t: t2 (paper) | t (run.sh, faster) | const | none
@@ -122,7 +122,7 @@ class VGGFlow(Algorithm):
         cfg = self.cfg
         self.beta, self.alpha, self.eta = float(cfg.beta), float(cfg.alpha), ETA[cfg.eta]
         self.value_net = model.make_value_network() if cfg.learn_value else None   # outputs N_φ = β ν_φ
-        # bf16/fp16 networks: forward-mode AD through the network in the residual (align/value_gradient.py)
+        # bf16/fp16 networks: forward-mode AD through the network in the residual (algorithms/common/value_gradient.py)
         self.network_jvp = use_network_jvp(cfg.fd_network, network_dtype(model))
         if cfg.fd_step == "raw" and self.network_jvp:
             raise ValueError(f"algo.fd_step=raw differences the flow network itself, which computes in "

@@ -24,13 +24,13 @@ from typing import Any, Optional
 import torch
 from omegaconf import MISSING
 
-from align.adjoint import Sweep, costate_sweep, kept_at
-from align.batching import index_cond
-from align.interfaces import Algorithm
-from align.registry import register_algorithm
-from align.reward_grad import per_sample_norms, reward_grad_at_x1
-from align.schema import positive, require
-from align.subsampling import binned_time_indices, gather_states, per_sample_mse
+from algorithms.common.adjoint import Sweep, costate_sweep, kept_at
+from align.core.batching import index_cond
+from align.core.interfaces import Algorithm
+from align.core.registry import register_algorithm
+from algorithms.common.reward_grad import per_sample_norms, reward_grad_at_x1
+from align.core.schema import positive, require
+from algorithms.common.subsampling import binned_time_indices, gather_states, per_sample_mse
 from samplers import Trajectory, euler_integrate, training_grid
 
 Adjoint = enum.StrEnum("Adjoint", "full lean")

@@ -16,7 +16,7 @@ trajectory per update (rows evaluated / batch size): the rollout's v_θ (+ v_bas
 v_base outside v_θ (a backend's v_θ = v_base + residual is one v_θ evaluation), reward (plain + gradient).
 A trained state is a row of v_θ evaluated with grad that the update's backward reaches (rows differentiated
 only inside the algorithm, e.g. the costate sweep's products in x, are not); per trained state: the velocity
-evaluations (v_θ + v_base) outside the rollout and the reward-gradient evaluations. Rows as align/compute.py
+evaluations (v_θ + v_base) outside the rollout and the reward-gradient evaluations. Rows as align/train/compute.py
 defines them (a CFG-combined v_θ is one row); unlike a run's ``compute/*`` keys, the trainer's scoring of r(x_1)
 for its log is counted here (it is part of what an update costs in this benchmark).
 """
@@ -34,8 +34,8 @@ import tempfile
 import time
 from typing import Any
 
-from align.compute import KEYS, VELOCITY, EvalCounter
-from align.config import CONF_DIR, compose_config
+from align.train.compute import KEYS, VELOCITY, EvalCounter
+from align.setup.compose import CONF_DIR, compose_config
 
 SAMPLING_SEED = 12345   # the sampling's own stream: the updates draw what they would draw without it
 
@@ -44,7 +44,7 @@ def algorithm_configs() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "algo")) if f.endswith(".yaml"))
 
 
-# ---- counting evaluations (align/compute.py's EvalCounter) ------------------------------------------------
+# ---- counting evaluations (align/train/compute.py's EvalCounter) ------------------------------------------------
 def per_trajectory(counter: EvalCounter, n: int) -> dict[str, float]:
     """Rows per trajectory for ``n`` trajectories, and the evaluations outside the rollout per trained state."""
     rollout, update = counter.rows["rollout"], counter.rows["update"]
@@ -94,8 +94,8 @@ def bench_one(algo: str, model: str, overrides: list[str], warmup: int, updates:
     sampling after each update (and its columns)."""
     import torch
 
-    from align.registry import ALGORITHMS
-    from align.assemble import build_trainer
+    from align.core.registry import ALGORITHMS
+    from align.setup.assemble import build_trainer
 
     try:
         ALGORITHMS.get(algo)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench_one(args.child, args.model, args.overrides, args.warmup, args.updates)))
         return
 
-    from align.cli_checks import ConfigProblem, check_overrides
+    from align.setup.checks import ConfigProblem, check_overrides
 
     if args.warmup < 0 or args.updates < 1 or args.threads < 1:
         p.error(f"--warmup must be >= 0, --updates and --threads >= 1 (got {args.warmup}, {args.updates}, "

@@ -4,7 +4,7 @@
                                                                                  newest intact one)
     python -m align.evaluate model=… reward=… [overrides] [--samples K] [--out DIR]   the base model
 
-Both write what a run's evaluation writes, from the same parts (``align.assemble.build_parts``), the same
+Both write what a run's evaluation writes, from the same parts (``align.setup.assemble.build_parts``), the same
 ``Evaluator`` and so the same fixed noise and prompts for the same seed and ``eval.*`` settings: the step-N
 evaluation of a run equals its metrics.jsonl eval row at step N, and the base model's equals a run's step-0 row.
 Into ``--out`` (default ``<run_dir>/evaluate/step_XXXXXXX/``, or ``evaluations/<date>-<time>_<model>_<reward>/``
@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from align.assemble import build_parts, section
-from align.evaluation import Evaluator
-from align.run_dir import CONFIG_FILE, list_checkpoints
-from align.schema import EvalConfig, typed_config
-from align.trainer import preview_order
+from align.setup.assemble import build_parts, section
+from align.train.evaluation import Evaluator
+from align.core.run_dir import CONFIG_FILE, list_checkpoints
+from align.core.schema import EvalConfig, typed_config
+from align.train.trainer import preview_order
 
 METRICS_NAME, GRID_NAME, SAMPLES_NAME = "metrics.json", "samples.png", "samples.pt"
 
@@ -70,7 +70,7 @@ def evaluate(cfg: DictConfig, out: str, state: dict[str, Any] | None = None, sam
 
 def load_run(run_dir: str, step: int | None) -> tuple[DictConfig, dict[str, Any]]:
     """A run's typed config.yaml and the state of its checkpoint ``step`` (None: the newest intact one)."""
-    from align.checkpoint import CheckpointError, load_latest, load_step
+    from align.train.checkpoint import CheckpointError, load_latest, load_step
 
     saved = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(saved):
@@ -95,12 +95,12 @@ def load_run(run_dir: str, step: int | None) -> tuple[DictConfig, dict[str, Any]
 
 
 def _base_config(overrides: list[str]) -> DictConfig:
-    """``align.config.compose_config``'s config, checked as for evaluation (no algorithm runs: a black-box reward
+    """``align.setup.compose.compose_config``'s config, checked as for evaluation (no algorithm runs: a black-box reward
     is not refused for the default one)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from align.cli_checks import ConfigProblem, check_overrides
+    from align.setup.checks import ConfigProblem, check_overrides
     from align.conf import CONF_DIR
 
     try:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=0, help="also write K samples to samples.pt")
     p.add_argument("--out", default=None, help="output folder")
     a = p.parse_intermixed_args(argv)
-    from align.build import ConfigError
+    from align.setup.build import ConfigError
 
     try:
         if a.samples < 0:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from align.digits_classifier import CLASSIFIER_WEIGHTS, DIGIT_NAMES, NULL_INDEX, DigitClassifier
+from align.metrics.digits_classifier import CLASSIFIER_WEIGHTS, DIGIT_NAMES, NULL_INDEX, DigitClassifier
 from align.models.digits import (FLOW_WEIGHTS, PROMPT_TOKENS, TRANSFORMER_CONFIG, DigitsFlow, PromptEmbedding,
                                  build_transformer, load_digits_data, to_image)
 from align.models.flow_transformer import sigma_to_timestep

@@ -4,14 +4,14 @@ Before Hydra starts any job, every combination of the overrides is composed once
 algorithm, model, reward or key stops the run with a short message listing the valid choices.
 When no ``model=`` is given, the model is the domain the reward scores (``reward=aesthetic`` → SD3).
 β and the learning rate default to the paper's values for the run's model × reward × algorithm
-(``align/paper_settings.py``; anything set explicitly wins); the run prints which ones it took from there.
+(``align/setup/paper_settings.py``; anything set explicitly wins); the run prints which ones it took from there.
 
 Re-running into an existing run directory (an explicit ``run_dir=`` or a Hydra multirun job directory) is
 safe, which makes sweeps resumable (``align.sweep``, Hydra launchers): a finished run is skipped; a run with a
 checkpoint resumes from it, after checking that its saved config.yaml matches the requested one; a directory
 without a checkpoint starts afresh (its partial files are removed). A non-empty folder that align did not
 write is refused, and so is a second writer (rank 0 holds the run directory's lock for the whole run).
-Those rules, and the run directory's file names, are ``align.run_dir``'s.
+Those rules, and the run directory's file names, are ``align.core.run_dir``'s.
 """
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from align.cli_checks import ConfigProblem, check_overrides
-from align.paper_settings import describe
-from align.run_dir import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, RESUMABLE_KEYS, SAMPLES_DIR, TB_DIR,
-                           RunMismatch, claim_run_dir, clear_partial_run, discard_if_unused, hold_run_dir,
-                           last_checkpoint_step, plan_existing_run, prepare_resume, read_metrics)
+from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.paper_settings import describe
+from align.setup.resolvers import register_resolvers
+from align.core.run_dir import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, RESUMABLE_KEYS, SAMPLES_DIR, TB_DIR,
+                                RunMismatch, claim_run_dir, clear_partial_run, discard_if_unused, hold_run_dir,
+                                last_checkpoint_step, plan_existing_run, prepare_resume, read_metrics)
 
 CONF = os.path.join(os.path.dirname(__file__), "conf")
 
@@ -40,6 +41,7 @@ def _fail(message: str) -> None:
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def _job(cfg: DictConfig) -> None:
+    register_resolvers()    # a launcher may run the job in a fresh process, which has not checked the overrides
     run_dir = HydraConfig.get().runtime.output_dir
     if cfg.resume:
         run_dir = os.path.abspath(str(cfg.resume))
@@ -91,13 +93,13 @@ def _run(cfg: DictConfig, run_dir: str, is_main: bool) -> None:
             print(f"align: {run_dir} has no checkpoint yet, starting afresh", flush=True)
     except RunMismatch as err:
         _fail(str(err))
-    from align.build import ConfigError
-    from align.assemble import build_trainer
-    from align.trainer import TrainingDiverged
+    from align.setup.build import ConfigError
+    from align.setup.assemble import build_trainer
+    from align.train.trainer import TrainingDiverged
 
     with open_dict(cfg):
         cfg.run_dir = run_dir
-    if is_main and (line := describe(cfg)):   # β / lr filled in from align/paper_settings.py
+    if is_main and (line := describe(cfg)):   # β / lr filled in from align/setup/paper_settings.py
         print(line, flush=True)
     try:
         trainer = build_trainer(cfg, run_dir)

@@ -21,7 +21,7 @@ STOP_GRACE_S), the summary says which runs finished, were interrupted or never s
 130; running the same command again resumes. Before anything starts, every run's config is
 composed (a typo fails at once) and compared with what its directory already holds: finished runs are
 skipped, runs with a checkpoint resume, a directory holding another config is an error. The skip/resume
-rule itself lives in ``align.run_dir``, which ``align.run`` applies too, so Hydra launchers (SLURM, ...) get it.
+rule itself lives in ``align.core.run_dir``, which ``align.run`` applies too, so Hydra launchers (SLURM, ...) get it.
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from align.cli_checks import ConfigProblem
-from align.run_dir import (RunMismatch, claim_run_dir, keys_with, last_checkpoint_step, plan_existing_run,
-                           run_status)
+from align.setup.checks import ConfigProblem
+from align.core.run_dir import (RunMismatch, claim_run_dir, keys_with, last_checkpoint_step, plan_existing_run,
+                                run_status)
 
 LOG_NAME = "run.log"
 OUTCOMES = ("ran", "resumed", "skipped", "failed", "interrupted", "not started")
@@ -149,7 +149,7 @@ def expand(sweep: Sweep) -> list[Run]:
 
 def plan(sweep: Sweep) -> list[str]:
     """Compose every run's config and decide start / resume / skip; returns the problems found."""
-    from align.config import compose_config
+    from align.setup.compose import compose_config
 
     problems = []
     for run in sweep.runs:

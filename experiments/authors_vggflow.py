@@ -153,8 +153,8 @@ def authors_loss(model, reward, value_net, xs: torch.Tensor, ts: torch.Tensor, p
 def _setup(seed: int = 0, beta: float = 2.0, alpha: float = 10.0, batch: int = 8):
     """A float64 Gaussian-mixture flow with a perturbed residual (θ) and value network (φ), a quadratic reward,
     ``algo=vggflow_authors`` on it, a rollout and its sub-sampled indices."""
-    from align.config import compose_config
-    from align.registry import ALGORITHMS, MODELS, REWARDS
+    from align.setup.compose import compose_config
+    from align.core.registry import ALGORITHMS, MODELS, REWARDS
 
     cfg = compose_config(["algo=vggflow_authors", "model=gmm", "reward=quadratic", "reward.center=[1.0,0.5]",
                           "reward.precision=[[1.0,0.3],[0.3,0.6]]", f"algo.beta={beta}", f"algo.alpha={alpha}",

@@ -59,7 +59,7 @@ class Setting:
         return make_grid(self.grid, SAMPLER_STEPS)
 
     def tilt(self, beta: float):
-        from align.exact import tilt_linear, tilt_quadratic
+        from experiments.exact.continuous import tilt_linear, tilt_quadratic
         if self.reward == "linear":
             return tilt_linear(self.pi, self.mu, self.cov, self.c, beta)
         return tilt_quadratic(self.pi, self.mu, self.cov, self.m, self.Q, beta)
@@ -223,9 +223,9 @@ def optimum(setting: Setting, x0: torch.Tensor, beta: float, iters: int = 300) -
 # ----------------------------------------------------------------------------------------------- training
 def train_one(setting: Setting, algo: str, beta: float | None, steps: int, n_final: int, root: str,
               seed: int) -> dict:
-    from align.assemble import build_trainer
-    from align.config import compose_config
-    from align.run_dir import FINISHED_FILE
+    from align.setup.assemble import build_trainer
+    from align.setup.compose import compose_config
+    from align.core.run_dir import FINISHED_FILE
     name = f"{setting.key}_{algo}" + ("" if beta is None else f"_b{beta:g}")
     run_dir = os.path.join(root, name)
     ov = [f"algo={algo}", "model=gmm"] + setting.overrides + [
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     t_start = time.time()
-    from align.exact import deterministic_optimum
+    from experiments.exact.continuous import deterministic_optimum
     from align.models.gmm import sample_gmm
 
     settings = [s for s in make_settings() if s.key in args.settings]
@@ -325,15 +325,15 @@ def main(argv: list[str] | None = None) -> str:
                 if s.reward == "linear" and s.grid == "uniform":   # cross-check against the shooting solver
                     shoot = deterministic_optimum(x0, s.pi, s.mu, s.cov, s.grad_r, beta, n_steps=SAMPLER_STEPS)
                     diff = (shoot - opt).norm(dim=1).max().item()
-                    solver_notes.append(f"{s.key} β={beta:g}: max ‖L-BFGS − align.exact.deterministic_optimum‖ "
-                                        f"= {diff:.1e}")
+                    solver_notes.append(f"{s.key} β={beta:g}: max ‖L-BFGS − "
+                                        f"experiments.exact.continuous.deterministic_optimum‖ = {diff:.1e}")
                     print("[solver] " + solver_notes[-1], flush=True)
                 if s.reward == "linear":   # one Gaussian: the discrete optimum shifts every particle by a constant
-                    from align.exact_discrete import pmp_mean_shift
+                    from experiments.exact.discrete import pmp_mean_shift
                     closed = pmp_mean_shift(s.cov[0], s.c, beta, s.ts)
                     diff = (opt - base - closed).norm(dim=1).max().item()
                     solver_notes.append(f"{s.key} β={beta:g}: max ‖(L-BFGS − base) − closed-form discrete shift "
-                                        f"(align.exact_discrete.pmp_mean_shift)‖ = {diff:.1e}")
+                                        f"(experiments.exact.discrete.pmp_mean_shift)‖ = {diff:.1e}")
                     print("[solver] " + solver_notes[-1], flush=True)
                 dash4 = ["—"] * 4
                 rows.append(_cells(s.key, beta, "*tilt ↔ optimum*", distances(opt, tilt, paired=True), None))
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> str:
         "(reference §6.3), VGG-Flow's and VGG-Flow-PMP's target. Solved by L-BFGS on the discrete cost (its "
         "stationary points are the shooting fixed points u_k = −β a_{k+1}); on the mixture the problem is "
         "non-convex, so two starts and the per-particle lower cost (solver notes below). In the linear setting "
-        "it is cross-checked against `align.exact.deterministic_optimum`.",
+        "it is cross-checked against `experiments.exact.continuous.deterministic_optimum`.",
         "",
         "Columns: ‖m − m*‖₂, ‖C − C*‖_F, sliced Wasserstein-1 (256 directions), paired RMS; *closer to* compares "
         "the two RMS values. Reference rows: *tilt ↔ optimum* (the two targets against each other: how far "
@@ -453,10 +453,10 @@ def code_version() -> str:
 
 def discrete_fixed_points(setting: Setting) -> list[str]:
     """The algorithms' discrete fixed points in closed form for setting (a) (one Gaussian, r = cᵀx), read out by
-    the sampler's Euler ODE: mean shift vs the target's (align/exact_discrete.py). Relative errors do not depend
+    the sampler's Euler ODE: mean shift vs the target's (experiments/exact/discrete.py). Relative errors do not depend
     on β (everything is linear in β)."""
-    from align.exact import linear_shift_single_gaussian
-    from align.exact_discrete import am_mean_shift, pmp_mean_shift, uncontrolled_sde_variance_ratio
+    from experiments.exact.continuous import linear_shift_single_gaussian
+    from experiments.exact.discrete import am_mean_shift, pmp_mean_shift, uncontrolled_sde_variance_ratio
     from samplers import sd3_grid, uniform_grid
 
     cov, c, beta = setting.cov[0], setting.c, 1.0

@@ -15,11 +15,11 @@ import copy
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from align.assemble import build_parts
-from align.build import build_algorithm
-from align.config import compose_config
+from align.setup.assemble import build_parts
+from align.setup.build import build_algorithm
+from align.setup.compose import compose_config
 from align.models.flow_transformer import t_to_sigma, u_to_v
-from align.value_gradient import consistency_residual
+from algorithms.common.value_gradient import consistency_residual
 from samplers import one_step_prediction
 
 VARIANTS = [("separate", "central"), ("separate", "forward"), ("spacetime", "central"), ("spacetime", "forward")]

@@ -322,7 +322,7 @@ def _hpsv2_tower_job(res: int) -> dict[str, Any]:
     import open_clip
     import torch
     from open_clip.model import _build_vision_tower
-    from align.clip import clip_preprocess
+    from align.metrics.clip import clip_preprocess
 
     torch.manual_seed(0)
     cfg = open_clip.get_model_config("ViT-H-14")

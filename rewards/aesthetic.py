@@ -6,7 +6,7 @@
 The MLP head (``sac+logos+ava1-l14-linearMSE.pth``, state-dict keys ``layers.{0,2,4,6,7}``) has
 dropouts between the linear layers (identity in eval) and no activations. Scores are about 1–10.
 Prompts are ignored. Both files are resolved in ``__init__``: config key → environment variable
-→ Hugging Face cache → WeightsError (align/weights.py) saying where to get them.
+→ Hugging Face cache → WeightsError (align/core/weights.py) saying where to get them.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from align.interfaces import Reward
-from align.registry import register_reward
-from align.schema import Dtype
-from align.clip import AlwaysEval, freeze, shared_clip_image_features
-from align.weights import WeightSpec, resolve
+from align.core.interfaces import Reward
+from align.core.registry import register_reward
+from align.core.schema import Dtype
+from align.metrics.clip import AlwaysEval, freeze, shared_clip_image_features
+from align.core.weights import WeightSpec, resolve
 
 HEAD_SPEC = WeightSpec(
     what="aesthetic reward: LAION aesthetic MLP head",

@@ -6,8 +6,8 @@ from typing import Any, List, Sequence
 
 import torch
 
-from align.interfaces import Reward
-from align.registry import register_reward
+from align.core.interfaces import Reward
+from align.core.registry import register_reward
 
 
 @dataclass

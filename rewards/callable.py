@@ -30,8 +30,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from align.interfaces import Reward
-from align.registry import MODELS, register_reward
+from align.core.interfaces import Reward
+from align.core.registry import MODELS, register_reward
 
 FORMS = "pkg.module:function, pkg.module.function or path/to/file.py:function"
 

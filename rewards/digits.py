@@ -16,9 +16,9 @@ from typing import Any, Optional
 
 import torch
 
-from align.digits_classifier import load_digit_classifier, prompt_to_class, prompts_to_classes
-from align.interfaces import Reward
-from align.registry import register_reward
+from align.metrics.digits_classifier import load_digit_classifier, prompt_to_class, prompts_to_classes
+from align.core.interfaces import Reward
+from align.core.registry import register_reward
 
 
 def check_images(images: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from align.registry import register_reward
+from align.core.registry import register_reward
 from rewards.digits import ClassifierReward, check_images
 
 

@@ -19,13 +19,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from align.interfaces import Reward
-from align.registry import register_reward
-from align.clip import (AlwaysEval, TextFeatureCache, clip_preprocess, create_open_clip, image_size,
-                        register_open_clip_config)
-from align.loading import DTYPES
-from align.schema import Dtype
-from align.weights import WeightSpec, resolve
+from align.core.interfaces import Reward
+from align.core.registry import register_reward
+from align.metrics.clip import (AlwaysEval, TextFeatureCache, clip_preprocess, create_open_clip, image_size,
+                                register_open_clip_config)
+from align.core.loading import DTYPES
+from align.core.schema import Dtype
+from align.core.weights import WeightSpec, resolve
 
 HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2": "HPS_v2_compressed.pt"}
 

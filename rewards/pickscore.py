@@ -18,12 +18,12 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from align.interfaces import Reward
-from align.registry import register_reward
-from align.clip import AlwaysEval, TextFeatureCache, clip_preprocess, freeze
-from align.loading import DTYPES, dtype_kwargs
-from align.schema import Dtype
-from align.weights import WeightSpec, resolve
+from align.core.interfaces import Reward
+from align.core.registry import register_reward
+from align.metrics.clip import AlwaysEval, TextFeatureCache, clip_preprocess, freeze
+from align.core.loading import DTYPES, dtype_kwargs
+from align.core.schema import Dtype
+from align.core.weights import WeightSpec, resolve
 
 MODEL_SPEC = WeightSpec(
     what="pickscore reward: PickScore_v1 CLIPModel", filename="PickScore_v1 (config.json + model weights)",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from align.interfaces import Reward
+from align.core.interfaces import Reward
 from align.models.digits import DigitsFlow
 from align.models.gmm import GaussianMixtureFlow
 from algorithms.adjoint_matching import AdjointMatching, default_offset, loss_time_indices, time_weights
@@ -249,14 +249,14 @@ def test_default_training_grid_keeps_the_fixed_point_on_the_tilt_on_the_sd3_grid
     """Sampling on SD3's shifted 20-step grid: with the default train_grid=uniform the fixed point reproduces the
     tilt's mean shift βΣc (closed form, reference §6.2) within 3 % per component; with train_grid=model (the former
     behaviour, training on the sd3 grid itself) it misses it by ≥ 8 % (measured 10–14 %)."""
-    from align import exact_discrete
+    from experiments.exact import discrete as exact_discrete
 
     target = torch.tensor(cov, dtype=torch.float64) @ torch.tensor(c, dtype=torch.float64)      # β = 1
     default = _fixed_point_mean_shift("uniform", cov, c)
     assert ((default / target - 1).abs() < 0.03).all(), (default, target)
     former = _fixed_point_mean_shift("model", cov, c)
     assert ((former / target - 1).abs() > 0.08).all(), (former, target)
-    # the same numbers from the matrix recursion of align/exact_discrete.py (an independent implementation)
+    # the same numbers from the matrix recursion of experiments/exact/discrete.py (an independent implementation)
     cov_t, c_t, sd3 = torch.tensor(cov, dtype=torch.float64), torch.tensor(c, dtype=torch.float64), sd3_grid(20)
     uni = uniform_grid(20)
     assert torch.allclose(default, exact_discrete.am_mean_shift(cov_t, c_t, 1.0, uni, 0.025, sd3), rtol=1e-6)
@@ -312,8 +312,8 @@ def test_loss_is_zero_at_the_discrete_optimum():
 
 # ---- training reaches the tilt (reference §6.2) ------------------------------------------------------------
 def _train(tmp_path, weights, means, covs, direction, steps: int, lr: float, batch: int, extra=()):
-    from align.config import compose_config
-    from align.assemble import build_trainer
+    from align.setup.compose import compose_config
+    from align.setup.assemble import build_trainer
 
     cfg = compose_config([
         "algo=adjoint_matching", "model=gmm", "reward=linear", f"model.weights={weights}",
@@ -336,7 +336,7 @@ def test_am_training_reaches_the_tilted_gaussian(tmp_path):
     x-independent, so the samples keep the base 20-step Euler map's covariance, whose error against Σ (≈ 0.12 on
     the first entry) is the discretization part; plus 4σ Monte-Carlo.
     """
-    from align import exact
+    from experiments.exact import continuous as exact
     from samplers import euler_integrate
 
     mu, cov, c = [0.5, -0.3], [[1.0, 0.4], [0.4, 0.5]], [1.0, 0.5]
@@ -363,9 +363,9 @@ def test_am_training_reaches_the_tilted_gaussian(tmp_path):
 def test_am_training_reaches_the_tilted_gaussian_when_sampling_on_the_sd3_grid(tmp_path):
     """As above, but the model samples on SD3's shifted 20-step grid (sampler.grid=sd3) and AM trains on its default
     uniform 20-step grid: the learned v_θ(x, t) is read at the sd3 times. Mean tolerance: 4σ Monte-Carlo + the
-    discrete fixed point's bias on this grid (0.5 % of |βΣc|, align/exact_discrete.py) + 0.01 training error; the
+    discrete fixed point's bias on this grid (0.5 % of |βΣc|, experiments/exact/discrete.py) + 0.01 training error; the
     former behaviour (train_grid=model) has a fixed-point bias of 10.7 % of |βΣc| ≈ 0.14, far outside it."""
-    from align import exact, exact_discrete
+    from experiments.exact import continuous as exact, discrete as exact_discrete
 
     mu, cov, c = [0.5, -0.3], [[1.0, 0.4], [0.4, 0.5]], [1.0, 0.5]
     trainer, cfg, x1 = _train(tmp_path, [1.0], [mu], [cov], c, steps=200, lr=3e-3, batch=32,
@@ -393,7 +393,7 @@ def test_am_training_moves_the_mixture_weights_as_the_tilt_predicts(tmp_path):
     Tolerance 0.03 = Monte-Carlo (4σ ≤ 0.014 for 20000 samples) + the 20-step ODE's own bias (the exact tilted
     velocity on this grid gives 0.258, i.e. 0.011) + training error (measured 0.010–0.015 after 400 updates).
     """
-    from align import exact
+    from experiments.exact import continuous as exact
 
     means, covs, c = [[-1.0, 0.0], [1.0, 0.0]], [[[0.5, 0.0], [0.0, 0.5]]] * 2, [0.5, 0.0]
     trainer, cfg, x1 = _train(tmp_path, [0.5, 0.5], means, covs, c, steps=400, lr=3e-3, batch=64)

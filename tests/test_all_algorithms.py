@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from align.config import CONF_DIR, compose_config
-from align.run_dir import read_metrics
-from align.assemble import build_trainer
+from align.setup.compose import CONF_DIR, compose_config
+from align.core.run_dir import read_metrics
+from align.setup.assemble import build_trainer
 
 ALGOS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "algo")) if f.endswith(".yaml"))
 

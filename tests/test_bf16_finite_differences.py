@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from align.config import compose_config
-from align.interfaces import Reward
+from align.setup.compose import compose_config
+from align.core.interfaces import Reward
 from align.models.digits import DigitsFlow
 from align.models.flow_transformer import t_to_sigma, u_to_v
-from align.value_gradient import consistency_residual, network_dtype, use_network_jvp
+from algorithms.common.value_gradient import consistency_residual, network_dtype, use_network_jvp
 from algorithms.vggflow import VGGFlow
 from samplers import one_step_prediction, sd3_grid
 from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3
@@ -87,7 +87,7 @@ def test_bf16_transformer_gets_the_pipeline_fp32_timestep(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
     path = build_tiny_sd3(str(tmp_path / "tiny_sd3"), t5=False)
-    from align.registry import MODELS
+    from align.core.registry import MODELS
 
     model = MODELS.get("sd3")(pretrained=path, dtype="bf16", resolution=RESOLUTION, decoder="vae", t5=False,
                               features={"kind": "pixels"}, keep_text_encoders=True)
@@ -213,7 +213,7 @@ def test_residual_terms_on_the_tiny_sd3_in_bf16_match_fp64_autograd(tmp_path, al
     bf16): J_{v_base}·d, and the residual's ∂ₜ term for g = x̂_1(x, t) (∂ₜx̂_1 = −v + (1 − t)∂ₜv), against the same
     bf16 weights computed in float64 (the random tiny SD3's fp32→bf16 weight rounding alone moves these by a few %
     under CFG w = 5)."""
-    from align.registry import MODELS
+    from align.core.registry import MODELS
 
     path = build_tiny_sd3(str(tmp_path / "tiny_sd3"), t5=False)
     kw = dict(pretrained=path, resolution=RESOLUTION, decoder="vae", t5=False, features={"kind": "pixels"},

@@ -8,10 +8,10 @@ import torch
 from omegaconf import open_dict
 from PIL import Image
 
-from align.build import ConfigError, build_algorithm, gradient_free_algorithms
-from align.cli_checks import ConfigProblem, check_overrides
-from align.config import CONF_DIR, compose_config
-from align.registry import ALGORITHMS, REWARDS
+from align.setup.build import ConfigError, build_algorithm, gradient_free_algorithms
+from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.compose import CONF_DIR, compose_config
+from align.core.registry import ALGORITHMS, REWARDS
 from helpers.cli import align_run
 
 BLACK_BOX = {"digits_correct": "digits", "gmm_region": "gmm", "jpeg_compressibility": "sd3"}
@@ -33,7 +33,7 @@ def test_each_domain_ships_a_registered_black_box_reward(name):
 
 
 def test_digits_correct_is_the_classifiers_argmax_against_the_prompted_class():
-    from align.digits_classifier import DIGIT_NAMES, load_digit_classifier
+    from align.metrics.digits_classifier import DIGIT_NAMES, load_digit_classifier
     from rewards.digits_blackbox import DigitsCorrect
 
     g = torch.Generator().manual_seed(0)
@@ -125,7 +125,7 @@ def test_the_refusal_from_the_command_line_leaves_no_run_directory(tmp_path):
 
 
 def test_build_trainer_and_build_algorithm_refuse_a_black_box_reward(tmp_path):
-    from align.assemble import build_parts, build_trainer
+    from align.setup.assemble import build_parts, build_trainer
 
     cfg = compose_config(["algo=refl", "model=gmm", "reward=linear", "train.steps=1"], run_dir=str(tmp_path / "r"))
     with open_dict(cfg):

@@ -7,10 +7,10 @@ import textwrap
 import pytest
 import torch
 
-from align.assemble import build_trainer
-from align.config import compose_config
-from align.run_dir import read_metrics
-from align.schema import typed_config
+from align.setup.assemble import build_trainer
+from align.setup.compose import compose_config
+from align.core.run_dir import read_metrics
+from align.core.schema import typed_config
 
 SMALL = ["train.steps=2", "train.batch_size=4", "train.progress=false", "eval.every=0", "eval.n_samples=8",
          "eval.group_size=4", "eval.final_samples=4", "algo.group_size=2"]

@@ -7,10 +7,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from align.build import _kwargs
-from align.cli_checks import ConfigProblem, check_overrides
-from align.config import CONF_DIR, compose_config
-from align.registry import REWARDS
+from align.setup.build import _kwargs
+from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.compose import CONF_DIR, compose_config
+from align.core.registry import REWARDS
 
 USER_CODE = textwrap.dedent('''
     import torch
@@ -154,7 +154,7 @@ def test_black_box_by_default(user_file):
 @pytest.mark.parametrize("fn, needle", [("wrong_shape", r"returned shape \(2, 2\) for 2 images"),
                                         ("not_finite", r"returned non-finite values at rows \[1\]")])
 def test_a_bad_output_stops_at_the_trainers_preflight(fn, needle, user_file, tmp_path):
-    from align.assemble import build_trainer
+    from align.setup.assemble import build_trainer
 
     run_dir = str(tmp_path / "run")
     cfg = compose_config(["algo=refl", *GMM, f"reward.target={user_file}:{fn}", "reward.differentiable=true",
@@ -176,8 +176,8 @@ def test_declared_differentiable_needs_a_graph(user_file):
 def test_a_user_file_reward_trains_two_updates(user_file, tmp_path):
     """ReFL on gmm with r(x) = 2·(x₁ + x₂) from the user file (declared differentiable): the gradient reaches the
     flow (parameters move), and the logged reward is the function's value on the evaluator's samples."""
-    from align.assemble import build_trainer
-    from align.run_dir import read_metrics
+    from align.setup.assemble import build_trainer
+    from align.core.run_dir import read_metrics
 
     run_dir = str(tmp_path / "run")
     cfg = compose_config(["algo=refl", *GMM, f"reward.target={user_file}:ink", "reward.differentiable=true",

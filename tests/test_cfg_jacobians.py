@@ -20,11 +20,11 @@ from torch.nn import functional as F
 import algorithms.draft as draft_module
 from algorithms.draft import DRaFT
 from algorithms.vggflow_pmp import VGGFlowPMP
-from align.config import CONF_DIR
-from align.interfaces import Reward
-from align.digits_classifier import CLASSIFIER_WEIGHTS
+from align.setup.compose import CONF_DIR
+from align.core.interfaces import Reward
+from align.metrics.digits_classifier import CLASSIFIER_WEIGHTS
 from align.models.digits import FLOW_WEIGHTS, DigitsFlow
-from align.registry import MODELS
+from align.core.registry import MODELS
 from samplers import Trajectory, euler_integrate, sd3_grid
 from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from align.cli_checks import ConfigProblem, check_overrides
-from align.config import CONF_DIR, compose_config
+from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.compose import CONF_DIR, compose_config
 from helpers.cli import align_run, subprocess_run
 
 

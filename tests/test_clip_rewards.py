@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.clip import ClipImageFeatures, clip_preprocess
+from align.metrics.clip import ClipImageFeatures, clip_preprocess
 from helpers.tiny_clip import write_aesthetic_head, write_tiny_hf_clip, write_tiny_open_clip
 
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at dusk", "a photo of a cat"]
@@ -210,7 +210,7 @@ def test_open_clip_weights_from_torchscript_archive(tiny, tmp_path):
     """OpenAI's original ViT-L-14.pt is a TorchScript archive; a traced tiny model stands in for it."""
     import open_clip
 
-    from align.clip import create_open_clip
+    from align.metrics.clip import create_open_clip
 
     cfg, w = tiny["l14"]
     model = create_open_clip(cfg, w, quick_gelu=True)
@@ -282,8 +282,8 @@ def test_weights_from_env_var_and_hf_cache(tiny, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- (5)
 @pytest.mark.parametrize("name", ["aesthetic", "hpsv2", "pickscore"])
 def test_registry_and_typed_config(name):
-    from align.config import compose_config
-    from align.registry import REWARDS
+    from align.setup.compose import compose_config
+    from align.core.registry import REWARDS
 
     cls = REWARDS.get(name)
     assert cls.name == name and cls.domain == "sd3"
@@ -301,9 +301,9 @@ def test_registry_and_typed_config(name):
 
 def test_constructed_from_the_composed_config(tiny):
     """Each reward's config, with only its weight keys pointed at the tiny models, builds a working reward."""
-    from align.build import _kwargs
-    from align.config import compose_config
-    from align.registry import REWARDS
+    from align.setup.build import _kwargs
+    from align.setup.compose import compose_config
+    from align.core.registry import REWARDS
 
     overrides = {
         "aesthetic": {"clip_model": tiny["l14"][0], "clip_weights": tiny["l14"][1], "head_weights": tiny["head"]},
@@ -320,7 +320,7 @@ def test_constructed_from_the_composed_config(tiny):
 
 
 def test_text_feature_cache_encodes_each_prompt_once():
-    from align.clip import TextFeatureCache
+    from align.metrics.clip import TextFeatureCache
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""Compute accounting (align/compute.py, the trainer's ``compute/*`` keys): the counts per update equal each
+"""Compute accounting (align/train/compute.py, the trainer's ``compute/*`` keys): the counts per update equal each
 algorithm's cost as its docstring states it, accumulate over steps, skip the evaluation and the log's scoring,
 survive an exact resume (and an old checkpoint without them warns and restarts at zero), and two processes'
 rows add up. A CFG-combined velocity is one row although the network sees two; a deep copy of a counted model
@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from align.assemble import build_trainer
-from align.compute import EvalCounter
-from align.config import compose_config
-from align.run_dir import read_metrics
-from align.trainer import Trainer
+from align.setup.assemble import build_trainer
+from align.train.compute import EvalCounter
+from align.setup.compose import compose_config
+from align.core.run_dir import read_metrics
+from align.train.trainer import Trainer
 
 N, B, STEPS = 4, 2, 3            # sampler.steps, train.batch_size, updates
 TINY = ["model=gmm", "reward=linear", f"sampler.steps={N}", f"train.batch_size={B}", f"train.steps={STEPS}",
@@ -174,7 +174,7 @@ def test_a_cfg_velocity_is_one_row_although_the_network_sees_two():
 
 
 def test_the_counts_do_not_change_the_values_and_a_deep_copy_counts_its_own_evaluations(tmp_path):
-    from align.assemble import build_parts
+    from align.setup.assemble import build_parts
 
     model = build_parts(compose_config(TINY + ["algo=refl", "model.hidden=8"], run_dir=str(tmp_path))).model
     with torch.no_grad():                             # the residual starts at zero (out_scale): make it count

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from algorithms.diffusion_nft import DiffusionNFT, eta_schedule
-from align.assemble import build_trainer
-from align.config import compose_config
+from align.setup.assemble import build_trainer
+from align.setup.compose import compose_config
 from align.run import main as run_main
-from align.run_dir import read_metrics
+from align.core.run_dir import read_metrics
 from helpers.crash_resume import crash_then_resume
 from samplers import Trajectory, euler_integrate
 

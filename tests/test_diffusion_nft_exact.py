@@ -4,7 +4,8 @@ Setting: model=gmm with one component N(μ, Σ), μ = (0.5, −0.5), Σ = diag(0
 (algo.eta_rate=1, eta_max=1: η_i = 1, θ_old never moves); a fixed optimality map r(x_1) = ½ + ½ clip(cᵀx_1 / Z, −1, 1),
 c = (1, 1), Z = 2 (``reward=linear`` with ``algo.normaliser=fixed``, ``adv_clip=2``: no group normalisation);
 plain velocity MSE (``weighting=uniform``). At fixed (x_t, t) the loss is quadratic in v = v_θ(x_t, t); its
-minimiser (align/exact_nft.py, closed form + 1-D quadrature) is, when v_old is the exact velocity of the samples,
+minimiser (experiments/exact/diffusion_nft.py, closed form + 1-D quadrature) is, when v_old is the exact velocity
+of the samples,
     v* = v_old + (2/β) α (v⁺_r − v_old),   α = E[r | x_t],   v⁺_r = E[r (x_1 − ε) | x_t] / α,
 and the implicit positive policy there is v⁺ = v_old + 2α(v⁺_r − v_old) for every β (= v⁺_r itself where α = ½,
 e.g. at t = 0, where cᵀμ = 0 makes E r = ½).
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from algorithms.diffusion_nft import implicit_policies, optimality, row_loss
-from align.exact_nft import conditional_minimiser, euler_gaussian, optimality_map
+from experiments.exact.diffusion_nft import conditional_minimiser, euler_gaussian, optimality_map
 from align.models.gmm import gmm_velocity
 from samplers import uniform_grid
 
@@ -48,7 +49,8 @@ def test_the_closed_form_reduces_to_the_theorem_when_v_old_is_the_samples_veloci
 def _weighted_minimiser(x_t, t, beta, n, generator):
     """argmin_v of E[r ℓ(v⁺) + (1 − r) ℓ(v⁻) | x_t] with the algorithm's own optimality map, v±, and row loss,
     the conditional expectation by self-normalised importance sampling: x_1 ~ N(μ, Σ) (the prior, not the
-    posterior of align/exact_nft.py) weighted by N(x_t; t x_1, (1 − t)² I), ε = (x_t − t x_1)/(1 − t)."""
+    posterior of experiments/exact/diffusion_nft.py) weighted by N(x_t; t x_1, (1 − t)² I),
+    ε = (x_t − t x_1)/(1 − t)."""
     L = torch.linalg.cholesky(COV)
     x1 = MU + torch.randn(n, 2, generator=generator, dtype=torch.float64) @ L.T
     logw = -0.5 * ((x_t - t * x1) ** 2).sum(1) / (1 - t) ** 2
@@ -121,8 +123,8 @@ def test_training_through_the_shared_trainer_reaches_the_minimiser(tmp_path):
     (error ≈ 0.5), r ↦ 1 − r flips it (≈ 2), v_old from θ instead of θ_old has no fixed point at all. It does not
     separate the adaptive weighting (0.15), which moves the minimiser little here. Weight decay off: it pulls the
     residual towards 0."""
-    from align.assemble import build_trainer
-    from align.config import compose_config
+    from align.setup.assemble import build_trainer
+    from align.setup.compose import compose_config
 
     run_dir = str(tmp_path / "run")
     trainer = build_trainer(compose_config(GAUSSIAN, run_dir=run_dir), run_dir)

@@ -9,16 +9,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from align.config import compose_config
-from align.digits_classifier import (CLASSIFIER_WEIGHTS, DIGIT_NAMES, REGENERATE, load_digit_classifier,
-                                     prompt_to_class)
-from align.metrics import feature_diversity, frechet_distance
+from align.setup.compose import compose_config
+from align.metrics.digits_classifier import (CLASSIFIER_WEIGHTS, DIGIT_NAMES, REGENERATE, load_digit_classifier,
+                                             prompt_to_class)
+from align.metrics.paper_metrics import feature_diversity, frechet_distance
 from align.models.digits import FLOW_CONFIG, FLOW_WEIGHTS, DigitsFlow
 from align.models.flow_transformer import (LORA_WEIGHT_NAME, cfg_combine, lora_parameters, sigma_to_t,
                                            t_to_sigma, u_to_v, v_to_u)
-from align.paper_settings import DOMAIN
-from align.registry import MODELS, REWARDS
-from align.reward_grad import reward_and_grad
+from align.setup.paper_settings import DOMAIN
+from align.core.registry import MODELS, REWARDS
+from algorithms.common.reward_grad import reward_and_grad
 from samplers import euler_integrate, make_grid, one_step_prediction
 
 HAVE_WEIGHTS = os.path.isfile(FLOW_WEIGHTS) and os.path.isfile(CLASSIFIER_WEIGHTS)
@@ -87,7 +87,7 @@ def test_prompts_and_registry():
         assert REWARDS.get(name).domain == "digits"
         cfg = compose_config([f"reward={name}"])                  # the reward's domain picks the model
         assert cfg.reward.name == name and cfg.model.name == "digits"
-    assert compose_config(["model=digits"]).model.grid == "sd3"   # the domain's β / α: align/paper_settings.py
+    assert compose_config(["model=digits"]).model.grid == "sd3"   # the domain's β / α: align/setup/paper_settings.py
     assert {"beta", "alpha"} <= set(DOMAIN["digits"]["vggflow"]) and "beta" in DOMAIN["digits"]["adjoint_matching"]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from align.evaluate import main as evaluate_main
-from align.run_dir import FINISHED_FILE, read_metrics
+from align.core.run_dir import FINISHED_FILE, read_metrics
 from helpers.fp64 import ATOL, LINEAR_ADAM, assert_same_parameters, build_linear_fp64_trainer
 from helpers.torchrun import SHARED_ENV, SHARED_EXTRA, SHARED_STEPS, torchrun
 
@@ -21,7 +21,7 @@ from helpers.torchrun import SHARED_ENV, SHARED_EXTRA, SHARED_STEPS, torchrun
 def _one_process(overrides: list[str], steps: int, noise: list[torch.Tensor], run_dir) -> dict[str, dict]:
     """One process in float64 (tests/helpers/fp64.py) on the global batches ``noise`` (one per update): its θ and
     the algorithm's state."""
-    from align.config import compose_config
+    from align.setup.compose import compose_config
 
     cfg = compose_config(overrides + [LINEAR_ADAM, f"train.steps={steps}"], str(run_dir))
     one = build_linear_fp64_trainer(cfg, str(run_dir))
@@ -168,7 +168,7 @@ def test_the_collective_timeout_reaches_the_process_group(two_process_probe):
 
 @pytest.mark.parametrize("n, size, world", [(40, 32, 2), (37, 32, 2), (160, 32, 3), (8, 32, 2), (100, 7, 4)])
 def test_shards_split_the_one_process_chunks_in_order_as_evenly_as_whole_chunks_allow(n, size, world):
-    from align.sharding import Shard
+    from align.train.sharding import Shard
 
     shards = [list(Shard(r, world).starts(n, size)) for r in range(world)]
     assert [s for part in shards for s in part] == list(range(0, n, size))     # every chunk once, rank order

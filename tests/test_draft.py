@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from algorithms.draft import DRaFT
-from align.config import CONF_DIR, compose_config
+from align.setup.compose import CONF_DIR, compose_config
 from align.models.gmm import GaussianMixtureFlow
 from rewards.analytic import LinearReward
 from samplers import euler_integrate, uniform_grid
@@ -219,7 +219,7 @@ def mean_reward(trainer, x0):
 
 @pytest.mark.parametrize("variant", ["lv", "k"])
 def test_draft_training_raises_reward(tmp_path, variant):
-    from align.assemble import build_trainer
+    from align.setup.assemble import build_trainer
 
     cfg = compose_config(["algo=draft", "reward=linear", f"algo.variant={variant}", "algo.k=2", "train.batch_size=64",
                           "train.lr=3e-3", "sampler.steps=10", "train.progress=false", "model.hidden=32"],

@@ -9,10 +9,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from align.build import ConfigError
-from align.cli_checks import ConfigProblem, check_overrides
-from align.config import CONF_DIR, compose_config
-from align.run_dir import BOOKKEEPING, read_metrics
+from align.setup.build import ConfigError
+from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.compose import CONF_DIR, compose_config
+from align.core.run_dir import BOOKKEEPING, read_metrics
 
 HELD_OUT = "eval.rewards=[{name: digits_classifier}, {name: digits_correct, label: correct}]"
 DIGITS = ["algo=refl", "reward=digits_thickness", HELD_OUT, "sampler.steps=4", "train.steps=2", "train.batch_size=2",
@@ -23,7 +23,7 @@ DIGITS = ["algo=refl", "reward=digits_thickness", HELD_OUT, "sampler.steps=4", "
 def _independent(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     """The two held-out rewards on decoded ``images`` by hand: log-softmax of the classifier at the prompted class,
     and the fraction of argmax hits (a fresh classifier, one batch: no chunking)."""
-    from align.digits_classifier import load_digit_classifier, prompts_to_classes
+    from align.metrics.digits_classifier import load_digit_classifier, prompts_to_classes
 
     clf = load_digit_classifier()
     labels = prompts_to_classes(prompts)
@@ -36,7 +36,7 @@ def _independent(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    from align.assemble import build_trainer
+    from align.setup.assemble import build_trainer
 
     run_dir = str(tmp_path_factory.mktemp("heldout") / "run")
     trainer = build_trainer(compose_config(DIGITS, run_dir=run_dir), run_dir)
@@ -104,7 +104,7 @@ def test_bad_held_out_rewards_are_refused_before_any_work(entries, needle):
 
 
 def test_build_trainer_checks_them_and_a_black_box_held_out_reward_is_fine(tmp_path):
-    from align.assemble import build_trainer
+    from align.setup.assemble import build_trainer
 
     run_dir = str(tmp_path / "run")
     # a held-out reward is never differentiated: a black-box one beside a first-order algorithm is accepted
@@ -119,7 +119,7 @@ def test_build_trainer_checks_them_and_a_black_box_held_out_reward_is_fine(tmp_p
 
 
 def test_a_held_out_callable_with_a_bad_output_stops_before_sampling(tmp_path):
-    from align.assemble import build_trainer
+    from align.setup.assemble import build_trainer
 
     bad = tmp_path / "bad.py"
     bad.write_text("def r(images, prompts):\n    return [1.0]\n")
@@ -181,7 +181,7 @@ def test_mix_and_held_out_rewards_train_two_updates_on_the_tiny_sd3(tmp_path):
     from helpers.tiny_clip import write_aesthetic_head, write_tiny_hf_clip, write_tiny_open_clip
     from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3
 
-    from align.assemble import build_trainer
+    from align.setup.assemble import build_trainer
 
     sd3 = build_tiny_sd3(str(tmp_path / "sd3"), t5=False)
     l14 = write_tiny_open_clip(tmp_path / "clip", name="h3-tiny-l14", seed=1, quick_gelu=True)

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from align.assemble import build_trainer
-from align.config import compose_config
+from align.setup.assemble import build_trainer
+from align.setup.compose import compose_config
 from align.evaluate import main as evaluate_main
-from align.run_dir import CHECKPOINTS_DIR, FINISHED_FILE, METRICS_FILE, hold_run_dir, read_metrics
+from align.core.run_dir import CHECKPOINTS_DIR, FINISHED_FILE, METRICS_FILE, hold_run_dir, read_metrics
 
 SETTINGS = ["model=gmm", "reward=linear", "eval.n_samples=16", "eval.final_samples=8", "seed=3"]
 RUN = SETTINGS + ["train.steps=4", "train.batch_size=4", "train.checkpoint_every=2", "eval.every=2",

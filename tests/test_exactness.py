@@ -1,8 +1,8 @@
 """VGG-Flow reaches the deterministic optimal-control optimum (reference §6.3) on a Gaussian with a linear reward,
 and the forward-looking term alone (ν_φ ≡ 0) does not.
 
-The reference is computed independently by per-particle shooting (align.exact.deterministic_optimum) from the
-same x_0 as samples_final.pt and on the same 20-step Euler grid, so the comparison is paired: what remains is
+The reference is computed independently by per-particle shooting (experiments.exact.continuous.deterministic_optimum)
+from the same x_0 as samples_final.pt and on the same 20-step Euler grid, so the comparison is paired: what remains is
 training error only, not Monte-Carlo noise nor the Euler error of the sampler (both sides share it). The
 optimum moves every particle by the same vector (the control is x-independent here), so the covariance must
 stay the base's (0.25, 2.0 → about 0.22, 1.76 after 20 Euler steps) and the mean must move by
@@ -15,9 +15,9 @@ import os
 import pytest
 import torch
 
-from align.config import compose_config
-from align.exact import deterministic_optimum
-from align.assemble import build_trainer
+from align.setup.compose import compose_config
+from experiments.exact.continuous import deterministic_optimum
+from align.setup.assemble import build_trainer
 
 GAUSSIAN = ["model.weights=[1.0]", "model.means=[[0.5,-0.5]]", "model.covs=[[[0.25,0.0],[0.0,2.0]]]",
             "reward=linear", "reward.direction=[1.0,1.0]", "algo.beta=0.7", "sampler.steps=20",

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from algorithms.flow_grpo import FlowGRPO, group_advantages, ppo_clipped_loss
-from align.assemble import build_trainer
-from align.config import compose_config
+from align.setup.assemble import build_trainer
+from align.setup.compose import compose_config
 from align.models.gmm import GaussianMixtureFlow
-from align.run_dir import read_metrics
-from align.cli_checks import ConfigProblem
+from align.core.run_dir import read_metrics
+from align.setup.checks import ConfigProblem
 from helpers.crash_resume import crash_then_resume
 from rewards.analytic import LinearReward
 from samplers import uniform_grid
@@ -150,7 +150,7 @@ BAD = [
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, message):
-    with pytest.raises(ConfigProblem) as err:          # compose_config checks every section (align.schema.check)
+    with pytest.raises(ConfigProblem) as err:          # compose_config checks every section (align.core.schema.check)
         compose_config(GMM + overrides, run_dir=str(tmp_path / "run"))
     assert message in str(err.value)
     assert not os.path.exists(tmp_path / "run")

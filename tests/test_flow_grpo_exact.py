@@ -4,7 +4,7 @@ Setting: model=gmm with one component N(μ, Σ), μ = (0.5, −0.5), Σ = diag(0
 10-step uniform training grid, a = 0.7; normalize_std off (it would rescale r by a batch statistic and move the
 fixed point), no advantage clip, on-policy (ρ ≡ 1). β = 1, G = 4, group-mean baseline, so the loss's gradient is
 that of E[r] − β/(1 − 1/G)·KL(path): the optimum tilts p_ref(path | x_0) by exp(λ r), λ = (1 − 1/G)/β = 0.75
-(algorithms/flow_grpo.py). Its closed form (align/exact_flow_grpo.py, matrices from the Gaussian's velocity
+(algorithms/flow_grpo.py). Its closed form (experiments/exact/flow_grpo.py, matrices from the Gaussian's velocity
 formula, independent of samplers/flow_sde.py, whose step tests/test_flow_sde.py checks): every step's mean moves by
 the constant δ_k = s_k² λ c_{k+1}, and x_N | x_0 by λ Cov_ref(x_N | x_0) c = (0.164, 1.227).
 
@@ -23,9 +23,9 @@ import os
 import pytest
 import torch
 
-from align.assemble import build_trainer
-from align.config import compose_config
-from align.exact_flow_grpo import optimal_step_shifts, reference_chain, tilt_shift
+from align.setup.assemble import build_trainer
+from align.setup.compose import compose_config
+from experiments.exact.flow_grpo import optimal_step_shifts, reference_chain, tilt_shift
 from samplers import flow_sde_integrate, flow_sde_noise_level, flow_sde_step_mean
 
 MU, COV = torch.tensor([0.5, -0.5]), torch.diag(torch.tensor([0.25, 2.0]))

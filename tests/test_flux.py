@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from align.models.flow_transformer import LORA_WEIGHT_NAME
 from align.models.flux import FluxModel, pack_latents, unpack_latents
 from align.prompt_sets import load_named_set
-from align.weights import WeightsError
+from align.core.weights import WeightsError
 from samplers import dynamic_shift_mu, euler_integrate, flux_grid, one_step_prediction
 from helpers.tiny_flux import (DEV_SCHEDULER, RESOLUTION, SCHNELL_SCHEDULER, build_tiny_flux, build_tiny_taef1,
                                load_flux, load_flux_pipe)
@@ -277,7 +277,7 @@ def test_missing_or_wrong_checkpoint_gives_a_clear_error(flux_dir, tmp_path):
 def test_flux_grid_needs_a_flux_model():
     from omegaconf import OmegaConf
 
-    from align.build import build_grid
+    from align.setup.build import build_grid
 
     cfg = OmegaConf.create({"sampler": {"grid": "flux", "steps": 4, "shift": 3.0, "mu": None}})
     with pytest.raises(ValueError, match="sampler.mu"):
@@ -300,9 +300,9 @@ def tiny_reward_registered():
 def test_every_algorithm_trains_two_steps_on_tiny_flux(flux_dir, tmp_path, algo, tiny_reward_registered):
     from omegaconf import open_dict
 
-    from align.assemble import build_trainer
-    from align.config import compose_config
-    from align.run_dir import read_metrics
+    from align.setup.assemble import build_trainer
+    from align.setup.compose import compose_config
+    from align.core.run_dir import read_metrics
 
     run_dir = str(tmp_path / "run")
     overrides = [f"algo={algo}", "model=flux", "reward=aesthetic", f"model.pretrained={flux_dir}",

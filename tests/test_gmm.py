@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from align.exact import gmm_moments
+from experiments.exact.continuous import gmm_moments
 from align.models.gmm import GaussianMixtureFlow, sample_gmm
 from samplers import euler_integrate, uniform_grid
 

@@ -4,9 +4,9 @@ update. So G = 4 in micro-batches of one trajectory is the update of one batch o
 import pytest
 import torch
 
-from align.assemble import build_trainer
-from align.config import compose_config
-from align.interfaces import Algorithm
+from align.setup.assemble import build_trainer
+from align.setup.compose import compose_config
+from align.core.interfaces import Algorithm
 from helpers.fp64 import ATOL, LINEAR_ADAM, assert_same_parameters, build_linear_fp64_trainer
 from samplers import Trajectory
 
@@ -133,7 +133,7 @@ class _PairsInOneBatch(Algorithm):
 
 
 def test_groups_that_must_stay_in_a_micro_batch_are_refused_before_any_work(tmp_path):
-    from align.trainer import Trainer
+    from align.train.trainer import Trainer
 
     trainer = _trainer(tmp_path, "parts", ["algo=refl"])
     algo = _PairsInOneBatch({}, trainer.model, trainer.reward, trainer.ts)

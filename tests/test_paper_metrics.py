@@ -12,9 +12,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from align.build import _kwargs, build_grid, build_model, build_reward
-from align.config import compose_config
-from align.evaluation import Evaluator
+from align.setup.build import _kwargs, build_grid, build_model, build_reward
+from align.setup.compose import compose_config
+from align.train.evaluation import Evaluator
 from samplers import euler_integrate
 
 N, GROUP = 32, 16                      # two prompts × 16 samples: the paper's 16-sample per-prompt FID
@@ -85,7 +85,7 @@ def test_fid_reference_default_per_model_and_not_a_constructor_argument(model, e
 
 
 def test_trainer_passes_fid_reference_to_the_evaluator(tmp_path):
-    from align.assemble import build_trainer
+    from align.setup.assemble import build_trainer
 
     fast = ["model=gmm", "reward=linear", "train.steps=1", "train.batch_size=4", "eval.n_samples=32",
             "eval.final_samples=4", "train.progress=false", "eval.fid_reference=independent"]
@@ -94,7 +94,7 @@ def test_trainer_passes_fid_reference_to_the_evaluator(tmp_path):
 
 
 def test_a_run_saved_before_fid_reference_existed_still_matches_a_paired_rerun():
-    from align.run_dir import config_differences
+    from align.core.run_dir import config_differences
 
     new = {"model": {"name": "digits", "fid_reference": "paired"}, "eval": {"fid_reference": "paired", "every": 5}}
     old = {"model": {"name": "digits"}, "eval": {"every": 5}}
@@ -114,7 +114,7 @@ def _numpy_cosine_diversity(f: np.ndarray) -> float:
 
 
 def test_cosine_diversity_is_the_mean_pairwise_cosine_distance_times_100():
-    from align.metrics import cosine_diversity
+    from align.metrics.paper_metrics import cosine_diversity
 
     g = torch.Generator().manual_seed(0)
     f = torch.randn(16, 24, generator=g, dtype=torch.float64) * 3 + 1
@@ -161,7 +161,7 @@ def _write_tiny_dreamsim(root, dreamsim_type, monkeypatch, seed=0):
     from dreamsim.model import PerceptualModel
     from peft import LoraConfig, get_peft_model
 
-    from align.dreamsim import DREAMSIM_TYPES
+    from align.metrics.dreamsim import DREAMSIM_TYPES
 
     g = torch.Generator().manual_seed(seed)
     branches, lora_dir = DREAMSIM_TYPES[dreamsim_type]
@@ -210,7 +210,7 @@ def test_dreamsim_features_equal_the_dreamsim_package_on_tiny_checkpoints(tmp_pa
     pytest.importorskip("dreamsim")
     from dreamsim import dreamsim
 
-    from align.features import build_features
+    from align.metrics.features import build_features
 
     torch.set_num_threads(1)
     _write_tiny_dreamsim(tmp_path, dreamsim_type, monkeypatch)
@@ -225,7 +225,7 @@ def test_dreamsim_features_equal_the_dreamsim_package_on_tiny_checkpoints(tmp_pa
         dist = [upstream(images[i:i + 1], images[j:j + 1]).item() for i in range(4) for j in range(i + 1, 4)]
     assert got.shape == ref.shape == (4, ours.num_features)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    from align.metrics import cosine_diversity
+    from align.metrics.paper_metrics import cosine_diversity
 
     assert cosine_diversity(got) == pytest.approx(100 * float(np.mean(dist)), rel=1e-4)
     # the LoRA was merged: without it the embedding differs
@@ -235,7 +235,7 @@ def test_dreamsim_features_equal_the_dreamsim_package_on_tiny_checkpoints(tmp_pa
 
 
 def test_dreamsim_missing_weights_name_the_files_the_source_and_the_key(tmp_path, monkeypatch):
-    from align.features import build_features
+    from align.metrics.features import build_features
 
     monkeypatch.delenv("ALIGN_DREAMSIM_DIR", raising=False)
     for weights in (None, str(tmp_path)):

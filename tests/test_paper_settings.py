@@ -1,4 +1,4 @@
-"""The paper's β and lr per (model, reward, algorithm) are filled in automatically (align/paper_settings.py):
+"""The paper's β and lr per (model, reward, algorithm) are filled in automatically (align/setup/paper_settings.py):
 every Table-1 cell resolves to the README's table (parsed here as the independent source), anything set
 explicitly wins, digits and gmm keep their per-domain values, and the runner prints what it took."""
 import os
@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from align.cli_checks import ConfigProblem
-from align.config import compose_config
-from align.paper_settings import DOMAIN as DOMAIN_ROWS
-from align.paper_settings import describe, fmt
+from align.setup.checks import ConfigProblem
+from align.setup.compose import compose_config
+from align.setup.paper_settings import DOMAIN as DOMAIN_ROWS
+from align.setup.paper_settings import describe, fmt
 from helpers.cli import align_run, subprocess_run
 
 torch.set_num_threads(1)
@@ -114,7 +114,7 @@ def test_what_is_given_explicitly_wins():
     cfg = compose_config(["model=sd3", "reward=hpsv2", "algo=vggflow_pmp", "algo.beta=1e4"])
     assert (float(cfg.algo.beta), float(cfg.train.lr)) == (1e4, 5e-5)
     assert describe(cfg) == ("align: paper settings for sd3 × hpsv2 × vggflow_pmp: train.lr=5e-5 "
-                             "(align/paper_settings.py: paper Table 1, reference §1.8/§3); "
+                             "(align/setup/paper_settings.py: paper Table 1, reference §1.8/§3); "
                              "set explicitly: algo.beta=1e4")
     cfg = compose_config(["model=sd3", "reward=pickscore", "algo=adjoint_matching", "algo.lr=3e-5"])
     assert (float(cfg.algo.beta), float(cfg.train.lr)) == (1e4, 3e-5)
@@ -123,7 +123,7 @@ def test_what_is_given_explicitly_wins():
     assert float(cfg.algo.beta) == 7.0
 
 
-# The per-domain values (align/paper_settings.py's DOMAIN rows), lr the algorithm's paper value.
+# The per-domain values (align/setup/paper_settings.py's DOMAIN rows), lr the algorithm's paper value.
 DOMAIN = {
     "digits": {"vggflow": (10.0, 5e-4), "vggflow_pmp": (10.0, 1e-4), "adjoint_matching": (10.0, 1e-4),
                "refl": (None, 1e-4), "draft": (None, 1e-4)},
@@ -177,7 +177,7 @@ from dataclasses import dataclass
 from omegaconf import II
 
 from algorithms.refl import ReFL, ReFLConfig
-from align.registry import register_algorithm
+from align.core.registry import register_algorithm
 
 
 @dataclass
@@ -199,7 +199,7 @@ def test_the_runner_prints_and_saves_the_resolved_settings(tmp_path):
             "eval.final_samples=8", "train.progress=false", "sampler.steps=4"]
     res = align_run(*tiny, f"run_dir={tmp_path / 'a'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    line = ("align: domain defaults for gmm × linear × adjoint_matching (align/paper_settings.py, gmm row): "
+    line = ("align: domain defaults for gmm × linear × adjoint_matching (align/setup/paper_settings.py, gmm row): "
             "algo.beta=1 (the gmm domain's value), train.lr=1e-4 (the algorithm's paper value, reference §1.8)")
     assert res.stdout.count(line) == 1, res.stdout
     from omegaconf import OmegaConf
@@ -215,7 +215,7 @@ def test_the_runner_prints_and_saves_the_resolved_settings(tmp_path):
     res = align_run("-m", *multi, f"hydra.sweep.dir={tmp_path / 'm'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count(line) == 1 and res.stdout.count(
-        "align: domain defaults for gmm × linear × refl (align/paper_settings.py, gmm row): train.lr=1e-4") == 1
+        "align: domain defaults for gmm × linear × refl (align/setup/paper_settings.py, gmm row): train.lr=1e-4") == 1
     # no setting and none given (an added algorithm that takes β from the table, which has no entry for it):
     # the CLI's one-line error, before any work (a real process: the plugin registers itself for good)
     (tmp_path / "tempered.py").write_text(TEMPERED)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from align.interfaces import Reward
+from align.core.interfaces import Reward
 from align.models.digits import DigitsFlow
 from align.models.gmm import GaussianMixtureFlow
-from align.subsampling import binned_time_indices
+from algorithms.common.subsampling import binned_time_indices
 from algorithms.vggflow_pmp import VGGFlowPMP
 from rewards.analytic import QuadraticReward
 from helpers.kept_v_base import check_kept_v_base
@@ -57,7 +57,7 @@ def _autograd_costate(ts, xs, k, step, running, reward) -> torch.Tensor:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
-    # ∇r is taken in float32 (align.reward_grad), everything else in float64.
+    # ∇r is taken in float32 (algorithms.common.reward_grad), everything else in float64.
     assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6 * b.abs().max().item()), (a - b).abs().max()
 
 
@@ -183,7 +183,7 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from align.registry import register_all
+    from align.core.registry import register_all
 
     register_all()                     # every typed config in Hydra's ConfigStore before composing
     conf = os.path.join(os.path.dirname(__file__), "..", "align", "conf")
@@ -194,7 +194,7 @@ def _compose(overrides: list[str]):
 
 def test_config_composes_with_the_domain_beta():
     cfg = _compose(["algo=vggflow_pmp"])
-    from align.paper_settings import DOMAIN
+    from align.setup.paper_settings import DOMAIN
 
     assert cfg.algo.beta == DOMAIN["digits"]["vggflow_pmp"]["beta"]
     assert cfg.algo.adjoint == "full" and cfg.algo.target == "next"
@@ -211,8 +211,8 @@ def test_pmp_training_reaches_the_deterministic_optimum(tmp_path):
     For this case the optimum is a deterministic translation of the base flow map (§6.3), and it is NOT the
     tilt: β ∫Φ(1,s)Φ(1,s)ᵀds c = (1.72, 0.91) against βΣc = (1.20, 0.65).
     """
-    from align import exact
-    from align.assemble import build_trainer
+    from experiments.exact import continuous as exact
+    from align.setup.assemble import build_trainer
 
     cfg = _compose(["algo=vggflow_pmp", "model=gmm", "reward=linear", "model.weights=[1.0]", f"model.means=[{MU}]",
                     f"model.covs=[{COV}]", f"reward.direction={C}", "train.steps=200", "train.lr=3e-3",

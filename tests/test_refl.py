@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from algorithms.refl import ReFL, truncation_range
-from align.config import CONF_DIR, compose_config
+from align.setup.compose import CONF_DIR, compose_config
 from align.models.gmm import GaussianMixtureFlow
 from rewards.analytic import LinearReward
 from samplers import euler_integrate, uniform_grid
@@ -90,7 +90,7 @@ def test_refl_gradient_is_the_single_step_from_the_detached_state(objective):
 
 
 def test_refl_training_raises_reward(tmp_path):
-    from align.assemble import build_trainer
+    from align.setup.assemble import build_trainer
 
     cfg = compose_config(["algo=refl", "reward=linear", "train.batch_size=64", "train.lr=3e-3", "sampler.steps=10",
                           "train.progress=false", "model.hidden=32"], str(tmp_path))

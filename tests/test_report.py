@@ -9,10 +9,10 @@ import statistics
 import pytest
 from omegaconf import OmegaConf
 
-from align.report import main
-from align.report_data import mean_std
-from align.report_plots import pareto_front
-from align.report_table import format_mean_std
+from align.report.cli import main
+from align.report.data import mean_std
+from align.report.plots import pareto_front
+from align.report.tables import format_mean_std
 
 STEPS = (0, 5, 10)
 # group: (algo, beta or None, reward, delta); reward rises by delta over training, FID by 10·delta.
@@ -282,7 +282,7 @@ def compute_sweep(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compute_report(compute_sweep):
     """Run the report, keeping the data of every figure's lines and scatter points (not its pixels)."""
-    from align import report_plots
+    from align.report import plots as report_plots
 
     figures = {}
     save = report_plots._save

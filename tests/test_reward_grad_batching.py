@@ -1,5 +1,5 @@
-"""``model.reward_grad_batch_size``: ∇r(decode(x)) n images at a time (align/reward_grad.py), on a tiny FLUX pipeline
-with its VAE. The gradient is the whole batch's (the rewards score each image independently), only one pass's
+"""``model.reward_grad_batch_size``: ∇r(decode(x)) n images at a time (algorithms/common/reward_grad.py), on a
+tiny FLUX pipeline with its VAE. The gradient is the whole batch's (the rewards score each image independently), only one pass's
 decode-and-reward graph is alive at a time (counted through autograd's saved-tensor hooks, not timed), and a
 VGG-Flow run is the same with it as without."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from align.interfaces import Reward
-from align.reward_grad import reward_and_grad
+from align.core.interfaces import Reward
+from algorithms.common.reward_grad import reward_and_grad
 from helpers.saved_bytes import AliveSavedBytes, storages
 from helpers.tiny_flux import RESOLUTION, build_tiny_flux, load_flux
 from helpers.tiny_sd3 import tiny_reward_registered as _tiny_reward_registered
@@ -96,7 +96,7 @@ def test_a_vggflow_run_is_the_same_with_one_image_per_pass(flux_dir, tmp_path, t
     amplifies that without bound)."""
     from omegaconf import open_dict
 
-    from align.config import compose_config
+    from align.setup.compose import compose_config
     from helpers.fp64 import ATOL, LINEAR_ADAM, assert_same_parameters, build_linear_fp64_trainer
 
     finals = []

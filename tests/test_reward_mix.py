@@ -3,11 +3,11 @@ metrics; the domain and differentiability rules; bad parts refused up front; a t
 import pytest
 import torch
 
-from align.build import _kwargs
-from align.cli_checks import ConfigProblem, check_overrides
-from align.config import CONF_DIR, compose_config
-from align.registry import REWARDS
-from rewards.mix import MixReward
+from align.setup.build import _kwargs
+from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.compose import CONF_DIR, compose_config
+from align.core.registry import REWARDS
+from align.core.reward_mix import MixReward
 
 PARTS = "reward.parts=[{name: digits_thickness, weight: 1.5, scale: 4.0}, {name: digits_classifier, weight: -0.5}, " \
         "{name: digits_classifier, weight: 0.25, target: seven, label: seven}]"
@@ -100,8 +100,8 @@ def test_bad_parts_are_refused_before_any_work(parts, needle):
 
 
 def test_the_evaluator_reports_each_part_beside_the_total():
-    from align.assemble import build_parts
-    from align.evaluation import Evaluator
+    from align.setup.assemble import build_parts
+    from align.train.evaluation import Evaluator
     from rewards.digits import DigitsClassifier, DigitsThickness
 
     cfg = compose_config(["algo=refl", "reward=mix", PARTS, "sampler.steps=4"])
@@ -123,8 +123,8 @@ def test_the_evaluator_reports_each_part_beside_the_total():
 
 def test_a_mix_trains_two_updates_on_digits(tmp_path):
     """ReFL on digits with ink mass + the classifier: the trained reward is the mix; each part is logged."""
-    from align.assemble import build_trainer
-    from align.run_dir import read_metrics
+    from align.setup.assemble import build_trainer
+    from align.core.run_dir import read_metrics
 
     run_dir = str(tmp_path / "run")
     cfg = compose_config(["algo=refl", "reward=mix", "reward.parts=[{name: digits_thickness, weight: 1.0}, "

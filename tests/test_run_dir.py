@@ -1,4 +1,4 @@
-"""align.run_dir: the bookkeeping table (and Hydra's exclude_keys agreeing with it), checkpoint listing, metrics
+"""align.core.run_dir: the bookkeeping table (and Hydra's exclude_keys agreeing with it), checkpoint listing, metrics
 reading and a run directory's status."""
 import json
 import os
@@ -6,10 +6,10 @@ import os
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from align.config import CONF_DIR
-from align.registry import register_all
-from align.run_dir import (RESUMABLE_KEYS, clear_partial_run, config_differences, keys_with, last_checkpoint_step,
-                           list_checkpoints, read_metrics, run_status)
+from align.setup.compose import CONF_DIR
+from align.core.registry import register_all
+from align.core.run_dir import (RESUMABLE_KEYS, clear_partial_run, config_differences, keys_with, last_checkpoint_step,
+                                list_checkpoints, read_metrics, run_status)
 
 
 def test_the_bookkeeping_roles():
@@ -78,7 +78,7 @@ def test_read_metrics_stops_at_a_line_cut_short(tmp_path):
 def test_a_config_saved_by_an_earlier_version_matches_its_re_run():
     """Runs saved before the typed configs carry model.vggflow_beta, the budgets, reward.domain, model.prompts …
     and no top-level default_reward: a re-run of the same settings is the same run."""
-    from align.config import compose_config
+    from align.setup.compose import compose_config
     from omegaconf import OmegaConf
 
     requested = OmegaConf.to_container(compose_config(["model=sd3", "reward=aesthetic"], run_dir="/x"), resolve=True,

@@ -15,8 +15,8 @@ import warnings
 import pytest
 import torch
 
-from align.checkpoint import CheckpointError, load_latest, save_checkpoint
-from align.run_dir import HOLDER_FILE, list_checkpoints, read_metrics, run_status
+from align.train.checkpoint import CheckpointError, load_latest, save_checkpoint
+from align.core.run_dir import HOLDER_FILE, list_checkpoints, read_metrics, run_status
 from align.sweep import main as sweep_main
 from helpers.cli import Result, align_run
 

@@ -7,8 +7,8 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from align.config import compose_config
-from align.trainer import Trainer
+from align.setup.compose import compose_config
+from align.train.trainer import Trainer
 from helpers.fp64 import build_fp64_trainer
 
 torch.set_num_threads(1)

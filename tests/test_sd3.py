@@ -17,8 +17,8 @@ from align.models.flow_transformer import LORA_WEIGHT_NAME
 from align.models.sd3 import SD3Model
 from align.models.value_unet import ValueUNet
 from align.prompt_sets import NAMED_SETS, load_named_set
-from align.prompts import load_prompts
-from align.weights import WeightsError
+from align.setup.prompts import load_prompts
+from align.core.weights import WeightsError
 from samplers import euler_integrate, one_step_prediction, sd3_grid
 from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3, build_tiny_taesd3
 from helpers.tiny_sd3 import fixed_noise as _noise
@@ -301,9 +301,9 @@ def tiny_reward_registered():
 def test_every_algorithm_trains_two_steps_on_tiny_sd3(sd3_dir, tmp_path, algo, tiny_reward_registered):
     from omegaconf import open_dict
 
-    from align.assemble import build_trainer
-    from align.config import compose_config
-    from align.run_dir import read_metrics
+    from align.setup.assemble import build_trainer
+    from align.setup.compose import compose_config
+    from align.core.run_dir import read_metrics
 
     run_dir = str(tmp_path / "run")
     overrides = [f"algo={algo}", "model=sd3", "reward=aesthetic", f"model.pretrained={sd3_dir}", "model.dtype=float32",
@@ -337,7 +337,7 @@ def test_every_algorithm_trains_two_steps_on_tiny_sd3(sd3_dir, tmp_path, algo, t
 
 
 def test_inception_features_need_their_weights_file(tmp_path, monkeypatch):
-    from align.features import INCEPTION_WEIGHTS, build_features
+    from align.metrics.features import INCEPTION_WEIGHTS, build_features
 
     monkeypatch.delenv("ALIGN_INCEPTION_WEIGHTS", raising=False)
     for weights in (None, str(tmp_path / "nope.pth")):

@@ -19,7 +19,7 @@ from torch import nn
 
 from align.models.flow_transformer import LORA_WEIGHT_NAME
 from align.models.sd3 import SD3Model
-from align.weights import WeightsError
+from align.core.weights import WeightsError
 from samplers import euler_integrate, sd3_grid
 from helpers.tiny_sd3 import RESOLUTION
 from helpers.tiny_sd3 import fixed_noise as _noise
@@ -247,9 +247,9 @@ def tiny_reward_registered():
 def test_every_algorithm_trains_two_steps_on_tiny_sd35(sd35_dirs, tmp_path, algo, tiny_reward_registered):
     from omegaconf import open_dict
 
-    from align.assemble import build_trainer
-    from align.config import compose_config
-    from align.run_dir import read_metrics
+    from align.setup.assemble import build_trainer
+    from align.setup.compose import compose_config
+    from align.core.run_dir import read_metrics
 
     run_dir = str(tmp_path / "run")
     overrides = [f"algo={algo}", "model=sd3", "reward=aesthetic", f"model.pretrained={sd35_dirs['medium']}",

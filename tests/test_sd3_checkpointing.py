@@ -35,8 +35,8 @@ CASES = {"vggflow": [], "vggflow_pmp": [], "refl": [], "draft": [], "draft_k2": 
 def _trainer(sd3_dir, tmp_path, algo: str, extra: list[str], checkpointing: bool, reward: str):
     from omegaconf import open_dict
 
-    from align.assemble import build_trainer
-    from align.config import compose_config
+    from align.setup.assemble import build_trainer
+    from align.setup.compose import compose_config
 
     run_dir = str(tmp_path / f"run_{algo}_{int(checkpointing)}")
     overrides = [f"algo={algo}", "model=sd3", "reward=aesthetic", f"model.pretrained={sd3_dir}",
@@ -114,7 +114,7 @@ def test_base_velocity_jacobian_under_checkpointing_is_the_lora_free_transformer
     dual-attention blocks (LoRA on attn2 too) and QK-norm."""
     from diffusers import SD3Transformer2DModel
 
-    from align.registry import MODELS
+    from align.core.registry import MODELS
 
     sd3_dir = request.getfixturevalue({"sd3": "sd3_dir", "sd35_medium": "sd35_dir"}[which])
     torch.set_num_threads(1)

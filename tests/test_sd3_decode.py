@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.registry import MODELS
+from align.core.registry import MODELS
 from helpers.tiny_sd3 import RESOLUTION, SCALING_FACTOR, SHIFT_FACTOR, build_tiny_sd3, build_tiny_taesd3
 
 torch.set_num_threads(1)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from align.models.flow_transformer import LORA_WEIGHT_NAME
-from align.loading import LibraryLoadError
-from align.registry import MODELS
-from align.weights import WeightsError
+from align.core.loading import LibraryLoadError
+from align.core.registry import MODELS
+from align.core.weights import WeightsError
 from helpers.tiny_sd3 import RESOLUTION, build_tiny_sd3
 
 
@@ -184,7 +184,7 @@ def test_aesthetic_reward_and_clip_features_share_one_tower(sd3_dir, tmp_path):
     import shutil
 
     from rewards.aesthetic import AestheticReward
-    from align.clip import ClipImageFeatures
+    from align.metrics.clip import ClipImageFeatures
     from helpers.tiny_clip import write_aesthetic_head, write_tiny_open_clip
 
     cfg, weights = write_tiny_open_clip(tmp_path, name="tiny-shared-l14", quick_gelu=True)

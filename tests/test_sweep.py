@@ -1,6 +1,6 @@
 """align.sweep: sweep files expand to deterministic run directories (the ones Hydra's multirun names), a bad
 sweep fails before any run starts, and re-running a sweep skips finished runs and resumes interrupted ones
-(the rule lives in align.run_dir and align.run applies it, so Hydra launchers get it too)."""
+(the rule lives in align.core.run_dir and align.run applies it, so Hydra launchers get it too)."""
 import os
 import shlex
 import shutil
@@ -11,9 +11,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from align.cli_checks import check_overrides
-from align.config import CONF_DIR, compose_config
-from align.run_dir import RunMismatch, claim_run_dir, plan_existing_run, read_metrics
+from align.setup.checks import check_overrides
+from align.setup.compose import CONF_DIR, compose_config
+from align.core.run_dir import RunMismatch, claim_run_dir, plan_existing_run, read_metrics
 from align.sweep import hydra_commands, load_sweep, main
 from helpers.cli import align_run
 

@@ -8,9 +8,9 @@ import struct
 
 import pytest
 
-from align.assemble import build_trainer
-from align.config import compose_config
-from align.run_dir import read_metrics
+from align.setup.assemble import build_trainer
+from align.setup.compose import compose_config
+from align.core.run_dir import read_metrics
 
 OVERRIDES = ["model=gmm", "algo=refl", "reward=linear", "train.steps=3", "train.batch_size=8", "eval.every=2",
              "eval.n_samples=32", "eval.final_samples=8", "train.progress=false"]

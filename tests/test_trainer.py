@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from align.config import compose_config
-from align.run_dir import list_checkpoints, read_metrics
-from align.assemble import build_trainer
-from align.trainer import Trainer, TrainingDiverged
+from align.setup.compose import compose_config
+from align.core.run_dir import list_checkpoints, read_metrics
+from align.setup.assemble import build_trainer
+from align.train.trainer import Trainer, TrainingDiverged
 
 FAST = ["model=gmm", "reward=linear", "train.steps=6", "train.batch_size=8", "train.checkpoint_every=2", "eval.every=3", "eval.n_samples=32",
         "eval.final_samples=16", "train.progress=false"]
@@ -74,7 +74,7 @@ def test_run_directory_contract(tmp_path):
 
 
 def test_preview_order_takes_each_prompt_in_turn():
-    from align.trainer import preview_order
+    from align.train.trainer import preview_order
 
     prompts = ["zero"] * 3 + ["one"] * 3 + ["zero"] * 2
     assert preview_order(prompts, per_prompt=2) == [0, 1, 3, 4]

@@ -1,12 +1,12 @@
-"""Bad values are refused by the typed configs (align/schema.py; the algorithms', models' and rewards' config
+"""Bad values are refused by the typed configs (align/core/schema.py; the algorithms', models' and rewards' config
 dataclasses) before any work, in one line naming the key, the value and, for a choice, the valid ones."""
 import pytest
 from omegaconf import OmegaConf
 
-from align.cli_checks import ConfigProblem, check_overrides
+from align.setup.checks import ConfigProblem, check_overrides
 from align.conf import CONF_DIR
-from align.config import compose_config
-from align.schema import typed_config
+from align.setup.compose import compose_config
+from align.core.schema import typed_config
 from helpers.cli import align_run
 
 # (overrides, substrings of the message)
@@ -112,7 +112,7 @@ def test_a_vggflow_run_saved_before_the_space_time_difference_resumes_with_its_o
     """algo.fd_terms did not exist: such a run differenced ∂_t g and J_g·d separately, so typing its config.yaml
     again (resume) gives ``separate``, a re-run with today's defaults is a different run, and another algorithm's
     config is not given the key."""
-    from align.run_dir import flat_config
+    from align.core.run_dir import flat_config
 
     cfg = compose_config(["algo=vggflow", "algo.fd_scheme=central"], run_dir="r")
     saved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

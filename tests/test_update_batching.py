@@ -3,8 +3,8 @@ of ‖∇r(x̂_1)‖) is taken over the whole update, so 4 micro-batches of 2 tr
 one batch of the same 8 trajectories."""
 import torch
 
-from align.config import compose_config
-from align.reward_grad import per_sample_norms
+from align.setup.compose import compose_config
+from algorithms.common.reward_grad import per_sample_norms
 from helpers.fp64 import ATOL, LINEAR_ADAM, assert_same_parameters, build_linear_fp64_trainer
 from samplers import Trajectory
 

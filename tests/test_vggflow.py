@@ -3,11 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from align.config import compose_config
+from align.setup.compose import compose_config
 from align.models.gmm import GaussianMixtureFlow
-from align.reward_grad import clip_per_sample, reward_and_grad
-from align.subsampling import binned_time_indices
-from align.value_gradient import consistency_residual
+from algorithms.common.reward_grad import clip_per_sample, reward_and_grad
+from algorithms.common.subsampling import binned_time_indices
+from algorithms.common.value_gradient import consistency_residual
 from algorithms.vggflow import VGGFlow
 from rewards.analytic import QuadraticReward
 from samplers import euler_integrate, one_step_prediction, uniform_grid

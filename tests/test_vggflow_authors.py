@@ -18,8 +18,8 @@ import re
 import pytest
 import torch
 
-from align.config import compose_config
-from align.registry import ALGORITHMS
+from align.setup.compose import compose_config
+from align.core.registry import ALGORITHMS
 from experiments.authors_vggflow import _grads, _setup, authors_loss
 
 RTOL = 2e-6
@@ -102,8 +102,8 @@ def test_the_preset_is_vggflow_with_exactly_the_documented_options():
 
 @pytest.mark.parametrize("model", ["gmm", "digits"])
 def test_algo_vggflow_authors_runs(tmp_path, model):
-    from align.assemble import build_trainer
-    from align.run_dir import read_metrics
+    from align.setup.assemble import build_trainer
+    from align.core.run_dir import read_metrics
 
     overrides = ["algo=vggflow_authors", f"model={model}", "train.steps=2", "train.batch_size=2",
                  "sampler.steps=4", "algo.subsample_bins=2", "eval.every=0", "eval.n_samples=4",

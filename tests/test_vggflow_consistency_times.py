@@ -12,9 +12,9 @@ same noise as samples_final.pt."""
 import pytest
 import torch
 
-from align.config import compose_config
-from align.assemble import build_trainer
-from align.trainer import Trainer
+from align.setup.compose import compose_config
+from align.setup.assemble import build_trainer
+from align.train.trainer import Trainer
 
 torch.set_num_threads(1)
 

@@ -5,8 +5,8 @@ autograd's saved-tensor hooks, by what saved each tensor."""
 import pytest
 import torch
 
-from align.assemble import build_trainer
-from align.config import compose_config
+from align.setup.assemble import build_trainer
+from align.setup.compose import compose_config
 from helpers.saved_bytes import AliveSavedBytes, storages
 
 torch.set_num_threads(1)

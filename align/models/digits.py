@@ -12,7 +12,7 @@ The network is a diffusers ``SD3Transformer2DModel`` (patch 2, 4 joint blocks, 4
 rectified flow in SD3's u-convention (``python -m align.pretrain model=digits``), run through exactly the
 code SD3 uses (``FlowTransformerModel``: σ = 1 − t, u = −v, τ = 1000σ, CFG, peft LoRA on attention).
 ``features`` are the 32-d penultimate activations of a small CNN classifier trained on the same data
-(``align/digits_classifier.py``, shared with the ``digits_classifier`` reward); they feed the diversity and
+(``align/metrics/digits_classifier.py``, shared with the ``digits_classifier`` reward); they feed the diversity and
 prior-preservation (FID) metrics.
 """
 from __future__ import annotations
@@ -25,13 +25,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from align.digits_classifier import (DIGIT_NAMES, NULL_INDEX, REGENERATE_HOW, WEIGHTS_DIR, DigitClassifier,
-                                     load_digit_classifier, prompts_to_classes)
+from align.metrics.digits_classifier import (DIGIT_NAMES, NULL_INDEX, REGENERATE_HOW, WEIGHTS_DIR, DigitClassifier,
+                                             load_digit_classifier, prompts_to_classes)
 from align.models.flow_transformer import LORA_TARGET_MODULES, FlowTransformerModel
 from align.models.value_unet import ValueUNet
-from align.registry import register_model
-from align.schema import Grid
-from align.weights import WeightSpec, load_json, load_state, load_tensors, resolve
+from align.core.registry import register_model
+from align.core.schema import Grid
+from align.core.weights import WeightSpec, load_json, load_state, load_tensors, resolve
 
 FLOW_WEIGHTS = os.path.join(WEIGHTS_DIR, "digits_flow.safetensors")
 FLOW_CONFIG = os.path.join(WEIGHTS_DIR, "digits_flow.json")

@@ -32,8 +32,8 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from align.interfaces import FlowModel
-from align.params import held_constant
+from align.core.interfaces import FlowModel
+from align.core.params import held_constant
 
 LORA_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"

@@ -40,16 +40,16 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from align.features import build_features
-from align.loading import DTYPES, dtype_kwargs, load_component
+from align.metrics.features import build_features
+from align.core.loading import DTYPES, dtype_kwargs, load_component
 from align.models.flow_transformer import LORA_TARGET_MODULES, LORA_WEIGHT_NAME, sigma_to_timestep
 from align.models.flux_text import FluxTextEncoders
 from align.models.latent_image import LatentImageModel, check_reward_grad_batch_size
 from align.models.latent_image import encode_device as _encode_device
 from align.models.sd3 import component_files, enable_tf32
-from align.registry import register_model
-from align.schema import Dtype, Grid
-from align.weights import WEIGHT_GLOBS, WeightSpec, looks_local, resolve
+from align.core.registry import register_model
+from align.core.schema import Dtype, Grid
+from align.core.weights import WEIGHT_GLOBS, WeightSpec, looks_local, resolve
 from samplers.time_grid import dynamic_shift_mu
 
 DEFAULT_PRETRAINED = "black-forest-labs/FLUX.1-dev"
@@ -159,7 +159,7 @@ class FluxConfig:
     value_net: Dict[str, Any] = field(default_factory=lambda: {
         "block_out_channels": [64, 128, 256, 256], "layers_per_block": 1, "attention_head_dim": 8,
         "out_scale": 1.0e-3})
-    # image features of the diversity and FID metrics: as model=sd3 (align/features.py)
+    # image features of the diversity and FID metrics: as model=sd3 (align/metrics/features.py)
     features: Dict[str, Any] = field(default_factory=lambda: {"kind": "clip", "model_name": "ViT-L-14",
                                                              "weights": None})
 

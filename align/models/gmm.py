@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from align.interfaces import FlowModel
-from align.registry import register_model
-from align.schema import Grid
+from align.core.interfaces import FlowModel
+from align.core.registry import register_model
+from align.core.schema import Grid
 
 
 @dataclass

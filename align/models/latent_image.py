@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from align.models.flow_transformer import FlowTransformerModel, enable_gradient_checkpointing
 from align.models.value_unet import ValueUNet
-from align.schema import require
+from align.core.schema import require
 
 
 def check_reward_grad_batch_size(n: int | None) -> None:
@@ -41,7 +41,7 @@ class LatentImageModel(FlowTransformerModel):
     """A diffusers transformer on VAE latents, its prompt-embedding cache, decoder, features and value network."""
 
     forward_batch_size: int | None = None
-    reward_grad_batch_size: int | None = None     # images per reward-gradient pass (align/reward_grad.py)
+    reward_grad_batch_size: int | None = None     # images per reward-gradient pass (algorithms/common/reward_grad.py)
 
     def set_decoder(self, decoder: nn.Module, kind: str, decode_batch_size: int) -> None:
         """The frozen decoder with its own latent factors, as the diffusers pipeline uses its vae's (a tiny decoder:

@@ -34,15 +34,15 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch.nn import functional as F
 
-from align.features import build_features
-from align.loading import DTYPES, dtype_kwargs, load_component
+from align.metrics.features import build_features
+from align.core.loading import DTYPES, dtype_kwargs, load_component
 from align.models.flow_transformer import LORA_TARGET_MODULES, LORA_WEIGHT_NAME
 from align.models.latent_image import LatentImageModel, check_reward_grad_batch_size
 from align.models.latent_image import encode_device as _encode_device
 from align.models.sd3_text import SD3TextEncoders
-from align.registry import register_model
-from align.schema import Dtype, Grid
-from align.weights import WEIGHT_GLOBS, WeightSpec, looks_local, resolve
+from align.core.registry import register_model
+from align.core.schema import Dtype, Grid
+from align.core.weights import WEIGHT_GLOBS, WeightSpec, looks_local, resolve
 
 DEFAULT_PRETRAINED = "stabilityai/stable-diffusion-3-medium-diffusers"
 # SD3.5: the same diffusers layout and scheduler (shift 3); the transformer config adds dual attention / QK-norm
@@ -153,7 +153,7 @@ class SD3Config:
     value_net: Dict[str, Any] = field(default_factory=lambda: {
         "block_out_channels": [64, 128, 256, 256], "layers_per_block": 1, "attention_head_dim": 8,
         "out_scale": 1.0e-3})
-    # Image features of the diversity and FID metrics (align/features.py): kind clip (OpenAI CLIP ViT-L/14 image
+    # Image features of the diversity and FID metrics (align/metrics/features.py): kind clip (OpenAI CLIP ViT-L/14 image
     # embeddings; weights null: $ALIGN_CLIP_FEATURES_WEIGHTS, else the HF cache of open_clip's ViT-L-14/openai) |
     # inception (FID's Inception-v3 pool features: needs `pip install torch-fidelity` and its weights file in
     # `weights` or $ALIGN_INCEPTION_WEIGHTS) | pixels (8×8 average-pooled image) | dreamsim (the paper's diversity

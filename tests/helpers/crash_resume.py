@@ -1,10 +1,10 @@
 """Interrupt a run inside an update and resume it: for the exact-resume tests."""
 import pytest
 
-from align.assemble import build_trainer
-from align.config import compose_config
-from align.run_dir import list_checkpoints
-from align.trainer import Trainer
+from align.setup.assemble import build_trainer
+from align.setup.compose import compose_config
+from align.core.run_dir import list_checkpoints
+from align.train.trainer import Trainer
 
 
 def crash_then_resume(monkeypatch, overrides: list[str], run_dir: str, crash_at: int = 5) -> list[int]:

@@ -11,8 +11,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from align.assemble import build_trainer
-from align.config import compose_config
+from align.setup.assemble import build_trainer
+from align.setup.compose import compose_config
 from helpers.fp64 import build_linear_fp64_trainer
 
 DRAFT = ["algo=draft", "algo.variant=k", "algo.k=2", "algo.objective=raw"]

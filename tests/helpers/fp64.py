@@ -45,12 +45,12 @@ def assert_same_parameters(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor
 
 
 def build_fp64_trainer(cfg, run_dir: str):
-    """``align.assemble.build_trainer`` with the model, reward and algorithm cast to float64 before the Trainer is
+    """``align.setup.assemble.build_trainer`` with the model, reward and algorithm cast to float64 before the Trainer is
     made (so that a resumed run loads its float64 checkpoint without a round trip through float32), and x_0 drawn
     in float64 (the image backends keep trajectories in x_0's dtype)."""
     from unittest import mock
 
-    import align.assemble as assemble
+    import align.setup.assemble as assemble
 
     build_parts, build_algorithm = assemble.build_parts, assemble.build_algorithm
 

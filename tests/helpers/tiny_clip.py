@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from align.clip import quiet_random_init_warning
+from align.metrics.clip import quiet_random_init_warning
 
 
 def clip_vocab_and_merges(n_merges: int = 49152 - 256 - 2) -> tuple[dict[str, int], list[tuple[str, str]]]:

@@ -75,7 +75,7 @@ def build_tiny_taef1(directory: str, seed: int = 5) -> str:
 
 def load_flux(path: str, **kw):
     """Our FLUX backend on a tiny checkpoint directory (fp32, VAE decoder, pixel features, text encoders kept)."""
-    from align.registry import MODELS
+    from align.core.registry import MODELS
 
     args = dict(pretrained=path, dtype="float32", resolution=RESOLUTION, decoder="vae", max_sequence_length=16,
                 features={"kind": "pixels"}, keep_text_encoders=True)

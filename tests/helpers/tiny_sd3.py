@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from align.interfaces import Reward
+from align.core.interfaces import Reward
 from helpers.tiny_clip import clip_vocab_and_merges
 
 SCALING_FACTOR = 1.5305     # SD3's VAE (vae/config.json of stable-diffusion-3-medium-diffusers)
@@ -124,7 +124,7 @@ def build_tiny_taesd3(directory: str, seed: int = 5) -> str:
 # ---- helpers shared by the SD3 and SD3.5 tests -----------------------------------------------------------------
 def load_model(path: str, **kw):
     """Our SD3 backend on a tiny checkpoint directory (fp32, VAE decoder, pixel features, text encoders kept)."""
-    from align.registry import MODELS
+    from align.core.registry import MODELS
 
     args = dict(pretrained=path, dtype="float32", resolution=RESOLUTION, decoder="vae", t5=False,
                 features={"kind": "pixels"}, keep_text_encoders=True)
@@ -171,7 +171,7 @@ class TinyImageReward(Reward):
 @contextlib.contextmanager
 def tiny_reward_registered():
     """Register TinyImageReward for the duration (the registry stays clean for other test modules)."""
-    from align.registry import REWARDS, register_reward
+    from align.core.registry import REWARDS, register_reward
 
     register_reward(TinyImageReward.name)(TinyImageReward)
     try:

@@ -1,0 +1,24 @@
+"""Compose the runner's config from overrides in Python (tests, benchmarks, notebooks)."""
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from align.setup.checks import check_overrides
+from align.conf import CONF_DIR
+
+
+def compose_config(overrides: list[str] | None = None, run_dir: str | None = None) -> DictConfig:
+    """The config ``python -m align.run <overrides>`` would use (model defaults to the reward's domain;
+    β, α and lr not given are the paper's for the model × reward × algorithm, ``align/setup/paper_settings.py``;
+    ``align.setup.paper_settings.describe(cfg)`` is the line the runner prints about them)."""
+    overrides = check_overrides(list(overrides or []), CONF_DIR)    # fills ConfigStore (register_all)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    GlobalHydra.instance().clear()
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.run_dir = run_dir
+    return cfg
