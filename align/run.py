@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from align.setup.checks import ConfigProblem, check_overrides
 from align.setup.paper_settings import describe
-from align.setup.resolvers import register_resolvers
+from align.setup.registration import register_resolvers
 from align.core.run_dir import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, RESUMABLE_KEYS, SAMPLES_DIR, TB_DIR,
                                 RunMismatch, claim_run_dir, clear_partial_run, discard_if_unused, hold_run_dir,
                                 last_checkpoint_step, plan_existing_run, prepare_resume, read_metrics)

@@ -183,9 +183,9 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from align.core.registry import register_all
+    from align.setup.registration import prepare_compose
 
-    register_all()                     # every typed config in Hydra's ConfigStore before composing
+    prepare_compose()                  # every typed config in Hydra's ConfigStore and the resolvers, before composing
     conf = os.path.join(os.path.dirname(__file__), "..", "align", "conf")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=os.path.abspath(conf), version_base=None):

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from align.setup.compose import CONF_DIR
-from align.core.registry import register_all
+from align.setup.registration import prepare_compose
 from align.core.run_dir import (RESUMABLE_KEYS, clear_partial_run, config_differences, keys_with, last_checkpoint_step,
                                 list_checkpoints, read_metrics, run_status)
 
@@ -24,7 +24,7 @@ def test_the_bookkeeping_roles():
 
 
 def test_hydra_leaves_the_name_keys_out_of_a_job_directory():
-    register_all()                                   # the typed configs in ConfigStore
+    prepare_compose()                                # the typed configs in ConfigStore, the resolvers
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose(config_name="config", return_hydra_config=True)

@@ -6,8 +6,8 @@ class and stores its config dataclass with Hydra's ConfigStore as ``algo/name_sc
 interpolations); without a preset the dataclass is stored as ``algo/name`` too, so a new algorithm is one file.
 The packages are imported lazily by name, and so are plugin modules from outside the source tree:
 ``ALIGN_PLUGINS=module[,module...]`` (importable, e.g. through ``PYTHONPATH``). Composing the runner's config
-needs every typed config stored first: ``register_all()`` (``align.setup.compose.compose_config`` and the command line
-call it).
+needs every typed config stored first: ``register_all()``, through ``align.setup.registration.prepare_compose``
+(``align.setup.compose.compose_config`` and the command line call it).
 """
 from __future__ import annotations
 

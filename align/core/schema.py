@@ -186,7 +186,11 @@ class RootConfig:
                                  "use device=cpu or device=auto")
 
 
-ConfigStore.instance().store(name=ROOT_SCHEMA, node=RootConfig)
+def store_schemas() -> None:
+    """Every typed config in Hydra's ConfigStore, as composing the runner's config needs: the root schema
+    (``config_schema``, which align/conf/config.yaml extends) and each registered part's (``register_all``)."""
+    register_all()
+    ConfigStore.instance().store(name=ROOT_SCHEMA, node=RootConfig)
 
 
 def check(cfg: DictConfig) -> None:

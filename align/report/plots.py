@@ -1,6 +1,6 @@
 """Figures of ``align.report``: convergence curves (against update steps and against cumulative velocity
 evaluations, ``*_vs_compute``), Pareto fronts (also of the trained reward against each held-out reward),
-held-out reward curves, temperature sweeps (matplotlib, Agg).
+held-out reward curves, temperature sweeps (matplotlib figures without pyplot: no backend is chosen or changed).
 
 Sized for a paper: 7 inches wide (a two-column figure), 8-point text, PNG at 200 dpi and a vector PDF.
 """
@@ -11,11 +11,9 @@ import os
 import re
 
 import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from align.report.data import HELDOUT_PREFIXES, METRICS, Group, compute_curve, curve, heldout_metrics  # noqa: E402
+from align.report.data import HELDOUT_PREFIXES, METRICS, Group, compute_curve, curve, heldout_metrics
 
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
          "ytick.labelsize": 7, "lines.linewidth": 1.2, "axes.spines.top": False, "axes.spines.right": False}
@@ -57,12 +55,11 @@ def _save(fig, out: str, stem: str) -> list[str]:
         path = os.path.join(out, f"{stem}.{ext}")
         fig.savefig(path, dpi=200, bbox_inches="tight")
         paths.append(path)
-    plt.close(fig)
     return paths
 
 
 def _colors(labels: list[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    cmap = matplotlib.colormaps.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
 
 
@@ -85,12 +82,13 @@ def _has_compute(groups: list[Group]) -> bool:
     return any(g.compute_runs()[0] for g in groups)
 
 
-def _curves_figure(groups: list[Group], keys: list[str], title: str, colors: dict, x: str = "step") -> plt.Figure:
+def _curves_figure(groups: list[Group], keys: list[str], title: str, colors: dict, x: str = "step") -> Figure:
     """One panel per metric, one line per group: mean ± std over seeds against the update step (``x="step"``)
     or the mean cumulative velocity evaluations at each evaluated step (``x="compute"``, the runs with
     compute accounting only)."""
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(keys), figsize=(max(WIDTH, 1.8 * len(keys)), 2.2), squeeze=False)
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(max(WIDTH, 1.8 * len(keys)), 2.2))
+        axes = fig.subplots(1, len(keys), squeeze=False)
         axes = axes[0]
         for ax, key in zip(axes, keys):
             for g in groups:
@@ -174,8 +172,9 @@ def pareto_plots(groups: list[Group], out: str) -> list[str]:
 def _pareto_figure(fg: list[Group], others: list[str], stem: str, out: str) -> list[str]:
     """The trained reward (x) against each of ``others`` (one panel each; FID lower is better, the rest higher)."""
     f, colors = fg[0].facet, _colors([g.label for g in fg])
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(others), figsize=(max(WIDTH * len(others) / 2, 3.5), 2.6), squeeze=False)
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(max(WIDTH * len(others) / 2, 3.5), 2.6))
+        axes = fig.subplots(1, len(others), squeeze=False)
         axes = axes[0]
         for ax, key in zip(axes, others):
             for g in fg:
@@ -213,7 +212,7 @@ def temperature_plots(groups: list[Group], out: str) -> list[str]:
             if len(betas) < 2:
                 continue
             ag = sorted(ag, key=lambda g: (float(g.cfg["algo.beta"]), g.label))
-            cmap = plt.get_cmap("viridis")
+            cmap = matplotlib.colormaps.get_cmap("viridis")
             colors = {g.label: cmap(0.9 * betas.index(float(g.cfg["algo.beta"])) / (len(betas) - 1)) for g in ag}
             keys = [k for k in ("eval/reward", "eval/fid") if k in _metrics(ag)]
             if not keys:

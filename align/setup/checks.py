@@ -23,8 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 from align.setup.build import ConfigError, check_reward
 from align.setup.paper_settings import find_missing
 from align.setup.prompts import load_prompts
-from align.setup.resolvers import register_resolvers
-from align.core.registry import MODELS, REGISTRIES, REWARDS, SCHEMA_SUFFIX, register_all
+from align.setup.registration import prepare_compose
+from align.core.registry import MODELS, REGISTRIES, REWARDS, SCHEMA_SUFFIX
 from align.core.schema import check, typed_config
 
 GROUPS = ("algo", "model", "reward")
@@ -125,8 +125,7 @@ def check_overrides(argv: list[str], conf_dir: str, training: bool = True) -> li
     """Validate every combination of the overrides; return argv with ``model=<domain>`` added if absent.
     ``training=False`` (``align.evaluate`` of the base model): the algorithm is not run, so a reward that is not
     differentiable is not refused for it."""
-    register_all()                    # every typed config in ConfigStore before any compose
-    register_resolvers()
+    prepare_compose()                 # every typed config in ConfigStore and the resolvers, before any compose
     flags, overrides = _split(argv)
     try:
         combos = _combos(overrides)

@@ -13,7 +13,7 @@ def compose_config(overrides: list[str] | None = None, run_dir: str | None = Non
     """The config ``python -m align.run <overrides>`` would use (model defaults to the reward's domain;
     β, α and lr not given are the paper's for the model × reward × algorithm, ``align/setup/paper_settings.py``;
     ``align.setup.paper_settings.describe(cfg)`` is the line the runner prints about them)."""
-    overrides = check_overrides(list(overrides or []), CONF_DIR)    # fills ConfigStore (register_all)
+    overrides = check_overrides(list(overrides or []), CONF_DIR)    # fills ConfigStore, registers the resolvers
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose(config_name="config", overrides=overrides)

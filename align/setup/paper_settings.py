@@ -117,7 +117,7 @@ def _missing(model: str, reward: str, algo: str, setting: str) -> str:
 
 
 def resolve(setting: str, *, _root_) -> float:
-    """The ``${align_paper:<setting>}`` resolver (registered by ``align.setup.resolvers``)."""
+    """The ``${align_paper:<setting>}`` resolver (registered by ``align.setup.registration``)."""
     return float(entry(*_names(_root_), setting)[0])
 
 

@@ -1,12 +1,14 @@
-"""The config resolvers the runner's yaml uses, registered explicitly (``register_resolvers``) by whoever composes
-a config: ``${align_paper:<setting>}`` (β, α, lr per model × reward × algorithm, align/setup/paper_settings.py)
-and ``${align_run_dir:...}`` (the default run directory, align/conf/config.yaml)."""
+"""What composing the runner's config needs registered first, done explicitly by whoever composes
+(``prepare_compose``): the typed configs in Hydra's ConfigStore, and the resolvers the yaml uses,
+``${align_paper:<setting>}`` (β, α, lr per model × reward × algorithm, align/setup/paper_settings.py) and
+``${align_run_dir:...}`` (the default run directory, align/conf/config.yaml)."""
 from __future__ import annotations
 
 from datetime import datetime
 
 from omegaconf import OmegaConf
 
+from align.core.schema import store_schemas
 from align.setup import paper_settings
 
 RUN_DIR = "align_run_dir"
@@ -23,3 +25,10 @@ def register_resolvers() -> None:
     for name, fn in ((paper_settings.RESOLVER, paper_settings.resolve), (RUN_DIR, default_run_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+def prepare_compose() -> None:
+    """Everything a compose of the runner's config needs: every typed config stored (this imports every algorithm,
+    model, reward and plugin module) and the resolvers registered."""
+    store_schemas()
+    register_resolvers()
