@@ -115,8 +115,8 @@ GAUSSIAN = ["model.weights=[1.0]", "model.means=[[0.5,-0.5]]", "model.covs=[[[0.
 def test_training_through_the_shared_trainer_reaches_the_minimiser(tmp_path):
     """v_θ trained by the shared trainer (frozen old policy, fixed map) against the exact stationary point of the
     loss for the data it trains on: the 20-step Euler samples of the base, Gaussian N(m_1, P_1) by the linear
-    recursion (align/exact_nft.euler_gaussian), with v_old the base's exact velocity (so the general form, not the
-    theorem's, which assumes v_old is the samples' velocity). Test points: x_t ~ p_t of those samples at t = 0, 0.2,
+    recursion (experiments/exact/diffusion_nft.euler_gaussian), with v_old the base's exact velocity (so the general
+    form, not the theorem's, which assumes v_old is the samples' velocity). Test points: x_t ~ p_t of those samples at t = 0, 0.2,
     0.4, where v* − v_old has an RMS of about 1.1. Tolerance: relative RMS error 0.2. Measured 0.13 (400 updates;
     4 % at t = 0.2, 13 % at t = 0 and 20 % at t = 0.4 — the MLP's fit of a regression on unit-variance targets from
     about 150k rows, not lowered by twice the rows). What it excludes: β taken as 1 instead of 0.5 halves v* − v_old
