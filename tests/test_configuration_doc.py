@@ -1,0 +1,34 @@
+"""docs/configuration.md is generated from the config dataclasses (experiments/config_doc.py): the committed page
+equals what the generator writes today, so a field added, removed or re-documented shows up as a failure here
+until the page is regenerated."""
+import difflib
+import os
+
+from experiments import config_doc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_configuration_doc_is_up_to_date():
+    page = config_doc.render()
+    with open(config_doc.OUT, encoding="utf-8") as fh:
+        committed = fh.read()
+    diff = "".join(list(difflib.unified_diff(committed.splitlines(True), page.splitlines(True),
+                                             "docs/configuration.md (committed)", "generated", n=1))[:40])
+    assert committed == page, f"docs/configuration.md is out of date; regenerate it: {config_doc.COMMAND}\n{diff}"
+
+
+def test_every_registered_key_is_on_the_page():
+    """The generator reads the registries: each algorithm's, model's and reward's section and each of its keys
+    appears (a registry the generator missed would leave its keys out)."""
+    import dataclasses
+
+    page = config_doc.render()
+    for registry in config_doc.REGISTRIES:
+        for name in registry.names():
+            assert f"`{registry.group}={name}`" in page, (registry.group, name)
+            cls = registry.config(name)
+            for f in dataclasses.fields(cls) if cls is not None else ():
+                assert f"`{registry.group}.{f.name}" in page, (registry.group, name, f.name)
+    for f in dataclasses.fields(config_doc.RootConfig):
+        assert f"`{f.name}`" in page or f"## `{f.name}`" in page, f.name
