@@ -1,4 +1,4 @@
-"""Every bad value is refused before any work (issue 16 item 7): exit code 2, one message naming the key or the
+"""Every bad value is refused before any work: exit code 2, one message naming the key or the
 file, no traceback, no run directory left behind, no file of the user's touched. The cases go through
 ``align.run.main`` in this process (tests/helpers/cli.py; tests/test_cli.py runs a real ``python -m align.run``),
 and ``align.sweep --dry-run`` applies the same checks to every run."""

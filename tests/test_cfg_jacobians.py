@@ -1,4 +1,4 @@
-"""CFG under autograd (issue 10, point 2): x-Jacobians see both branches, θ-gradients only the conditional one.
+"""CFG under autograd: x-Jacobians see both branches, θ-gradients only the conditional one.
 
 v_θ^cfg = v_uncond + w (v_cond − v_uncond). Training detaches θ from the unconditional branch (the authors'
 code, reference §0), but the Jacobian w.r.t. x must be w·J_cond + (1 − w)·J_uncond: VGG-Flow-PMP's full

@@ -1,4 +1,4 @@
-"""The paper's metrics (issue 11, point 5): FID to an independent base sample set (eval.fid_reference), the
+"""The paper's metrics: FID to an independent base sample set (eval.fid_reference), the
 cosine diversity in the paper's ×10⁻² unit, and DreamSim features from local files.
 
 Expected values come from independent computations: numpy/scipy's Fréchet distance (scipy.linalg.sqrtm) on
