@@ -254,10 +254,24 @@ def _section_of(root: type, name: str) -> type | None:
     return hint if dataclasses.is_dataclass(hint) else None
 
 
+def _in_tree(cls: type) -> bool:
+    """``cls`` is defined in this repository's source (not in tests/, not in a plugin module from elsewhere): the
+    page documents the software, whatever else a process has registered."""
+    try:
+        path = os.path.abspath(inspect.getsourcefile(cls) or "")
+    except TypeError:
+        return False
+    return path.startswith(ROOT + os.sep) and not path.startswith(os.path.join(ROOT, "tests") + os.sep)
+
+
+def _names(registry) -> list[str]:
+    return [n for n in registry.names() if _in_tree(registry.get(n))]
+
+
 def render() -> str:
     register_all()
     conf = _conf_dir()
-    names = {r.group: r.names() for r in REGISTRIES}
+    names = {r.group: _names(r) for r in REGISTRIES}
     text = INTRO.format(command=COMMAND, **{k: ", ".join(f"`{n}`" for n in v) for k, v in
                                             (("algos", names["algo"]), ("models", names["model"]),
                                              ("rewards", names["reward"]))})
@@ -284,7 +298,7 @@ def render() -> str:
     for registry in REGISTRIES:
         out += [f"## `{registry.group}=`: {registry.kind}s", ""]
         by_config: dict[type | None, list[str]] = {}
-        for name in registry.names():
+        for name in names[registry.group]:
             by_config.setdefault(registry.config(name), []).append(name)
         for cls, members in by_config.items():
             out += ["### " + ", ".join(f"`{registry.group}={m}`" for m in members), ""]
