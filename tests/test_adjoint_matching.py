@@ -148,7 +148,7 @@ def test_loss_clip_averages_over_the_kept_samples():
     assert algo.loss(traj, torch.Generator())[0].item() == pytest.approx(single.mean().item(), rel=1e-9)
 
 
-# ---- the loss takes v_base from the lean adjoint's sweep instead of evaluating it again (issue 12) -----------
+# ---- the loss takes v_base from the lean adjoint's sweep instead of evaluating it again ------------------------------
 class _Contrast(Reward):
     """A smooth nonlinear image score (tests only)."""
 

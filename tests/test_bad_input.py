@@ -1,4 +1,4 @@
-"""Every bad value is refused before any work (issue 16 item 7): exit code 2, one message naming the key or the
+"""Every bad value is refused before any work: exit code 2, one message naming the key or the
 file, no traceback, no run directory left behind, no file of the user's touched. The cases go through
 ``align.run.main`` in this process (tests/helpers/cli.py; tests/test_cli.py runs a real ``python -m align.run``),
 and ``align.sweep --dry-run`` applies the same checks to every run."""
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from align.metrics.digits_classifier import WEIGHTS_DIR
+from align.metrics.paper_metrics.digits_classifier import WEIGHTS_DIR
 from align.run import main as run_main
 from align.sweep import main as sweep_main
 from helpers.cli import align_run

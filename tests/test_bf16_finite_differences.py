@@ -1,4 +1,4 @@
-"""bf16 networks (issue 11, point 2): the timestep goes to the transformer in fp32 as in the diffusers pipeline, and
+"""bf16 networks: the timestep goes to the transformer in fp32 as in the diffusers pipeline, and
 VGG-Flow's consistency residual differentiates a bf16 network accurately at the default settings.
 
 References are independent of our code paths: the diffusers pipeline's own transformer call (scheduler timesteps

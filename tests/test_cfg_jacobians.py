@@ -1,4 +1,4 @@
-"""CFG under autograd (issue 10, point 2): x-Jacobians see both branches, θ-gradients only the conditional one.
+"""CFG under autograd: x-Jacobians see both branches, θ-gradients only the conditional one.
 
 v_θ^cfg = v_uncond + w (v_cond − v_uncond). Training detaches θ from the unconditional branch (the authors'
 code, reference §0), but the Jacobian w.r.t. x must be w·J_cond + (1 − w)·J_uncond: VGG-Flow-PMP's full
@@ -22,7 +22,7 @@ from algorithms.draft import DRaFT
 from algorithms.vggflow_pmp import VGGFlowPMP
 from align.setup.compose import CONF_DIR
 from align.core.interfaces import Reward
-from align.metrics.digits_classifier import CLASSIFIER_WEIGHTS
+from align.metrics.paper_metrics.digits_classifier import CLASSIFIER_WEIGHTS
 from align.models.digits import FLOW_WEIGHTS, DigitsFlow
 from align.core.registry import MODELS
 from samplers import Trajectory, euler_integrate, sd3_grid

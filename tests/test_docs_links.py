@@ -71,3 +71,21 @@ def test_relative_links_resolve(path):
         elif parts.fragment and file.endswith(".md") and parts.fragment not in _anchors(file):
             broken.append(f"{target} (no heading #{parts.fragment} in {os.path.relpath(file, ROOT)})")
     assert not broken, f"{os.path.relpath(path, ROOT)}: broken links: {broken}"
+
+
+def test_every_file_under_docs_is_linked():
+    """Figures, tables and pages under docs/ are each linked from README.md or a page under docs/ (the top-level
+    pages are the exception: the link test above reads them); a file nothing links to is an orphan."""
+    pages = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)]
+    linked = set()
+    for page in pages:
+        for target in _parse(page).targets:
+            parts = urlsplit(target)
+            if not (parts.scheme or parts.netloc) and parts.path:
+                file = os.path.normpath(os.path.join(os.path.dirname(page), unquote(parts.path)))
+                if file != os.path.normpath(page):
+                    linked.add(file)
+    files = [os.path.normpath(f) for f in glob.glob(os.path.join(ROOT, "docs", "**", "*"), recursive=True)
+             if os.path.isfile(f)]
+    orphans = sorted(os.path.relpath(f, ROOT) for f in files if f not in linked and f not in DOCUMENTS)
+    assert not orphans, f"files under docs/ that no page links to (link them or delete them): {orphans}"

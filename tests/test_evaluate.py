@@ -1,4 +1,4 @@
-"""``python -m align.evaluate`` (issue 16 item 8): a run's checkpoint evaluated again equals that run's eval row of
+"""``python -m align.evaluate``: a run's checkpoint evaluated again equals that run's eval row of
 the same step, the base model's evaluation equals a run's step-0 row, ``--samples K`` writes samples_final.pt's
 format (at the last step: the run's own final samples), and the run directory is only read."""
 import json

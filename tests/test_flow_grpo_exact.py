@@ -1,4 +1,4 @@
-"""Flow-GRPO converges to the path-KL-regularised optimum on one Gaussian with a linear reward (issue 14 item 4).
+"""Flow-GRPO converges to the path-KL-regularised optimum on one Gaussian with a linear reward.
 
 Setting: model=gmm with one component N(μ, Σ), μ = (0.5, −0.5), Σ = diag(0.25, 2); r = cᵀx, c = (1, 1); the
 10-step uniform training grid, a = 0.7; normalize_std off (it would rescale r by a batch statistic and move the

@@ -1,5 +1,5 @@
 """The paper's β and lr per (model, reward, algorithm) are filled in automatically (align/setup/paper_settings.py):
-every Table-1 cell resolves to the README's table (parsed here as the independent source), anything set
+every Table-1 cell resolves to the table of docs/sd3.md (parsed here as the independent source), anything set
 explicitly wins, digits and gmm keep their per-domain values, and the runner prints what it took."""
 import os
 
@@ -23,8 +23,8 @@ FLOW_GRPO_PAPER = {"flow_grpo": (3e-4, 24, 0.04), "diffusion_nft": (3e-4, 24, No
 
 
 def _readme_table() -> dict[str, dict[str, tuple[float | None, float]]]:
-    """reward -> algo -> (β or None, lr), from the markdown table under "The paper's Table 1" in README.md."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    """reward -> algo -> (β or None, lr), from the markdown table under "The paper's Table 1" in docs/sd3.md."""
+    text = open(os.path.join(ROOT, "docs", "sd3.md"), encoding="utf-8").read()
     start = text.index("**The paper's Table 1.**")
     lines = text[start:].splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("|"))
@@ -234,7 +234,7 @@ FLUX_PEERS = {"pickscore": (512, 28, 24, 6), "hpsv2": (720, 16, 12, None)}
 @pytest.mark.parametrize("reward", sorted(FLUX_PEERS))
 def test_the_flux_sweep_files_take_the_peers_settings_and_sd3s_rows(reward):
     """experiments/paper/flux_*.yaml: FLUX at the FLUX peers' settings; the VGG-Flow family borrows SD3's Table-1 row
-    of the same reward (the README's table, the independent source)."""
+    of the same reward (docs/sd3.md's table, the independent source)."""
     from align.sweep import load_sweep
 
     resolution, steps, G, train_steps = FLUX_PEERS[reward]

@@ -107,7 +107,7 @@ def test_loss_runs_and_trains_theta_only(adjoint, target):
     assert not list(algo.parameters())                            # no networks of its own
 
 
-# ---- the loss takes v_base from the sweep instead of evaluating it again (issue 12) ------------------------
+# ---- the loss takes v_base from the sweep instead of evaluating it again ---------------------------------------------
 class _Contrast(Reward):
     """A smooth nonlinear image score (tests only)."""
 

@@ -1,4 +1,4 @@
-"""The run directory's lifecycle is safe (issue 16): a user's folder is never touched, one writer per run directory,
+"""The run directory's lifecycle is safe: a user's folder is never touched, one writer per run directory,
 Ctrl-C stops a sweep, a resume writes each step once, an interrupted extension is not finished, and a damaged newest
 checkpoint falls back to an intact one. On the tiny gmm: the runs that are killed, signalled or hold a lock against
 another are real ``python -m align.run`` / ``align.sweep`` processes; the others run ``align.run.main`` in this

@@ -1,4 +1,4 @@
-"""``SD3Model.decode`` against ``StableDiffusion3Pipeline`` holding the same autoencoder (issue 11, point 1).
+"""``SD3Model.decode`` against ``StableDiffusion3Pipeline`` holding the same autoencoder.
 
 The pipeline decodes with ``latents / vae.config.scaling_factor + vae.config.shift_factor`` of whichever
 autoencoder it holds and post-processes ``output_type="pt"`` to [0, 1]; TAESD3 (AutoencoderTiny) carries scaling 1

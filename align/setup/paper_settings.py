@@ -18,7 +18,7 @@ Sources.
   ``../shared/reference/algorithms.md`` §1.8 (β = 1/λ of VGG-Flow: aesthetic 5e4, HPSv2 3e7, PickScore 5e5;
   α = 1e4; lr: VGG-Flow 5e-4, VGG-Flow-PMP 1e-4 on aesthetic and 5e-5 on HPSv2 / PickScore, ReFL, DRaFT and
   Adjoint Matching 1e-4) and §3 (Adjoint Matching's reward multiplier: aesthetic 5e3, HPSv2 3e5, PickScore 1e4).
-  VGG-Flow-PMP's β is VGG-Flow's (inferred: the paper lists only its lr). README "The paper's Table 1".
+  VGG-Flow-PMP's β is VGG-Flow's (inferred: the paper lists only its lr). docs/sd3.md, "The paper's Table 1".
 * Every other (model, reward): β and α from DOMAIN, the same for every reward of the domain (digits and gmm:
   tuned for rewards of order one, not from the paper; SD3, for a reward you add: the aesthetic column's), and the
   algorithm's paper lr (LR, §1.8). A model without a DOMAIN row stops the run with a message asking for
