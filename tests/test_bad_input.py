@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from align.metrics.paper_metrics.digits_classifier import WEIGHTS_DIR
+from align.metrics.digits_classifier import WEIGHTS_DIR
 from align.run import main as run_main
 from align.sweep import main as sweep_main
 from helpers.cli import align_run

@@ -22,7 +22,7 @@ from algorithms.draft import DRaFT
 from algorithms.vggflow_pmp import VGGFlowPMP
 from align.setup.compose import CONF_DIR
 from align.core.interfaces import Reward
-from align.metrics.paper_metrics.digits_classifier import CLASSIFIER_WEIGHTS
+from align.metrics.digits_classifier import CLASSIFIER_WEIGHTS
 from align.models.digits import FLOW_WEIGHTS, DigitsFlow
 from align.core.registry import MODELS
 from samplers import Trajectory, euler_integrate, sd3_grid

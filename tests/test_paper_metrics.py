@@ -114,7 +114,7 @@ def _numpy_cosine_diversity(f: np.ndarray) -> float:
 
 
 def test_cosine_diversity_is_the_mean_pairwise_cosine_distance_times_100():
-    from align.metrics.paper_metrics.paper_metrics import cosine_diversity
+    from align.metrics.paper_metrics import cosine_diversity
 
     g = torch.Generator().manual_seed(0)
     f = torch.randn(16, 24, generator=g, dtype=torch.float64) * 3 + 1
@@ -161,7 +161,7 @@ def _write_tiny_dreamsim(root, dreamsim_type, monkeypatch, seed=0):
     from dreamsim.model import PerceptualModel
     from peft import LoraConfig, get_peft_model
 
-    from align.metrics.paper_metrics.dreamsim import DREAMSIM_TYPES
+    from align.metrics.dreamsim import DREAMSIM_TYPES
 
     g = torch.Generator().manual_seed(seed)
     branches, lora_dir = DREAMSIM_TYPES[dreamsim_type]
@@ -210,7 +210,7 @@ def test_dreamsim_features_equal_the_dreamsim_package_on_tiny_checkpoints(tmp_pa
     pytest.importorskip("dreamsim")
     from dreamsim import dreamsim
 
-    from align.metrics.paper_metrics.features import build_features
+    from align.metrics.features import build_features
 
     torch.set_num_threads(1)
     _write_tiny_dreamsim(tmp_path, dreamsim_type, monkeypatch)
@@ -225,7 +225,7 @@ def test_dreamsim_features_equal_the_dreamsim_package_on_tiny_checkpoints(tmp_pa
         dist = [upstream(images[i:i + 1], images[j:j + 1]).item() for i in range(4) for j in range(i + 1, 4)]
     assert got.shape == ref.shape == (4, ours.num_features)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    from align.metrics.paper_metrics.paper_metrics import cosine_diversity
+    from align.metrics.paper_metrics import cosine_diversity
 
     assert cosine_diversity(got) == pytest.approx(100 * float(np.mean(dist)), rel=1e-4)
     # the LoRA was merged: without it the embedding differs
@@ -235,7 +235,7 @@ def test_dreamsim_features_equal_the_dreamsim_package_on_tiny_checkpoints(tmp_pa
 
 
 def test_dreamsim_missing_weights_name_the_files_the_source_and_the_key(tmp_path, monkeypatch):
-    from align.metrics.paper_metrics.features import build_features
+    from align.metrics.features import build_features
 
     monkeypatch.delenv("ALIGN_DREAMSIM_DIR", raising=False)
     for weights in (None, str(tmp_path)):
