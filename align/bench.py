@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench_one(args.child, args.model, args.overrides, args.warmup, args.updates)))
         return
 
-    from align.setup.checks import ConfigProblem, check_overrides
+    from align.setup.overrides import ConfigProblem, check_overrides
 
     if args.warmup < 0 or args.updates < 1 or args.threads < 1:
         p.error(f"--warmup must be >= 0, --updates and --threads >= 1 (got {args.warmup}, {args.updates}, "

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from align.setup.assemble import build_parts, section
+from align.setup.assemble import build_parts
+from align.setup.checks import ConfigError, check_config, checked_config
 from align.train.evaluation import Evaluator
 from align.core.run_dir import CONFIG_FILE, list_checkpoints
-from align.core.schema import EvalConfig, typed_config
 from align.train.trainer import preview_order
 
 METRICS_NAME, GRID_NAME, SAMPLES_NAME = "metrics.json", "samples.png", "samples.pt"
@@ -40,8 +40,9 @@ class EvaluateError(ValueError):
 def evaluate(cfg: DictConfig, out: str, state: dict[str, Any] | None = None, samples: int = 0) -> dict[str, Any]:
     """Build ``cfg``'s parts, load the checkpoint ``state`` (None: the base model), evaluate as the trainer does
     and write metrics.json, samples.png and (``samples`` > 0) samples.pt into ``out``; returns the metrics row."""
-    ev = section(EvalConfig, cfg.eval)
-    parts = build_parts(cfg, training=False)
+    checked = checked_config(cfg, training=False)
+    ev = checked.evaluation
+    parts = build_parts(cfg, training=False, checked=checked)
     device = "cuda" if str(cfg.device) != "cpu" and torch.cuda.is_available() else "cpu"
     parts.model.to(device)
     for reward in (parts.reward, *parts.eval_rewards.values()):
@@ -69,16 +70,15 @@ def evaluate(cfg: DictConfig, out: str, state: dict[str, Any] | None = None, sam
 
 
 def load_run(run_dir: str, step: int | None) -> tuple[DictConfig, dict[str, Any]]:
-    """A run's typed config.yaml and the state of its checkpoint ``step`` (None: the newest intact one)."""
+    """A run's typed config.yaml (through the refusal pass, as for evaluation) and the state of its checkpoint
+    ``step`` (None: the newest intact one)."""
     from align.train.checkpoint import CheckpointError, load_latest, load_step
 
     saved = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(saved):
         raise EvaluateError(f"{run_dir}: no {CONFIG_FILE} (is this a run directory?)")
-    try:
-        cfg = typed_config(OmegaConf.load(saved))
-    except (ValueError, KeyError) as err:
-        raise EvaluateError(f"{saved}: {err}") from None
+    cfg = check_config(OmegaConf.load(saved), training=False,
+                       bad_value=lambda err: EvaluateError(f"{saved}: {err}")).cfg
     steps = list_checkpoints(run_dir)
     if step is None:
         loaded = load_latest(run_dir)
@@ -97,21 +97,13 @@ def load_run(run_dir: str, step: int | None) -> tuple[DictConfig, dict[str, Any]
 def _base_config(overrides: list[str]) -> DictConfig:
     """``align.setup.compose.compose_config``'s config, checked as for evaluation (no algorithm runs: a black-box reward
     is not refused for the default one)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from align.setup.checks import ConfigProblem, check_overrides
-    from align.conf import CONF_DIR
+    from align.setup.compose import compose_config
+    from align.setup.overrides import ConfigProblem
 
     try:
-        overrides = check_overrides(list(overrides), CONF_DIR, training=False)
+        return compose_config(list(overrides), training=False)
     except ConfigProblem as err:
         raise EvaluateError(str(err)) from None
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=0, help="also write K samples to samples.pt")
     p.add_argument("--out", default=None, help="output folder")
     a = p.parse_intermixed_args(argv)
-    from align.setup.build import ConfigError
-
     try:
         if a.samples < 0:
             raise EvaluateError(f"--samples must be >= 0, got {a.samples}")

@@ -24,7 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.overrides import ConfigProblem, check_overrides
 from align.setup.paper_settings import describe
 from align.setup.registration import register_resolvers
 from align.core.run_dir import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, RESUMABLE_KEYS, SAMPLES_DIR, TB_DIR,
@@ -93,7 +93,7 @@ def _run(cfg: DictConfig, run_dir: str, is_main: bool) -> None:
             print(f"align: {run_dir} has no checkpoint yet, starting afresh", flush=True)
     except RunMismatch as err:
         _fail(str(err))
-    from align.setup.build import ConfigError
+    from align.setup.checks import ConfigError
     from align.setup.assemble import build_trainer
     from align.train.trainer import TrainingDiverged
 

@@ -43,7 +43,7 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from align.setup.checks import ConfigProblem
+from align.setup.overrides import ConfigProblem
 from align.core.run_dir import (RunMismatch, claim_run_dir, keys_with, last_checkpoint_step, plan_existing_run,
                                 run_status)
 

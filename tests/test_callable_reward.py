@@ -8,7 +8,7 @@ import torch
 from omegaconf import open_dict
 
 from align.setup.build import _kwargs
-from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.overrides import ConfigProblem, check_overrides
 from align.setup.compose import CONF_DIR, compose_config
 from align.core.registry import REWARDS
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.overrides import ConfigProblem, check_overrides
 from align.setup.compose import CONF_DIR, compose_config
 from helpers.cli import align_run, subprocess_run
 

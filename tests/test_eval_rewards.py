@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from align.setup.build import ConfigError
-from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.checks import ConfigError
+from align.setup.overrides import ConfigProblem, check_overrides
 from align.setup.compose import CONF_DIR, compose_config
 from align.core.run_dir import BOOKKEEPING, read_metrics
 

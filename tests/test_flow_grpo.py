@@ -11,7 +11,7 @@ from align.setup.assemble import build_trainer
 from align.setup.compose import compose_config
 from align.models.gmm import GaussianMixtureFlow
 from align.core.run_dir import read_metrics
-from align.setup.checks import ConfigProblem
+from align.setup.overrides import ConfigProblem
 from helpers.crash_resume import crash_then_resume
 from rewards.analytic import LinearReward
 from samplers import uniform_grid

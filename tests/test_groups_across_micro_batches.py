@@ -1,6 +1,8 @@
 """A group of G rows sharing a prompt may be larger than a micro-batch (Flow-GRPO and DiffusionNFT): the update's
 prompts are drawn in groups, the micro-batches take consecutive rows, and the group statistics come from the whole
 update. So G = 4 in micro-batches of one trajectory is the update of one batch of the same trajectories."""
+import os
+
 import pytest
 import torch
 
@@ -132,19 +134,21 @@ class _PairsInOneBatch(Algorithm):
         return self.model.velocity(traj.xs[0], self.ts[:1].expand(traj.xs.shape[1]), traj.cond).square().mean(), {}
 
 
-def test_groups_that_must_stay_in_a_micro_batch_are_refused_before_any_work(tmp_path):
-    from align.train.trainer import Trainer
+def test_groups_that_must_stay_in_a_micro_batch_are_refused_before_any_work(tmp_path, monkeypatch):
+    from omegaconf import open_dict
 
-    trainer = _trainer(tmp_path, "parts", ["algo=refl"])
-    algo = _PairsInOneBatch({}, trainer.model, trainer.reward, trainer.ts)
+    from align.core.registry import ALGORITHMS
+
+    monkeypatch.setitem(ALGORITHMS._entries, "pairs", _PairsInOneBatch)     # a user's algorithm, for this test
     for accum in (8, 1):
-        cfg = compose_config(GMM + ["algo=refl", f"train.grad_accum={accum}"], str(tmp_path / f"run{accum}"))
-        build = lambda: Trainer(trainer.model, trainer.reward, algo, trainer.ts, trainer.prompt_set, cfg.train,
-                                str(tmp_path / f"run{accum}"), evaluation=cfg.eval, device="cpu")
+        run_dir = str(tmp_path / f"run{accum}")
+        cfg = compose_config(GMM + ["algo=refl", f"train.grad_accum={accum}"], run_dir)
+        with open_dict(cfg):
+            cfg.algo = {"name": "pairs", "group_size": 2, "lr": 1e-2}
         if accum == 1:                                      # groups of 2 inside micro-batches of 8: fine
-            assert not build().groups_span_micro_batches()
+            assert not build_trainer(cfg, run_dir).groups_span_micro_batches()
             continue
         with pytest.raises(ValueError, match="algo=pairs's groups of algo.group_size=2 must lie within one "
                                              "micro-batch \\(here train.batch_size / train.grad_accum = 1\\)"):
-            build()
-        assert not (tmp_path / f"run{accum}").exists()
+            build_trainer(cfg, run_dir)
+        assert not os.path.exists(run_dir)

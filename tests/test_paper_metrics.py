@@ -33,7 +33,7 @@ def digits():
     torch.set_num_threads(1)
     cfg = compose_config(["model=digits", "sampler.steps=4", "algo.subsample_bins=4"])   # a valid run config
     model = build_model(cfg)
-    reward = build_reward(cfg, model).requires_grad_(False).eval()
+    reward = build_reward(cfg).requires_grad_(False).eval()
     return cfg, model, reward, build_grid(cfg)
 
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from align.setup.checks import ConfigProblem
+from align.setup.overrides import ConfigProblem
 from align.setup.compose import compose_config
 from align.setup.paper_settings import DOMAIN as DOMAIN_ROWS
 from align.setup.paper_settings import describe, fmt

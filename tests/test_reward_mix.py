@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from align.setup.build import _kwargs
-from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.overrides import ConfigProblem, check_overrides
 from align.setup.compose import CONF_DIR, compose_config
 from align.core.registry import REWARDS
 from align.core.reward_mix import MixReward

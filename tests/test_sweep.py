@@ -11,7 +11,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from align.setup.checks import check_overrides
+from align.setup.overrides import check_overrides
 from align.setup.compose import CONF_DIR, compose_config
 from align.core.run_dir import RunMismatch, claim_run_dir, plan_existing_run, read_metrics
 from align.sweep import hydra_commands, load_sweep, main

@@ -3,7 +3,7 @@ dataclasses) before any work, in one line naming the key, the value and, for a c
 import pytest
 from omegaconf import OmegaConf
 
-from align.setup.checks import ConfigProblem, check_overrides
+from align.setup.overrides import ConfigProblem, check_overrides
 from align.conf import CONF_DIR
 from align.setup.compose import compose_config
 from align.core.schema import typed_config

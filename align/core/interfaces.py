@@ -142,14 +142,15 @@ class Algorithm(nn.Module, abc.ABC):
     # True: the loss differentiates the reward (∇r); such an algorithm refuses a reward that is not differentiable
     uses_reward_gradient: bool = True
 
-    # the config dataclass (set by ``@register_algorithm(name, config=...)``): ``cfg`` — a typed config, or an
-    # untyped one such as a resumed run's config.yaml section — is merged onto it and checked
+    # the config dataclass (set by ``@register_algorithm(name, config=...)``): an untyped ``cfg``, such as a resumed
+    # run's config.yaml section, is merged onto it and checked; a typed one was checked by the refusal pass
+    # (align/setup/checks.py, which build_trainer runs) and is taken as it is
     config_class: type | None = None
 
     def __init__(self, cfg: Any, model: FlowModel, reward: Reward, ts: torch.Tensor):
         super().__init__()
         if self.config_class is not None:
-            cfg = typed(self.config_class, cfg)
+            cfg = typed(self.config_class, cfg, recheck=False)
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "reward", reward)
         self.cfg = cfg
@@ -159,7 +160,9 @@ class Algorithm(nn.Module, abc.ABC):
     def group_size(self) -> int:
         """G: the trainer draws prompts in groups of G consecutive rows sharing one prompt (the policy-gradient
         methods' groups; 1: every row its own prompt), within each micro-batch or, with
-        ``groups_span_micro_batches``, over the update's micro-batches taken in order."""
+        ``groups_span_micro_batches``, over the update's micro-batches taken in order. The refusal pass checks the
+        groups before anything is built, reading G from the config's ``algo.group_size`` (1 without one): an
+        algorithm with groups returns that value."""
         return 1
 
     def param_groups(self) -> list[dict[str, Any]]:

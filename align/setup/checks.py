@@ -1,269 +1,167 @@
-"""Check command-line overrides before Hydra starts any job: unknown groups or keys get a one-paragraph
-message with the valid choices, and a bad value (refused by the typed configs: align/core/schema.py and the
-algorithms', models' and rewards' config dataclasses) a one-line message naming the key, the value and the
-valid choices (no traceback); so do a reward (or an ``eval.rewards`` entry) of another domain than the model's, a
-reward that is not differentiable with an algorithm that differentiates it, prompts the model cannot condition on
-and a given ``run_dir=`` that cannot be written. ``model=`` defaults to the reward's domain (a mix's: its parts';
-a callable's: ``reward.domain``) and, when only ``model=`` is given, ``reward=`` to the domain's
-``default_reward`` (its preset, align/conf/preset/)."""
+"""The refusal pass: ``check_config(cfg)`` checks a composed config once, before any work, from the classes and
+configs alone (no weights looked for, nothing built): its values (the typed configs' ``validate()``, with the
+algorithm's grid- and batch-dependent rules), the algorithm's groups against the update's micro-batches, the
+reward's and ``eval.rewards``' domains against the model, a reward gradient for an algorithm that differentiates
+the reward, the prompts against the model and a given ``run_dir``. The command line (``align.setup.overrides``),
+``align.sweep --dry-run``, ``align.evaluate`` and ``align.setup.assemble.build_trainer`` / ``build_parts`` all run
+it; what it found that the build needs again (the typed config, the ``train`` and ``eval`` sections, the prompts,
+the held-out rewards' entries) is handed on in its ``CheckedConfig``: ``checked_config(cfg)`` returns the one this
+process made for an equal config (the command line checks before Hydra composes the job's config again) or runs
+the pass."""
 from __future__ import annotations
 
-import itertools
+import json
 import os
-import re
 import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
 
-from align.setup.build import ConfigError, check_reward
-from align.setup.paper_settings import find_missing
+from align.core.registry import ALGORITHMS, MODELS, REWARDS
+from align.core.reward_mix import MixReward, RewardEntry, domain_of, is_differentiable, parse_entries
+from align.core.schema import EvalConfig, RootConfig, TrainConfig, check, typed_config
 from align.setup.prompts import load_prompts
-from align.setup.registration import prepare_compose
-from align.core.registry import MODELS, REGISTRIES, REWARDS, SCHEMA_SUFFIX
-from align.core.schema import check, typed_config
-
-GROUPS = ("algo", "model", "reward")
-_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
-                "--config-dir", "-cd", "--experimental-rerun"}
-_MAX_COMBOS = 512
-_MISSING = object()
 
 
-class ConfigProblem(ValueError):
-    pass
+class ConfigError(ValueError):
+    """A configuration problem found before any work started; the message says how to fix it."""
 
 
-def _split(argv: list[str]) -> tuple[list[str], list[str]]:
-    flags, overrides, skip = [], [], False
-    for a in argv:
-        if skip:
-            flags.append(a)
-            skip = False
-        elif a.startswith("-"):
-            flags.append(a)
-            skip = a in _VALUE_FLAGS
-        else:
-            overrides.append(a)
-    return flags, overrides
+@dataclass
+class CheckedConfig:
+    """A config the refusal pass accepted, and what it worked out on the way that the build needs."""
+    cfg: DictConfig                    # typed (a saved, untyped config.yaml: merged onto the typed configs)
+    train: TrainConfig
+    evaluation: EvalConfig
+    prompts: list[str] | None          # ``prompts=``'s, loaded; None: the built model's default prompts
+    eval_rewards: list[RewardEntry]    # ``eval.rewards``, typed and checked
+    training: bool
 
 
-def _options(conf_dir: str, group: str) -> list[str]:
-    """The group's choices: its typed configs (stored by the registries) and presets (yaml files)."""
-    d = os.path.join(conf_dir, group)
-    names = {f[:-5] for f in os.listdir(d) if f.endswith(".yaml")} if os.path.isdir(d) else set()
+def check_config(cfg: DictConfig, training: bool = True, run_dir_given: bool = False,
+                 bad_value: Callable[[Exception], Exception] | None = None) -> CheckedConfig:
+    """Every check of ``cfg``, each once, in this order (the first problem is the one reported). ``training=False``
+    (``align.evaluate``): no algorithm runs, so neither its reward gradient nor its groups are checked.
+    ``run_dir_given``: ``run_dir`` was given and must be creatable. ``bad_value``: how the caller words a bad value
+    (the command line: one line naming the key); without it, OmegaConf's or ``validate()``'s error is raised."""
     try:
-        names |= {f[:-5] for f in ConfigStore.instance().list(group) if f.endswith(".yaml")}
-    except OSError:   # nothing stored in this group
-        pass
-    return sorted(n for n in names if not n.endswith(SCHEMA_SUFFIX))
-
-
-def _default_choice(conf_dir: str, group: str) -> str:
-    for entry in OmegaConf.load(os.path.join(conf_dir, "config.yaml")).defaults:
-        if isinstance(entry, DictConfig) and group in entry:
-            return str(entry[group])
-    raise ConfigProblem(f"config.yaml has no default for {group}")
-
-
-def _combos(overrides: list[str]) -> list[list[str]]:
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = []
-    for o in parsed:
-        key = o.get_key_element()
-        if o.is_sweep_override():
-            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            choices.append([o.input_line])
-    combos = [list(c) for c in itertools.islice(itertools.product(*choices), _MAX_COMBOS)]
-    return combos or [[]]
-
-
-def _group_values(combo: list[str], group: str) -> str | None:
-    for o in combo:
-        k, _, v = o.partition("=")
-        if k == group:
-            return v
-    return None
-
-
-def _unknown_group(conf_dir: str, group: str, value: str) -> ConfigProblem:
-    opts = _options(conf_dir, group)
-    return ConfigProblem(f"unknown {group} '{value}'. Valid choices for {group}=: {', '.join(opts)}. "
-                         f"Example: python -m align.run {group}={opts[0]}")
-
-
-def _unknown_key(cfg: DictConfig, key: str) -> ConfigProblem:
-    parts = key.split(".")
-    parent, node = [], cfg
-    for p in parts[:-1]:
-        nxt = node.get(p, _MISSING) if isinstance(node, DictConfig) else _MISSING
-        if not isinstance(nxt, DictConfig):
-            break
-        parent.append(p)
-        node = nxt
-    where = ".".join(parent) or "the top level"
-    keys = ", ".join(sorted(str(k) for k in node.keys()))
-    return ConfigProblem(f"unknown key '{key}'. Valid keys under {where}: {keys}. "
-                         f"(To add a key the config does not have, write +{key}=...)")
-
-
-def _has_key(cfg: DictConfig, key: str) -> bool:
-    """Whether the dotted ``key`` exists, without resolving its value (it may come from a table that has none)."""
-    *parents, last = key.split(".")
-    node = OmegaConf.select(cfg, ".".join(parents), default=None) if parents else cfg
-    if isinstance(node, ListConfig):
-        return last.lstrip("-").isdigit() and -len(node) <= int(last) < len(node)
-    return isinstance(node, DictConfig) and last in node.keys()
-
-
-def check_overrides(argv: list[str], conf_dir: str, training: bool = True) -> list[str]:
-    """Validate every combination of the overrides; return argv with ``model=<domain>`` added if absent.
-    ``training=False`` (``align.evaluate`` of the base model): the algorithm is not run, so a reward that is not
-    differentiable is not refused for it."""
-    prepare_compose()                 # every typed config in ConfigStore and the resolvers, before any compose
-    flags, overrides = _split(argv)
-    try:
-        combos = _combos(overrides)
-    except Exception as err:  # the parser's message names the bad token
-        raise ConfigProblem(f"could not parse the overrides: {str(err).splitlines()[0]}") from None
-    if any(o.partition("=")[0] == "resume" for o in overrides):
-        for combo in combos:
-            _check_saved(_group_values(combo, "resume"))
-        return flags + overrides          # a resumed run uses its own config.yaml (align/run.py checks the rest)
-    user_model = any(o.partition("=")[0] == "model" for o in overrides)
-    user_reward = any(o.partition("=")[0] == "reward" for o in overrides)
-    if user_model and not user_reward:
-        overrides = overrides + [_default_reward(conf_dir, combos)]
-        combos = [c + [overrides[-1]] for c in combos]
-    domains = set()
-    for combo in combos:
-        reward = _group_values(combo, "reward") or _default_choice(conf_dir, "reward")
-        if reward not in _options(conf_dir, "reward"):
-            raise _unknown_group(conf_dir, "reward", reward)
-        domains.add(_reward_domain(conf_dir, combo, reward))
-    if not user_model:
-        if len(domains) > 1:
-            raise ConfigProblem(f"the swept rewards score different domains ({', '.join(sorted(domains))}); "
-                                "give model= explicitly")
-        overrides = overrides + [f"model={domains.pop()}"]
-        combos = [c + [overrides[-1]] for c in combos]
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=os.path.abspath(conf_dir), version_base=None):
-        for combo in combos:
-            _check_combo(conf_dir, [o for o in combo if not o.startswith("hydra.")], training)
-    GlobalHydra.instance().clear()
-    return flags + overrides
-
-
-def _reward_domain(conf_dir: str, combo: list[str], reward: str) -> str:
-    """The domain ``reward=`` scores: its class's, or, for a reward whose domain depends on its config (mix: its
-    parts'; callable: ``reward.domain``), the composed ``reward`` section's; ``any``: the default model's. A config
-    that does not compose here is left to the full check, which reports it."""
-    cls = REWARDS.get(reward)
-    domain = cls.domain
-    if hasattr(cls, "domain_of"):
-        overrides = [o for o in combo if o.partition("=")[0].lstrip("+~").split(".")[0] == "reward"]
-        GlobalHydra.instance().clear()
-        try:
-            with initialize_config_dir(config_dir=os.path.abspath(conf_dir), version_base=None):
-                domain = cls.domain_of(compose(config_name="config", overrides=overrides).reward)
-        except Exception:   # reported, with the key, by _check_combo
-            pass
-        finally:
-            GlobalHydra.instance().clear()
-    if domain == "any" or domain not in _options(conf_dir, "model"):   # not a model: reported by the full check
-        return _default_choice(conf_dir, "model")
-    return domain
-
-
-def _check_saved(run_dir: str) -> None:
-    """A resumed run's saved config.yaml, typed and checked again (align/run.py reports a missing one)."""
-    path = os.path.join(run_dir, "config.yaml")
-    if os.path.isfile(path):
-        try:
-            typed_config(OmegaConf.load(path))
-        except (ValueError, KeyError) as err:
-            raise ConfigProblem(f"resume={run_dir}: its config.yaml: {bad_value_message(err)}") from None
-
-
-def _default_reward(conf_dir: str, combos: list[list[str]]) -> str:
-    """``reward=<the domain's default_reward>`` (its preset) for ``model=X`` given without ``reward=``."""
-    rewards = set()
-    for combo in combos:
-        model = _group_values(combo, "model")
-        if model not in _options(conf_dir, "model"):
-            raise _unknown_group(conf_dir, "model", model)
-        preset = os.path.join(conf_dir, "preset", f"{model}.yaml")
-        chosen = OmegaConf.load(preset).get("default_reward") if os.path.isfile(preset) else None
-        rewards.add(str(chosen or _default_choice(conf_dir, "reward")))
-    if len(rewards) > 1:
-        raise ConfigProblem(f"the swept models have different default rewards ({', '.join(sorted(rewards))}); "
-                            "give reward= explicitly")
-    return f"reward={rewards.pop()}"
-
-
-def _check_combo(conf_dir: str, combo: list[str], training: bool = True) -> None:
-    for g in GROUPS:
-        v = _group_values(combo, g)
-        if v is not None and v not in _options(conf_dir, g):
-            raise _unknown_group(conf_dir, g, v)
-    base = _groups_config(conf_dir, [o for o in combo if o.partition("=")[0] in GROUPS])
-    for o in combo:
-        key = o.partition("=")[0]
-        if key in GROUPS or key.startswith(("+", "~")):
-            continue
-        if not _has_key(base, key):
-            raise _unknown_key(base, key)
-    try:
-        cfg = compose(config_name="config", overrides=combo)
-        OmegaConf.to_container(cfg, resolve=True)
-        check(cfg)
+        typed = check_values(cfg)
     except Exception as err:
-        missing = find_missing(err)
-        if missing is not None:       # no paper setting for this model × reward × algo: say which key to give
-            raise ConfigProblem(str(missing)) from None
-        raise ConfigProblem(bad_value_message(err, combo)) from None
-    _check_parts(cfg, explicit_run_dir=_group_values(combo, "run_dir") is not None, training=training)
+        if bad_value is None:
+            raise
+        raise bad_value(err) from None
+    check_domain(str(typed.reward.name), str(typed.model.name), typed.reward)
+    if training:
+        check_reward_gradient(typed)
+    entries = check_eval_rewards(typed)
+    prompts = check_prompts(typed)
+    if run_dir_given:
+        check_run_dir(str(typed.run_dir))
+    if training:
+        check_groups(typed)
+    checked = CheckedConfig(typed, OmegaConf.to_object(typed.train), OmegaConf.to_object(typed.eval), prompts,
+                            entries, training)
+    for given in {id(cfg): cfg, id(typed): typed}.values():   # as given, and typed (a saved config's)
+        _remember(given, checked)
+    return checked
 
 
-_GROUPS_CONFIGS: dict[tuple, DictConfig] = {}
+def checked_config(cfg: DictConfig, training: bool = True) -> CheckedConfig:
+    """``cfg`` through the refusal pass, or the pass's result for an equal config handed on by an earlier
+    ``check_config`` in this process (taken once; ``run_dir`` and ``resume`` aside, which the job sets)."""
+    return _recall(cfg, training) or check_config(cfg, training)
 
 
-def _groups_config(conf_dir: str, groups_only: list[str]) -> DictConfig:
-    """The config of the group choices alone (``algo=``, ``model=``, ``reward=``), in which an override's key is looked
-    up: composed once per choice and set of registered parts (a sweep checks many runs of few choices). Read only."""
-    key = (os.path.abspath(conf_dir), tuple(groups_only), tuple(len(r) for r in REGISTRIES))
-    if key not in _GROUPS_CONFIGS:
-        if len(_GROUPS_CONFIGS) >= 256:
-            _GROUPS_CONFIGS.clear()
-        _GROUPS_CONFIGS[key] = compose(config_name="config", overrides=groups_only)
-    return _GROUPS_CONFIGS[key]
+# ---- the checks ------------------------------------------------------------------------------------------------
+
+def check_values(cfg: DictConfig) -> DictConfig:
+    """Every interpolation resolves and every typed section's ``validate()`` passes (``align/core/schema.py``:
+    RootConfig's runs the algorithm's ``validate_steps`` and ``validate_batch``); returns ``cfg`` typed (a saved,
+    untyped config: merged onto the typed configs first)."""
+    if not issubclass(OmegaConf.get_type(cfg) or object, RootConfig):
+        return typed_config(cfg)
+    OmegaConf.to_container(cfg, resolve=True)
+    check(cfg)
+    return cfg
 
 
-def _check_parts(cfg: DictConfig, explicit_run_dir: bool, training: bool = True) -> None:
-    """What needs the composed config but no built part: the reward's and ``eval.rewards``' domains against the
-    model and a non-differentiable reward against an algorithm that differentiates it (before any weights are
-    looked for), the prompts against the model, and a given ``run_dir`` creatable."""
+def scores_domain(domain: str, model: str) -> bool:
+    """Whether a reward of ``domain`` scores the model ``model``: its own domain, ``any``, or the domain whose rewards
+    the model declares it shares (``reward_domain``: FLUX's RGB images and prompts are the sd3 domain's)."""
+    shared = getattr(MODELS.get(model), "reward_domain", None) if model in MODELS.names() else None
+    return domain in ("any", model, shared)
+
+
+def check_domain(reward: str, model: str, reward_cfg: Any = None) -> None:
+    """ConfigError unless the reward ``reward`` (with its config ``reward_cfg``, where its domain depends on it:
+    mix, callable) scores the model ``model``'s domain (from the class and config: no weights)."""
+    cls = REWARDS.get(reward)
     try:
-        check_reward(cfg, training)
-    except ConfigError as err:
-        raise ConfigProblem(str(err)) from None
-    if cfg.prompts is not None:
-        try:
-            load_prompts(cfg.prompts, MODELS.get(cfg.model.name))
-        except (ValueError, FileNotFoundError) as err:
-            raise ConfigProblem(str(err)) from None
-    if explicit_run_dir:
-        _check_run_dir(str(cfg.run_dir))
+        domain = domain_of(cls, reward_cfg) if reward_cfg is not None else cls.domain
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not scores_domain(domain, model):
+        raise ConfigError(f"reward={reward} scores the '{domain}' domain but model={model}; "
+                          f"use model={domain} or a reward of the {model} domain")
 
 
-def _check_run_dir(run_dir: str) -> None:
+def gradient_free_algorithms() -> list[str]:
+    """The registered algorithms that never differentiate the reward (``uses_reward_gradient = False``)."""
+    return [n for n in ALGORITHMS.names() if not ALGORITHMS.get(n).uses_reward_gradient]
+
+
+def check_reward_gradient(cfg: DictConfig) -> None:
+    """ConfigError if the algorithm differentiates the reward and the reward is not differentiable (a mix: any of
+    its parts; a callable: ``reward.differentiable``); the message names the algorithms that accept it."""
+    name, algo = str(cfg.reward.name), str(cfg.algo.name)
+    try:
+        differentiable = is_differentiable(REWARDS.get(name), cfg.reward)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if differentiable or not ALGORITHMS.get(algo).uses_reward_gradient:
+        return
+    accept = gradient_free_algorithms()
+    raise ConfigError(f"algo={algo} differentiates the reward, but reward={name}{_black_box_detail(name, cfg.reward)}"
+                      f" is not differentiable (a black-box score); algorithms that accept it: "
+                      f"{', '.join(f'algo={a}' for a in accept) if accept else 'none is registered yet'}")
+
+
+def _black_box_detail(name: str, reward_cfg: Any) -> str:
+    if REWARDS.get(name) is MixReward:
+        return f" (its part{'s' if len(MixReward.black_box_parts(reward_cfg)) > 1 else ''} " \
+               f"{', '.join(MixReward.black_box_parts(reward_cfg))})"
+    if name == "callable":
+        return f" (reward.target={reward_cfg.get('target')}, reward.differentiable=false)"
+    return ""
+
+
+def check_eval_rewards(cfg: DictConfig) -> list[RewardEntry]:
+    """``eval.rewards`` checked: each entry typed as its reward's config, labels distinct, each reward of the
+    model's domain (held-out rewards are never differentiated: a black-box one is fine)."""
+    model = str(cfg.model.name)
+    try:
+        entries = parse_entries(OmegaConf.select(cfg, "eval.rewards", default=None) or [], "eval.rewards",
+                                weighted=False)
+        domains = [e.domain for e in entries]
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for e, domain in zip(entries, domains):
+        if not scores_domain(domain, model):
+            raise ConfigError(f"{e.key}: reward {e.name} scores the '{domain}' domain but model={model}; "
+                              f"held-out rewards must score the model's domain")
+    return entries
+
+
+def check_prompts(cfg: DictConfig) -> list[str] | None:
+    """``prompts=``'s set, loaded and checked against the model's class (ValueError or FileNotFoundError naming
+    ``prompts=``); None: the model's default prompts, which the built model gives."""
+    if cfg.prompts is None:
+        return None
+    return load_prompts(cfg.prompts, MODELS.get(str(cfg.model.name)))
+
+
+def check_run_dir(run_dir: str) -> None:
     """``run_dir`` is a directory, or can be made, and is writable (Hydra creates it before the job starts)."""
     path = os.path.abspath(os.path.expanduser(run_dir))
     existing = path
@@ -271,42 +169,53 @@ def _check_run_dir(run_dir: str) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
-        raise ConfigProblem(f"run_dir={run_dir} {where}; give a directory")
+        raise ConfigError(f"run_dir={run_dir} {where}; give a directory")
     try:
         with tempfile.NamedTemporaryFile(dir=existing):   # a real write (os.access says yes to root, even on /proc)
             pass
     except OSError:
         where = "is" if existing == path else f"cannot be created: {existing} is"
-        raise ConfigProblem(f"run_dir={run_dir} {where} not writable") from None
+        raise ConfigError(f"run_dir={run_dir} {where} not writable") from None
 
 
-_CHOICES = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")
+def check_groups(cfg: DictConfig) -> None:
+    """The update splits into the algorithm's groups of G = ``algo.group_size`` rows (1 without one): G divides
+    ``train.batch_size`` (an algorithm with ``validate_batch`` states that rule itself, in ``check_values``), and
+    each group lies within one micro-batch unless the algorithm's groups may span micro-batches."""
+    G = int(OmegaConf.select(cfg, "algo.group_size", default=1) or 1)
+    rows, name = int(cfg.train.batch_size), str(cfg.algo.name)
+    if rows % G and not hasattr(OmegaConf.get_type(cfg.algo), "validate_batch"):
+        raise ValueError(f"train.batch_size={rows} does not split into groups of algo.group_size={G}")
+    micro = rows // int(cfg.train.grad_accum)
+    if micro % G and not ALGORITHMS.get(name).groups_span_micro_batches:
+        raise ValueError(f"algo={name}'s groups of algo.group_size={G} must lie within one "
+                         f"micro-batch (here train.batch_size / train.grad_accum = {micro})")
 
 
-def bad_value_message(err: BaseException, combo: list[str] | None = None) -> str:
-    """One line naming the key, the bad value and the valid choices, from OmegaConf's ValidationError (or the
-    ValueError of a config dataclass's ``validate()``, whose message already names the key)."""
-    cause = err
-    while cause is not None and not isinstance(cause, OmegaConfBaseException):
-        cause = cause.__cause__ or cause.__context__
-    if cause is None:
-        if isinstance(err, ValueError):
-            return str(err)
-        cause = err
-    first = str(cause).splitlines()[0].strip() if str(cause).strip() else type(cause).__name__
-    key = getattr(cause, "full_key", None)
-    if key and (m := _CHOICES.match(first)):
-        return f"{key}={m.group(1)} is not a valid choice; valid choices for {key}: {m.group(2)}"
-    if key:
-        return f"bad value for {key}: {first}"
-    where = f" in the overrides {combo}" if combo else ""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    for key, example in _ENTRY_LISTS.items():
-        if f"override {key}=" in text:
-            return f"bad value for {key}: it is a list of mappings, e.g. '{example}'"
-    return f"bad value{where}: {text}"
+# ---- handing the result on -------------------------------------------------------------------------------------
+
+_CHECKED: dict[tuple[bool, str], CheckedConfig] = {}
+_UNKEYED = ("run_dir", "resume")   # set by the job after the check (Hydra's output directory; a run it resumes)
 
 
-_ENTRY_LISTS = {"eval.rewards": "eval.rewards=[{name: digits_classifier}, {name: digits_correct, label: correct}]",
-                "reward.parts": "reward.parts=[{name: digits_thickness, weight: 1.0}, {name: digits_classifier, "
-                                "weight: 0.5}]"}
+def _key(cfg: DictConfig, training: bool) -> tuple[bool, str] | None:
+    try:
+        flat = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    except Exception:   # does not resolve: the pass reports it
+        return None
+    for k in _UNKEYED:
+        flat.pop(k, None)
+    return training, json.dumps(flat, sort_keys=True, default=str)
+
+
+def _remember(cfg: DictConfig, checked: CheckedConfig) -> None:
+    key = _key(cfg, checked.training)
+    if key is not None:
+        if len(_CHECKED) >= 512:      # a sweep checks many runs; a process builds few
+            _CHECKED.clear()
+        _CHECKED[key] = checked
+
+
+def _recall(cfg: DictConfig, training: bool) -> CheckedConfig | None:
+    key = _key(cfg, training)
+    return _CHECKED.pop(key, None) if key is not None else None

@@ -72,7 +72,6 @@ class Trainer:
                  config: dict[str, Any] | None = None, eval_rewards: dict[str, Reward] | None = None):
         self.train_cfg, self.eval_cfg, self.seed, self.config = train, evaluation, int(seed), config
         self.run_dir = run_dir
-        self._check_groups(algorithm)
         # Read the checkpoint before anything else: one that cannot be resumed is a clear error before any work,
         # and the trackers need its step (TensorBoard purges the events after it).
         loaded = load_latest(run_dir) if resume else None
@@ -110,16 +109,6 @@ class Trainer:
         self.start_norms, self.broken = self._param_norms(), []   # the divergence guard's reference
         if loaded is not None:
             self.load_state(loaded[1])
-
-    def _check_groups(self, algorithm: Algorithm) -> None:
-        """Before any work: the update splits into groups of G, and groups that span micro-batches are allowed."""
-        G, rows = int(algorithm.group_size), int(self.train_cfg.batch_size)
-        if rows % G:
-            raise ValueError(f"train.batch_size={rows} does not split into groups of algo.group_size={G}")
-        micro = rows // int(self.train_cfg.grad_accum)
-        if micro % G and not algorithm.groups_span_micro_batches:
-            raise ValueError(f"algo={algorithm.name}'s groups of algo.group_size={G} must lie within one "
-                             f"micro-batch (here train.batch_size / train.grad_accum = {micro})")
 
     def _preflight(self) -> None:
         """Score two noise samples so that shape or weight problems surface before sampling starts."""
@@ -177,7 +166,7 @@ class Trainer:
     # ---- one update -------------------------------------------------------------------------------------
     def _draw_prompts(self, n: int) -> list[str]:
         """n rows of prompts in groups of G consecutive rows sharing one prompt drawn from the prompt set (G | n:
-        ``_check_groups``)."""
+        checked before any work, ``align.setup.checks.check_groups``)."""
         G = int(self.algo.group_size)
         picks = torch.randint(len(self.prompt_set), (n // G,), generator=self.generator).tolist()
         return [self.prompt_set[i] for i in picks for _ in range(G)]
