@@ -137,7 +137,7 @@ class EvalConfig:
     batch_size: int = 32
     # held-out rewards, scored on the evaluation samples beside the trained one and never trained on, each reported
     # as eval/heldout/<label>: entries {name: <reward>, label: <optional, default the name>, ...its own keys}, e.g.
-    # 'eval.rewards=[{name: digits_classifier}]' (each typed and checked as reward=<name> is: align/setup/build.py)
+    # 'eval.rewards=[{name: digits_classifier}]' (each typed and checked as reward=<name> is: align/setup/checks.py)
     rewards: List[Dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> None:
