@@ -1,7 +1,8 @@
 """``python -m align.run key=value ...``: train one algorithm on one model and reward (``-m`` sweeps).
 
-Before Hydra starts any job, every combination of the overrides is composed once, so an unknown
-algorithm, model, reward or key stops the run with a short message listing the valid choices.
+Before Hydra starts any job, every combination of the overrides is composed once and checked (the refusal pass,
+``align/setup/checks.py``, whose result the job's build takes over), so an unknown algorithm, model, reward or key
+stops the run with a short message listing the valid choices.
 When no ``model=`` is given, the model is the domain the reward scores (``reward=aesthetic`` → SD3).
 β and the learning rate default to the paper's values for the run's model × reward × algorithm
 (``align/setup/paper_settings.py``; anything set explicitly wins); the run prints which ones it took from there.
