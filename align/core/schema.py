@@ -13,7 +13,7 @@ import enum
 import importlib.util
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, TypeVar
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -24,6 +24,7 @@ from align.core.registry import REGISTRIES, register_all
 from align.core.run_dir import ABSENT_MEANS, RETIRED_KEYS
 
 ROOT_SCHEMA = "config_schema"
+T = TypeVar("T")
 
 
 def require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -253,3 +254,32 @@ def typed_config(cfg: Any) -> DictConfig:
     root = OmegaConf.merge(root, given)
     check(root)
     return root
+
+
+def config_object(schema: type[T], cfg: Any = None, overrides: Mapping[str, Any] | None = None,
+                  owner: str = "") -> T:
+    """``cfg`` as an instance of the config dataclass ``schema``: the object a part's constructor works with.
+
+    ``cfg`` is an instance of ``schema`` (taken as it is when there are no ``overrides``), a DictConfig (typed or
+    not, e.g. a saved config.yaml's section), a mapping, or None (the dataclass's defaults); ``overrides`` (a
+    constructor's keyword arguments) are set on top. Interpolations are resolved, types and choices checked by
+    OmegaConf and the values by ``validate()``. A key ``schema`` has no field for raises TypeError naming
+    ``owner`` (e.g. ``model=sd3``) and the valid keys, as a constructor does for an unknown keyword."""
+    if isinstance(cfg, schema) and not overrides:
+        return cfg
+    if cfg is None or isinstance(cfg, schema):
+        given = {} if cfg is None else OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    elif isinstance(cfg, DictConfig):
+        given = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        given = dict(cfg)
+    given.update(overrides or {})
+    given.pop("defaults", None)   # a preset file's Hydra defaults list
+    fields = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise TypeError(f"{owner or schema.__name__}: unknown setting(s) {', '.join(unknown)}; valid keys: "
+                        f"{', '.join(sorted(fields))}")
+    node = OmegaConf.merge(OmegaConf.structured(schema), given)
+    check(node)
+    return OmegaConf.to_object(node)
