@@ -129,12 +129,12 @@ class AdjointMatching(Algorithm):
     """Regress (2/σ_k)(v_θ − v_base) onto −σ_k ã_{k+1}, ã the lean adjoint of the memoryless SDE."""
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
+        super().__init__(cfg, model, reward, ts)       # self.cfg: an instance of its config dataclass
         cfg = self.cfg
-        self.beta = float(cfg.beta)
+        self.beta = cfg.beta
         self.train_ts = training_grid(cfg.train_grid, ts, cfg.train_steps)
-        self.h = default_offset(self.train_ts) if cfg.h is None else float(cfg.h)
-        self.last, self.random = float(cfg.loss_times.last), float(cfg.loss_times.random)
+        self.h = default_offset(self.train_ts) if cfg.h is None else cfg.h
+        self.last, self.random = cfg.loss_times.last, cfg.loss_times.random
         loss_time_indices(len(self.train_ts) - 1, self.last, self.random, 1, torch.Generator())  # validate early
 
     def rollout(self, x0: torch.Tensor, prompts: list[str], cond: Any, generator: torch.Generator) -> Trajectory:
@@ -188,10 +188,10 @@ class AdjointMatching(Algorithm):
         am_loss = (sq.detach().sum(1) * w).reshape(B, M).sum(1)
         keep = torch.ones(B, dtype=torch.bool, device=x.device)
         if self.cfg.loss_clip is not None:
-            keep = am_loss <= float(self.cfg.loss_clip) * self.beta ** 2
+            keep = am_loss <= self.cfg.loss_clip * self.beta ** 2
         kept_rows = keep.repeat_interleave(M)
         per_row = sq.mean(1) * w * kept_rows.to(sq.dtype)
-        loss = per_row.sum() / max(int(kept_rows.sum().item()), 1)
+        loss = per_row.sum() / max(int(kept_rows.sum()), 1)
         logs = {"loss_am": am_loss.mean().item(), "clipped_frac": 1.0 - keep.float().mean().item(),
                 "adjoint_norm_1": per_sample_norms(a[-1]).mean().item(),
                 "adjoint_norm_1st": per_sample_norms(a[1]).mean().item()}

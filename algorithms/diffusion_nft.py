@@ -120,14 +120,14 @@ class DiffusionNFTConfig:
 
     def validate_steps(self, n_steps: int) -> None:
         """K distinct grid times per sample need K <= N, the collection grid's steps."""
-        N = int(self.collect_steps) if self.collect_steps is not None else n_steps
+        N = self.collect_steps if self.collect_steps is not None else n_steps
         if self.t_sampling == "grid" and self.n_times is not None and self.n_times > N:
             raise ValueError(f"algo.n_times={self.n_times} distinct grid times per sample, but the collection grid "
                              f"has {N} steps (sampler.steps / algo.collect_steps); lower it or use "
                              "algo.t_sampling=uniform")
 
     def validate_batch(self, rows_per_update: int) -> None:
-        if rows_per_update % int(self.group_size):
+        if rows_per_update % self.group_size:
             raise ValueError(f"algo.group_size={self.group_size} must divide the {rows_per_update} rows of an update "
                              "(train.batch_size, per process): every group of G rows shares one prompt")
 
@@ -174,12 +174,12 @@ class DiffusionNFT(Algorithm):
     groups_span_micro_batches = True    # ... and its groups are taken over the update's micro-batches in order
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
+        super().__init__(cfg, model, reward, ts)       # self.cfg: an instance of its config dataclass
         cfg = self.cfg
-        self.beta = float(cfg.beta)
-        self.collect_ts = training_grid(str(cfg.collect_grid), ts, cfg.collect_steps)
+        self.beta = cfg.beta
+        self.collect_ts = training_grid(cfg.collect_grid, ts, cfg.collect_steps)
         N = len(self.collect_ts) - 1
-        self.n_times = int(cfg.n_times) if cfg.n_times is not None else max(1, int(N * 0.99))
+        self.n_times = cfg.n_times if cfg.n_times is not None else max(1, int(N * 0.99))
         if cfg.t_sampling == "grid" and self.n_times > N:
             raise ValueError(f"algo.n_times={self.n_times} exceeds the collection grid's {N} steps")
         # θ_old: the sampling policy's values of the trainable parameters, and i, the optimizer steps taken
@@ -189,7 +189,7 @@ class DiffusionNFT(Algorithm):
 
     @property
     def group_size(self) -> int:
-        return int(self.cfg.group_size)
+        return self.cfg.group_size
 
     def old_parameters(self) -> list[torch.Tensor]:
         return [b for n, b in self.named_buffers() if n.startswith("theta_old_")]
@@ -225,8 +225,8 @@ class DiffusionNFT(Algorithm):
         global_std = None
         if cfg.normaliser == "global_std":
             global_std = gather(torch.cat([tr.reward_x1 for tr in trajs])).std(unbiased=False)
-        r = optimality(torch.cat([tr.reward_x1 for tr in trajs]), self.group_size, str(cfg.normaliser),
-                       float(cfg.adv_clip), global_std)
+        r = optimality(torch.cat([tr.reward_x1 for tr in trajs]), self.group_size, cfg.normaliser, cfg.adv_clip,
+                       global_std)
         for tr, r_tr in zip(trajs, r.split([len(tr.reward_x1) for tr in trajs])):
             tr.extras["optimality"] = r_tr
 
@@ -265,18 +265,17 @@ class DiffusionNFT(Algorithm):
                 v_base = model.base_velocity(x_t, t, cond)
         v_theta = model.velocity(x_t, t, cond)                                       # grad → θ
         v_pos, v_neg = implicit_policies(v_theta, v_old, self.beta)
-        l_pos = row_loss(v_pos, target, x_t, t, x1_rows, str(cfg.weighting))
-        l_neg = row_loss(v_neg, target, x_t, t, x1_rows, str(cfg.weighting))
-        scale = float(cfg.adv_clip) / self.beta if cfg.loss_scale == "code" else 1.0
+        l_pos = row_loss(v_pos, target, x_t, t, x1_rows, cfg.weighting)
+        l_neg = row_loss(v_neg, target, x_t, t, x1_rows, cfg.weighting)
+        scale = cfg.adv_clip / self.beta if cfg.loss_scale == "code" else 1.0
         policy = (r * l_pos + (1.0 - r) * l_neg).mean() * scale
         loss = policy
         logs = {"policy_loss": policy.item(), "optimality_mean": r.mean().item(),
                 "old_deviation": (v_theta - v_old).detach().pow(2).mean().item(),
-                "eta": eta_schedule(int(self.steps_taken) + 1, float(cfg.eta_rate), float(cfg.eta_max),
-                                    int(cfg.eta_flat))}
+                "eta": eta_schedule(int(self.steps_taken) + 1, cfg.eta_rate, cfg.eta_max, cfg.eta_flat)}
         if v_base is not None:
             kl = (v_theta - v_base).pow(2).flatten(1).mean(1).mean()
-            loss = loss + float(cfg.kl_coef) * kl
+            loss = loss + cfg.kl_coef * kl
             logs["kl"] = kl.item()
         return loss, logs
 
@@ -285,7 +284,6 @@ class DiffusionNFT(Algorithm):
     def after_step(self) -> None:
         """θ_old ← η_i θ_old + (1 − η_i) θ after the i-th optimizer step taken."""
         self.steps_taken += 1
-        eta = eta_schedule(int(self.steps_taken), float(self.cfg.eta_rate), float(self.cfg.eta_max),
-                           int(self.cfg.eta_flat))
+        eta = eta_schedule(int(self.steps_taken), self.cfg.eta_rate, self.cfg.eta_max, self.cfg.eta_flat)
         for old, p in zip(self.old_parameters(), self.model.trainable_parameters(), strict=True):
             old.mul_(eta).add_(p.detach().to(old.dtype), alpha=1.0 - eta)

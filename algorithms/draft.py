@@ -73,7 +73,7 @@ class DRaFT(Algorithm):
     """Backpropagate the reward through the last K sampler steps (see the module docstring)."""
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
+        super().__init__(cfg, model, reward, ts)       # self.cfg: an instance of its config dataclass
         cfg = self.cfg
         N = len(ts) - 1
         if cfg.variant == "k" and not 1 <= cfg.k <= N:
@@ -82,8 +82,8 @@ class DRaFT(Algorithm):
     def draw_k(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """K [n]: the configured k, or K ~ Uniform{1..k} per trajectory when ``k_random``."""
         if self.cfg.k_random:
-            return torch.randint(1, int(self.cfg.k) + 1, (n,), generator=generator)
-        return torch.full((n,), int(self.cfg.k), dtype=torch.long)
+            return torch.randint(1, self.cfg.k + 1, (n,), generator=generator)
+        return torch.full((n,), self.cfg.k, dtype=torch.long)
 
     # ---- rollout ------------------------------------------------------------------------------------
     def rollout(self, x0: torch.Tensor, prompts: list[str], cond: Any, generator: torch.Generator) -> Trajectory:
@@ -115,7 +115,7 @@ class DRaFT(Algorithm):
         return self.lv_loss(traj, generator)
 
     def lv_loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        n, (B, *shape) = int(self.cfg.n), traj.x1.shape
+        n, (B, *shape) = self.cfg.n, traj.x1.shape
         x_N = traj.x1.detach()
         t_last = float(traj.ts[-2])
         sigma = 1.0 - t_last

@@ -166,23 +166,23 @@ class FlowGRPO(Algorithm):
     groups_span_micro_batches = True    # prepare() takes the advantages over the whole update
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
+        super().__init__(cfg, model, reward, ts)       # self.cfg: an instance of its config dataclass
         cfg = self.cfg
         if cfg.train_grid in ("sd3", "flux"):
             if cfg.train_grid == "flux" and not hasattr(model, "grid_shift"):
                 raise ValueError(f"algo.train_grid=flux needs a FLUX model (its scheduler's shift); model={model.name}")
-            shift = float(cfg.train_shift) if cfg.train_grid == "sd3" else float(model.grid_shift)
-            self.train_ts = make_grid(str(cfg.train_grid), len(ts) - 1 if cfg.train_steps is None
-                                      else int(cfg.train_steps), shift)
+            shift = cfg.train_shift if cfg.train_grid == "sd3" else float(model.grid_shift)
+            self.train_ts = make_grid(cfg.train_grid, len(ts) - 1 if cfg.train_steps is None else cfg.train_steps,
+                                      shift)
         else:
-            self.train_ts = training_grid(str(cfg.train_grid), ts, cfg.train_steps)
-        n, a = len(self.train_ts) - 1, float(cfg.noise_level)
-        self.a, self.beta, self.G = a, float(cfg.beta), int(cfg.group_size)
+            self.train_ts = training_grid(cfg.train_grid, ts, cfg.train_steps)
+        n, a = len(self.train_ts) - 1, cfg.noise_level
+        self.a, self.beta, self.G = a, cfg.beta, cfg.group_size
         self.stds = flow_sde_step_stds(self.train_ts, a)                                 # s_k [N]
         self.gs = torch.tensor([flow_sde_noise_level(self.train_ts, k, a) for k in range(n)], dtype=torch.float64)
         # the std statistic over every micro-batch (and process) of an update needs them all at once
         self.update_wide = cfg.normalize_std and cfg.std_over == "batch"
-        self.old_every = int(cfg.old_policy_every)
+        self.old_every = cfg.old_policy_every
         if self.old_every > 1:                         # θ_old and the update count: checkpointed, for exact resume
             for i, p in enumerate(self.model.trainable_parameters()):
                 self.register_buffer(f"old_theta_{i}", p.detach().clone())
@@ -228,7 +228,7 @@ class FlowGRPO(Algorithm):
         the std runs over the whole update) the advantages."""
         with self._sampling_policy():
             sde = flow_sde_integrate(lambda x, t: self.model.velocity(x, t, cond), x0, self.train_ts, self.a,
-                                     generator, str(self.cfg.reduce))
+                                     generator, self.cfg.reduce)
         with torch.no_grad():
             r = self.reward(self.model.decode(sde.xs[-1]).float(), prompts).float()
         traj = Trajectory(xs=sde.xs, ts=self.train_ts, cond=cond, prompts=prompts, reward_x1=r,
@@ -239,9 +239,9 @@ class FlowGRPO(Algorithm):
 
     def advantages(self, r: torch.Tensor, std: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
-        adv = group_advantages(r, self.G, cfg.normalize_std, str(cfg.baseline), float(cfg.adv_eps), std)
+        adv = group_advantages(r, self.G, cfg.normalize_std, cfg.baseline, cfg.adv_eps, std)
         if cfg.adv_clip_max is not None:
-            adv = adv.clamp(-float(cfg.adv_clip_max), float(cfg.adv_clip_max))
+            adv = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
         return adv
 
     def prepare(self, trajs: list[Trajectory], generator: torch.Generator,
@@ -259,7 +259,7 @@ class FlowGRPO(Algorithm):
     def loss(self, traj: Trajectory, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, model = self.cfg, self.model
         N, B = traj.n_steps, traj.xs.shape[1]
-        idx = trained_steps(N, float(cfg.timestep_fraction), str(cfg.timestep_selection), B, generator)   # [B, M]
+        idx = trained_steps(N, cfg.timestep_fraction, cfg.timestep_selection, B, generator)   # [B, M]
         M = idx.shape[1]
         row = torch.arange(B).repeat_interleave(M)
         k = idx.flatten()
@@ -270,21 +270,21 @@ class FlowGRPO(Algorithm):
         tx = t.to(x)
 
         mean_theta = flow_sde_step_mean(x, model.velocity(x, tx, cond), t, dt, g)          # grad → θ
-        log_p = gaussian_log_prob(x_next, mean_theta, s, str(cfg.reduce))
+        log_p = gaussian_log_prob(x_next, mean_theta, s, cfg.reduce)
         log_p_old = traj.extras["log_probs"][k, row].to(log_p)
         ratio = torch.exp(log_p - log_p_old)
         adv = traj.extras["advantages"].to(log_p)[row]
-        policy = ppo_clipped_loss(adv, ratio, float(cfg.clip_range)).mean()
+        policy = ppo_clipped_loss(adv, ratio, cfg.clip_range).mean()
         loss = policy
         logs = {"policy_loss": policy.item(), "ratio_mean": ratio.mean().item(),
-                "clip_frac": ((ratio - 1.0).abs() > float(cfg.clip_range)).float().mean().item(),
+                "clip_frac": ((ratio - 1.0).abs() > cfg.clip_range).float().mean().item(),
                 "approx_kl_old": 0.5 * (log_p - log_p_old).square().mean().item(),
                 "adv_mean": adv.mean().item(), "adv_abs_mean": adv.abs().mean().item(),
                 "adv_std": adv.std().item() if adv.numel() > 1 else 0.0}
         if self.beta > 0:
             with torch.no_grad():
                 mean_base = flow_sde_step_mean(x, model.base_velocity(x, tx, cond), t, dt, g)
-            kl = gaussian_kl_same_std(mean_theta, mean_base, s if cfg.kl == "paper" else g, str(cfg.reduce)).mean()
+            kl = gaussian_kl_same_std(mean_theta, mean_base, s if cfg.kl == "paper" else g, cfg.reduce).mean()
             loss = loss + self.beta * kl
             logs["kl"] = kl.item()
         return loss, logs

@@ -40,13 +40,13 @@ class ReFLConfig(ObjectiveConfig):
             raise ValueError(f"algo.truncation must be two integers [lo, hi), got {list(self.truncation)}")
 
     def validate_steps(self, n_steps: int) -> None:
-        truncation_range(self.truncation, int(self.truncation_grid_steps), n_steps)
+        truncation_range(self.truncation, self.truncation_grid_steps, n_steps)
 
 
 def truncation_range(truncation: Any, ref_steps: int, n_steps: int) -> tuple[int, int]:
     """[k_lo, k_hi) on the N-step grid for ``truncation`` = [lo, hi) on the ``ref_steps``-step grid."""
     try:
-        lo, hi = (int(v) for v in truncation)
+        lo, hi = truncation
     except (TypeError, ValueError):
         raise ValueError(f"algo.truncation must be two integers [lo, hi), got {truncation!r}") from None
     if not 0 <= lo < hi <= ref_steps:
@@ -64,9 +64,9 @@ class ReFL(Algorithm):
     """Backpropagate the reward of a one-step prediction from a late state (see the module docstring)."""
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
+        super().__init__(cfg, model, reward, ts)       # self.cfg: an instance of its config dataclass
         cfg = self.cfg
-        self.k_lo, self.k_hi = truncation_range(cfg.truncation, int(cfg.truncation_grid_steps), len(ts) - 1)
+        self.k_lo, self.k_hi = truncation_range(cfg.truncation, cfg.truncation_grid_steps, len(ts) - 1)
 
     def draw_truncation(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """k [n], one per trajectory, uniform on {k_lo, …, k_hi − 1}."""

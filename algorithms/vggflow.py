@@ -118,9 +118,9 @@ class VGGFlow(Algorithm):
     update_wide = True      # prepare() sees every micro-batch of an update before any loss (the clip threshold)
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
+        super().__init__(cfg, model, reward, ts)       # self.cfg: an instance of its config dataclass
         cfg = self.cfg
-        self.beta, self.alpha, self.eta = float(cfg.beta), float(cfg.alpha), ETA[cfg.eta]
+        self.beta, self.alpha, self.eta = cfg.beta, cfg.alpha, ETA[cfg.eta]
         self.value_net = model.make_value_network() if cfg.learn_value else None   # outputs N_φ = β ν_φ
         # bf16/fp16 networks: forward-mode AD through the network in the residual (algorithms/common/value_gradient.py)
         self.network_jvp = use_network_jvp(cfg.fd_network, network_dtype(model))
@@ -128,7 +128,7 @@ class VGGFlow(Algorithm):
             raise ValueError(f"algo.fd_step=raw differences the flow network itself, which computes in "
                              f"{network_dtype(model)} here (algo.fd_network=auto would take forward-mode AD): "
                              "set algo.fd_network=fd, as the preview code does")
-        self.register_buffer("prev_tau", torch.tensor(float(cfg.rgrad_clip_value)))
+        self.register_buffer("prev_tau", torch.tensor(cfg.rgrad_clip_value))
         self.tau: torch.Tensor | None = None      # this update's clip threshold (set by prepare)
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -136,7 +136,7 @@ class VGGFlow(Algorithm):
         if self.value_net is not None:
             group = {"name": "phi", "params": list(self.value_net.parameters())}
             if self.cfg.value_lr is not None:
-                group["lr"] = float(self.cfg.value_lr)
+                group["lr"] = self.cfg.value_lr
             groups.append(group)
         return groups
 
@@ -179,7 +179,7 @@ class VGGFlow(Algorithm):
         r(x_1) (the log's) come with it. Then τ over all of them and all processes (``gather``)."""
         norms = []
         for traj in trajs:
-            idx = binned_time_indices(traj.n_steps, int(self.cfg.subsample_bins), traj.xs.shape[1], generator)
+            idx = binned_time_indices(traj.n_steps, self.cfg.subsample_bins, traj.xs.shape[1], generator)
             x, t, cond, prompts, k, sample = gather_states(traj, idx)
             if "vs" in traj.extras:
                 v = traj.extras["vs"][k, sample].to(x)
@@ -199,13 +199,13 @@ class VGGFlow(Algorithm):
         mode = self.cfg.rgrad_clip
         grad_norms = grad_norms.to(torch.promote_types(grad_norms.dtype, torch.float32))
         if mode == "batch_quantile":   # paper: 80th percentile of this batch's norms
-            return torch.quantile(grad_norms, float(self.cfg.rgrad_quantile))
+            return torch.quantile(grad_norms, self.cfg.rgrad_quantile)
         if mode == "previous_step":    # preview code: the previous step's quantile
             tau = self.prev_tau.clone()
-            self.prev_tau.copy_(torch.quantile(grad_norms, float(self.cfg.rgrad_quantile)))
+            self.prev_tau.copy_(torch.quantile(grad_norms, self.cfg.rgrad_quantile))
             return tau
         if mode == "const":
-            return self.prev_tau.new_tensor(float(self.cfg.rgrad_clip_value))
+            return self.prev_tau.new_tensor(self.cfg.rgrad_clip_value)
         return None
 
     def value_at_states_and_x1(self, traj: Trajectory, x: torch.Tensor, t: torch.Tensor, sample: torch.Tensor
@@ -278,12 +278,12 @@ class VGGFlow(Algorithm):
             vbc = v_base_field(xc, tc)
         resid = consistency_residual(g_field, v_base_field, xc, tc, beta, cfg.fd_eps, cfg.fd_delta,
                                      cfg.fd_scheme, g_x=gc, v_base_x=vbc,
-                                     time_scale=float(cfg.time_derivative_scale),
+                                     time_scale=cfg.time_derivative_scale,
                                      predictor=predictor, jvp=self.network_jvp,
                                      spacetime=cfg.fd_terms == "spacetime", x_hat=x_hat,
                                      raw_steps=cfg.fd_step == "raw")
         units = beta if cfg.consistency_loss == "velocity" else 1.0 / beta
-        loss_cons = float(cfg.consistency_weight) * per_sample_mse(units * resid).mean()
+        loss_cons = cfg.consistency_weight * per_sample_mse(units * resid).mean()
 
         # 5. Boundary (Eq. 14): g(x_1, 1) = −∇r(x_1) with the same clipped gradient, times β; for η_1 = 1 this is
         #    ‖N_φ(x_1, 1)‖². The preview code instead penalises ‖N_φ‖² at the last grid state x_{N−1}.

@@ -68,8 +68,8 @@ class VGGFlowPMP(Algorithm):
     """Match ṽ_θ = v_θ − v_base to −β a_{k+1}, the costate of the relaxed control problem (module docstring)."""
 
     def __init__(self, cfg: Any, model, reward, ts: torch.Tensor):
-        super().__init__(cfg, model, reward, ts)       # types cfg as its config dataclass
-        self.beta = float(self.cfg.beta)
+        super().__init__(cfg, model, reward, ts)       # self.cfg: an instance of its config dataclass
+        self.beta = self.cfg.beta
         self.train_ts = training_grid(self.cfg.train_grid, ts, self.cfg.train_steps)
         if self.cfg.train_steps is not None:            # the bins split the training grid's steps
             require(1 <= self.cfg.subsample_bins <= self.cfg.train_steps, "algo.subsample_bins",
@@ -115,7 +115,7 @@ class VGGFlowPMP(Algorithm):
         # States: x_{N−1} (its target a_N = −∇r is exact and carries the reward directly) plus one per bin
         # (§1.7). Unlike VGG-Flow, x_0 is allowed: its costate target is as exact as any other, and the ODE
         # sampler does use v_θ at t_0 = 0.
-        idx = binned_time_indices(N, int(self.cfg.subsample_bins), B, generator, include_last=True, min_index=0)
+        idx = binned_time_indices(N, self.cfg.subsample_bins, B, generator, include_last=True, min_index=0)
         x, t, cond, _, k, sample = gather_states(traj, idx)
         target_k = k + 1 if self.cfg.target == "next" else k
         a_k = a[target_k, sample].to(x.dtype)

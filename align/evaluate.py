@@ -51,9 +51,9 @@ def evaluate(cfg: DictConfig, out: str, state: dict[str, Any] | None = None, sam
     if state is not None:
         step = int(state["step"])
         parts.model.load_finetune_state_dict(state["model"])
-    evaluator = Evaluator(parts.model, parts.reward, parts.grid, parts.prompts, int(ev.n_samples),
-                          int(ev.group_size), int(cfg.seed), batch_size=int(ev.batch_size),
-                          fid_reference=str(ev.fid_reference), extra_rewards=parts.eval_rewards)
+    evaluator = Evaluator(parts.model, parts.reward, parts.grid, parts.prompts, ev.n_samples, ev.group_size,
+                          int(cfg.seed), batch_size=ev.batch_size, fid_reference=ev.fid_reference,
+                          extra_rewards=parts.eval_rewards)
     metrics, x1 = evaluator()
     row = {"step": step, **metrics}
     os.makedirs(out, exist_ok=True)

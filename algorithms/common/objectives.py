@@ -7,11 +7,14 @@ Per-sample loss to minimise, from the reward r = r(decode(x̂)):
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from align.core.interfaces import FlowModel, Reward
+
+if TYPE_CHECKING:
+    from algorithms.common.objective_config import ObjectiveConfig
 
 OBJECTIVES = ("relu", "hinge", "raw")
 
@@ -27,12 +30,12 @@ def objective_loss(r: torch.Tensor, objective: str, hinge_c: float = 0.0) -> tor
     raise ValueError(f"unknown objective {objective!r}; valid choices: {', '.join(OBJECTIVES)}")
 
 
-def reward_loss(model: FlowModel, reward: Reward, x: torch.Tensor, prompts: list[str], cfg: Any
+def reward_loss(model: FlowModel, reward: Reward, x: torch.Tensor, prompts: list[str], cfg: ObjectiveConfig
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """mean_b ℓ(r(decode(x_b))), differentiable through x; logs the reward and the objective's active fraction."""
     r = reward(model.decode(x).float(), prompts).float()
-    loss = objective_loss(r, cfg.objective, float(cfg.get("hinge_c", 0.0)))
-    active = (r > 0) if cfg.objective == "relu" else (r < float(cfg.get("hinge_c", 0.0)))
+    loss = objective_loss(r, cfg.objective, cfg.hinge_c)
+    active = (r > 0) if cfg.objective == "relu" else (r < cfg.hinge_c)
     logs = {"reward_pred": r.mean().item()}
     if cfg.objective != "raw":
         logs["objective_active"] = active.float().mean().item()

@@ -41,7 +41,7 @@ def network_dtype(model: Any) -> torch.dtype:
 
 def use_network_jvp(mode: str | None, dtype: torch.dtype) -> bool:
     """``algo.fd_network``: auto (forward-mode AD for bf16/fp16 networks, finite differences otherwise) | fd | jvp."""
-    mode = "auto" if mode is None else str(mode)
+    mode = "auto" if mode is None else mode
     if mode not in FD_NETWORK_MODES:
         raise ValueError(f"unknown algo.fd_network={mode!r}; valid choices: {', '.join(FD_NETWORK_MODES)}")
     return dtype in LOW_PRECISION if mode == "auto" else mode == "jvp"

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from align.core.schema import typed
+from align.core.schema import config_object
 from samplers import Trajectory, euler_integrate
 
 
@@ -142,15 +142,15 @@ class Algorithm(nn.Module, abc.ABC):
     # True: the loss differentiates the reward (∇r); such an algorithm refuses a reward that is not differentiable
     uses_reward_gradient: bool = True
 
-    # the config dataclass (set by ``@register_algorithm(name, config=...)``): an untyped ``cfg``, such as a resumed
-    # run's config.yaml section, is merged onto it and checked; a typed one was checked by the refusal pass
-    # (align/setup/checks.py, which build_trainer runs) and is taken as it is
+    # the config dataclass (set by ``@register_algorithm(name, config=...)``): ``self.cfg`` is an instance of it. A
+    # DictConfig (e.g. a resumed run's config.yaml section) or a dict given as ``cfg`` is merged onto it and checked,
+    # and a key it has no field for raises TypeError (``align.core.schema.config_object``)
     config_class: type | None = None
 
     def __init__(self, cfg: Any, model: FlowModel, reward: Reward, ts: torch.Tensor):
         super().__init__()
         if self.config_class is not None:
-            cfg = typed(self.config_class, cfg, recheck=False)
+            cfg = config_object(self.config_class, cfg, owner=f"algo={self.name}")
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "reward", reward)
         self.cfg = cfg

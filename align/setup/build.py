@@ -53,6 +53,5 @@ def build_grid(cfg: DictConfig, model: FlowModel | None = None) -> torch.Tensor:
 
 
 def build_algorithm(cfg: DictConfig, model: FlowModel, reward: Reward, ts: torch.Tensor) -> Algorithm:
-    """The algorithm with its typed config (each class merges an untyped one, e.g. a resumed run's, onto its
-    config dataclass)."""
+    """The algorithm; it holds ``cfg.algo`` as an instance of its config dataclass (``Algorithm.__init__``)."""
     return ALGORITHMS.get(cfg.algo.name)(cfg.algo, model, reward, ts)

@@ -70,14 +70,14 @@ class Trainer:
                  prompts: list[str], train: TrainConfig, run_dir: str, *, evaluation: EvalConfig,
                  seed: int = 0, device: str = "auto", resume: bool = False,
                  config: dict[str, Any] | None = None, eval_rewards: dict[str, Reward] | None = None):
-        self.train_cfg, self.eval_cfg, self.seed, self.config = train, evaluation, int(seed), config
+        self.train_cfg, self.eval_cfg, self.seed, self.config = train, evaluation, seed, config
         self.run_dir = run_dir
         # Read the checkpoint before anything else: one that cannot be resumed is a clear error before any work,
         # and the trackers need its step (TensorBoard purges the events after it).
         loaded = load_latest(run_dir) if resume else None
         self.resume_step = None if loaded is None else loaded[0]
-        cpu = str(device) == "cpu" or (str(device) == "auto" and not torch.cuda.is_available())
-        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=float(train.collective_timeout_s)))
+        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s))
         self.accelerator = Accelerator(cpu=cpu, kwargs_handlers=[timeout],
                                        log_with=make_trackers(list(train.trackers), run_dir, self.resume_step))
         self.is_main = self.accelerator.is_main_process
@@ -96,14 +96,13 @@ class Trainer:
 
         self.groups = self.algo.param_groups()
         self.optimizer = torch.optim.AdamW(
-            [dict(g) for g in self.groups], lr=float(train.lr), betas=tuple(train.betas),
-            weight_decay=float(train.weight_decay), eps=float(train.adam_eps))
+            [dict(g) for g in self.groups], lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+            eps=train.adam_eps)
         # Per-process stream for noise, prompts and the algorithms' own random choices.
         self.generator = torch.Generator().manual_seed(self.seed * 1000 + self.accelerator.process_index)
-        self.evaluator = Evaluator(self.model, self.reward, self.ts, self.prompt_set, int(evaluation.n_samples),
-                                   int(evaluation.group_size), self.seed,
-                                   batch_size=int(evaluation.batch_size),
-                                   fid_reference=str(evaluation.fid_reference), shard=Shard.current(),
+        self.evaluator = Evaluator(self.model, self.reward, self.ts, self.prompt_set, evaluation.n_samples,
+                                   evaluation.group_size, self.seed, batch_size=evaluation.batch_size,
+                                   fid_reference=evaluation.fid_reference, shard=Shard.current(),
                                    extra_rewards=self.eval_rewards)
         self.step, self.bad_in_row, self.skipped, self.elapsed = 0, 0, 0, 0.0
         self.start_norms, self.broken = self._param_norms(), []   # the divergence guard's reference
@@ -159,7 +158,7 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             rng = gather_object(rng)          # every process's streams, in rank order
         if self.is_main:
-            save_checkpoint(self.run_dir, self.step, self.state(rng), int(self.train_cfg.keep_checkpoints),
+            save_checkpoint(self.run_dir, self.step, self.state(rng), self.train_cfg.keep_checkpoints,
                             export=self.model.save_finetuned)
         self.accelerator.wait_for_everyone()
 
@@ -167,7 +166,7 @@ class Trainer:
     def _draw_prompts(self, n: int) -> list[str]:
         """n rows of prompts in groups of G consecutive rows sharing one prompt drawn from the prompt set (G | n:
         checked before any work, ``align.setup.checks.check_groups``)."""
-        G = int(self.algo.group_size)
+        G = self.algo.group_size
         picks = torch.randint(len(self.prompt_set), (n // G,), generator=self.generator).tolist()
         return [self.prompt_set[i] for i in picks for _ in range(G)]
 
@@ -181,13 +180,13 @@ class Trainer:
         """True when a group of G rows is larger than, or straddles, a micro-batch (G ∤ batch_size / grad_accum):
         the update's prompts are drawn in groups first, the micro-batches take consecutive rows of them, and the
         algorithm's ``prepare`` computes the group statistics over the whole update."""
-        micro = int(self.train_cfg.batch_size) // int(self.train_cfg.grad_accum)
-        return micro % int(self.algo.group_size) != 0
+        micro = self.train_cfg.batch_size // self.train_cfg.grad_accum
+        return micro % self.algo.group_size != 0
 
     def update(self) -> dict[str, Any]:
         """One optimizer update from ``train.grad_accum`` freshly rolled-out micro-batches."""
-        accum = int(self.train_cfg.grad_accum)
-        micro = int(self.train_cfg.batch_size) // accum
+        accum = self.train_cfg.grad_accum
+        micro = self.train_cfg.batch_size // accum
         if not self.groups_span_micro_batches():     # each micro-batch holds whole groups (the draws as before)
             return self.learn(self._rollout_batch(micro) for _ in range(accum))
         prompts = self._draw_prompts(micro * accum)
@@ -214,14 +213,14 @@ class Trainer:
             rewards.append(self._reward_x1(traj))
             finite &= bool(torch.isfinite(loss))
             if finite:
-                (loss / int(self.train_cfg.grad_accum)).backward()
+                (loss / self.train_cfg.grad_accum).backward()
             for k, v in {"loss": loss.item(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v
         logs = {k: v / len(rewards) for k, v in sums.items()}
         self._sync_gradients()
         norms = {}
         for g in self.groups:
-            norm = torch.nn.utils.clip_grad_norm_(g["params"], float(self.train_cfg.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(g["params"], self.train_cfg.grad_clip)
             norms[f"grad_norm/{g['name']}"] = float(norm)
             finite &= math.isfinite(float(norm))
         finite = self._agree(finite)
@@ -233,7 +232,7 @@ class Trainer:
             self.bad_in_row = 0
             norms = self._param_norms()
             row.update({f"param_norm/{k}": v for k, v in norms.items()})
-            limit = float(self.train_cfg.max_param_growth)
+            limit = self.train_cfg.max_param_growth
             self.broken = [f"{k} (norm {v:.3g}, {self.start_norms[k]:.3g} at the start)" for k, v in norms.items()
                            if not math.isfinite(v) or v > limit * max(self.start_norms[k], 1.0)]
         else:
@@ -306,7 +305,7 @@ class Trainer:
             if self.config is not None:
                 OmegaConf.save(OmegaConf.create(self.config), os.path.join(self.run_dir, CONFIG_FILE))
         logger = RunLogger(self.run_dir, self.accelerator, self.resume_step, self.config)
-        steps, every = int(t.steps), int(self.eval_cfg.every)
+        steps, every = t.steps, self.eval_cfg.every
         start_time = time.time() - self.elapsed
         if self.step == 0:
             logger.log({"step": 0, **self._evaluate(logger), **self.compute_row(), "time_s": 0.0})
@@ -328,7 +327,7 @@ class Trainer:
                         f"train.max_param_growth={t.max_param_growth}; nothing was saved after it, {kept}. Lower "
                         "train.lr or algo.beta (a new run), or raise train.max_param_growth (resume=<run_dir> "
                         "accepts it).")
-                if self.bad_in_row >= int(t.max_bad_steps):   # skipped updates: the parameters are the last good
+                if self.bad_in_row >= t.max_bad_steps:   # skipped updates: the parameters are the last good
                     self.elapsed = row["time_s"] = time.time() - start_time
                     logger.log({"step": self.step, **row})
                     self.save()
@@ -341,11 +340,11 @@ class Trainer:
                     row.update(self._evaluate(logger))
                 self.elapsed = time.time() - start_time
                 row["time_s"] = self.elapsed
-                if self.step % int(t.log_every) == 0 or "eval/reward" in row:
+                if self.step % t.log_every == 0 or "eval/reward" in row:
                     logger.log({"step": self.step, **row})
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.3g}")
-                if self.step % int(t.checkpoint_every) == 0 or self.step == steps:
+                if self.step % t.checkpoint_every == 0 or self.step == steps:
                     self.save()
             self._final_samples()     # before logger.close(): accelerate's end_training ends the process group
             self.accelerator.wait_for_everyone()    # no process ends the group while another still uses it
@@ -366,7 +365,7 @@ class Trainer:
     def _final_samples(self) -> None:
         """Every process samples its share; the main process writes samples_final.pt."""
         with self.counter.paused():
-            samples = self.evaluator.final_samples(int(self.eval_cfg.final_samples))
+            samples = self.evaluator.final_samples(self.eval_cfg.final_samples)
         if self.is_main:
             path = os.path.join(self.run_dir, FINISHED_FILE)
             torch.save(samples, path + ".tmp")
