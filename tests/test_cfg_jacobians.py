@@ -20,7 +20,6 @@ from torch.nn import functional as F
 import algorithms.draft as draft_module
 from algorithms.draft import DRaFT
 from algorithms.vggflow_pmp import VGGFlowPMP
-from align.setup.compose import CONF_DIR
 from align.core.interfaces import Reward
 from align.metrics.digits_classifier import CLASSIFIER_WEIGHTS
 from align.models.digits import FLOW_WEIGHTS, DigitsFlow
@@ -167,8 +166,7 @@ def test_pmp_full_costate_is_the_gradient_through_the_undetached_cfg_chain(setup
 
 # ---- DRaFT-K -------------------------------------------------------------------------------------------
 def _draft(model, k):
-    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(CONF_DIR, "algo", "draft.yaml")),
-                          {"variant": "k", "k": k, "objective": "raw"})
+    cfg = OmegaConf.create({"lr": 1e-4, "variant": "k", "k": k, "objective": "raw"})
     return DRaFT(cfg, model, PooledReward(), sd3_grid(N_STEPS))
 
 
@@ -312,11 +310,8 @@ def test_draft_lv_gradient_is_the_mean_or_sum_of_independent_per_copy_gradients(
     its own ε_i (same stream), its own one-step prediction and the θ-detached reference velocity.
     ``None``: the key absent from the config means ``mean``."""
     n, model, prompts = 3, _digits(), DIGIT_PROMPTS
-    overrides = {"variant": "lv", "n": n, "objective": "raw"}
-    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(CONF_DIR, "algo", "draft.yaml")), overrides)
-    if reduce is None:
-        cfg = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "lv_reduce"})
-    else:
+    cfg = OmegaConf.create({"lr": 1e-4, "variant": "lv", "n": n, "objective": "raw"})
+    if reduce is not None:
         cfg.lv_reduce = reduce
     ts = sd3_grid(N_STEPS)
     algo = DRaFT(cfg, model, PooledReward(), ts)
@@ -345,6 +340,6 @@ def test_draft_lv_gradient_is_the_mean_or_sum_of_independent_per_copy_gradients(
 
 
 def test_draft_lv_reduce_must_be_mean_or_sum():
-    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(CONF_DIR, "algo", "draft.yaml")), {"lv_reduce": "max"})
+    cfg = OmegaConf.create({"lr": 1e-4, "lv_reduce": "max"})
     with pytest.raises(ValueError, match="lv_reduce"):
         DRaFT(cfg, _digits(), PooledReward(), sd3_grid(N_STEPS))

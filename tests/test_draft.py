@@ -1,12 +1,10 @@
 """DRaFT-K and DRaFT-LV (reference §4): gradients against independent computations, and a short training run."""
-import os
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from algorithms.draft import DRaFT
-from align.setup.compose import CONF_DIR, compose_config
+from align.setup.compose import compose_config
 from align.models.gmm import GaussianMixtureFlow
 from rewards.analytic import LinearReward
 from samplers import euler_integrate, uniform_grid
@@ -23,8 +21,7 @@ def make(N=6, dtype=torch.float32, **algo):
         for p in model.residual.parameters():
             p.normal_(0.0, 0.3)
     model.to(dtype)
-    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(CONF_DIR, "algo", "draft.yaml")), algo)
-    return DRaFT(cfg, model, LinearReward(C.tolist()), uniform_grid(N))
+    return DRaFT(OmegaConf.create({"lr": 1e-4, **algo}), model, LinearReward(C.tolist()), uniform_grid(N))
 
 
 def params(algo):

@@ -1,12 +1,10 @@
 """ReFL (reference §4): the truncation step, the one-step gradient, and a short training run."""
-import os
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from algorithms.refl import ReFL, truncation_range
-from align.setup.compose import CONF_DIR, compose_config
+from align.setup.compose import compose_config
 from align.models.gmm import GaussianMixtureFlow
 from rewards.analytic import LinearReward
 from samplers import euler_integrate, uniform_grid
@@ -22,8 +20,7 @@ def make(N=20, **algo):
     with torch.no_grad():
         for p in model.residual.parameters():
             p.normal_(0.0, 0.3)
-    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(CONF_DIR, "algo", "refl.yaml")), algo)
-    return ReFL(cfg, model, LinearReward(C.tolist()), uniform_grid(N))
+    return ReFL(OmegaConf.create({"lr": 1e-4, **algo}), model, LinearReward(C.tolist()), uniform_grid(N))
 
 
 def test_refl_truncation_stays_in_range_and_hits_every_step():

@@ -53,5 +53,7 @@ def build_grid(cfg: DictConfig, model: FlowModel | None = None) -> torch.Tensor:
 
 
 def build_algorithm(cfg: DictConfig, model: FlowModel, reward: Reward, ts: torch.Tensor) -> Algorithm:
-    """The algorithm; it holds ``cfg.algo`` as an instance of its config dataclass (``Algorithm.__init__``)."""
-    return ALGORITHMS.get(cfg.algo.name)(cfg.algo, model, reward, ts)
+    """The algorithm, given ``cfg.algo`` as its config dataclass's instance: a typed section, which the refusal pass
+    checked, as it is (each check runs once); an untyped one is merged onto the dataclass and checked by
+    ``Algorithm.__init__``."""
+    return ALGORITHMS.get(cfg.algo.name)(OmegaConf.to_object(cfg.algo), model, reward, ts)
