@@ -3,11 +3,22 @@ dataclasses) before any work, in one line naming the key, the value and, for a c
 import pytest
 from omegaconf import OmegaConf
 
+from algorithms.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+from algorithms.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
+from algorithms.draft import DRaFT, DRaFTConfig
+from algorithms.flow_grpo import FlowGRPO, FlowGRPOConfig
+from algorithms.refl import ReFL, ReFLConfig
+from algorithms.vggflow import VGGFlow, VGGFlowAuthors, VGGFlowConfig
+from algorithms.vggflow_pmp import VGGFlowPMP, VGGFlowPMPConfig
 from align.setup.overrides import ConfigProblem, check_overrides
 from align.conf import CONF_DIR
+from align.core.registry import ALGORITHMS
 from align.setup.compose import compose_config
 from align.core.schema import typed_config
+from align.models.gmm import GaussianMixtureFlow
 from helpers.cli import align_run
+from rewards.analytic import LinearReward
+from samplers import uniform_grid
 
 # (overrides, substrings of the message)
 BAD = [
@@ -122,3 +133,77 @@ def test_a_vggflow_run_saved_before_the_space_time_difference_resumes_with_its_o
     assert flat_config(saved)["algo.fd_terms"] == "separate" != flat_config(today)["algo.fd_terms"]
     draft = OmegaConf.to_container(compose_config(["algo=draft"], run_dir="r"), resolve=True, enum_to_str=True)
     assert "fd_terms" not in typed_config(draft).algo
+
+
+# name, class, config dataclass, the settings without a default (ints where the field is a float)
+ALGORITHMS_AND_CONFIGS = [
+    ("vggflow", VGGFlow, VGGFlowConfig, {"lr": 1e-3, "beta": 2, "alpha": 10}),
+    ("vggflow_authors", VGGFlowAuthors, VGGFlowConfig, {"lr": 1e-3, "beta": 2, "alpha": 10}),
+    ("vggflow_pmp", VGGFlowPMP, VGGFlowPMPConfig, {"lr": 1e-3, "beta": 2}),
+    ("adjoint_matching", AdjointMatching, AdjointMatchingConfig, {"lr": 1e-3, "beta": 2}),
+    ("flow_grpo", FlowGRPO, FlowGRPOConfig, {"lr": 1e-3}),
+    ("diffusion_nft", DiffusionNFT, DiffusionNFTConfig, {"lr": 1e-3}),
+    ("refl", ReFL, ReFLConfig, {"lr": 1e-3}),
+    ("draft", DRaFT, DRaFTConfig, {"lr": 1e-3}),
+]
+
+
+def test_the_table_below_covers_every_built_in_algorithm():
+    built_in = {n for n in ALGORITHMS.names() if ALGORITHMS.get(n).__module__.startswith("algorithms.")}
+    assert built_in == {name for name, *_ in ALGORITHMS_AND_CONFIGS}
+
+
+@pytest.mark.parametrize("name, cls, schema, required", ALGORITHMS_AND_CONFIGS,
+                         ids=[a[0] for a in ALGORITHMS_AND_CONFIGS])
+def test_an_algorithm_holds_an_instance_of_its_config_dataclass(name, cls, schema, required):
+    """From an untyped DictConfig (a resumed run's config.yaml section) and from a dict: the dataclass, its fields of
+    their declared types (an int given for a float field is a float); a key it has no field for is refused."""
+    model = GaussianMixtureFlow([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.0]], [[[0.25, 0.0], [0.0, 0.25]]] * 2,
+                                hidden=8, depth=1)
+    reward, ts = LinearReward([1.0, 0.0]), uniform_grid(10)
+    given = {"name": name, **required}
+    for cfg in (OmegaConf.create(given), dict(given)):
+        algo = cls(cfg, model, reward, ts)
+        assert type(algo.cfg) is schema
+        assert algo.cfg.name == name and algo.cfg.lr == 1e-3
+        for key, value in required.items():
+            assert getattr(algo.cfg, key) == value and type(getattr(algo.cfg, key)) is float, key
+    with pytest.raises(TypeError, match=rf"algo={name}: unknown setting\(s\) betta; valid keys: .*\blr\b"):
+        cls({**given, "betta": 1.0}, model, reward, ts)
+
+
+# config dataclass, settings that pass, the rule, its argument, settings on top that break it, the message
+RULES = [
+    (VGGFlowConfig, {"lr": 1e-3, "beta": 1.0, "alpha": 1.0}, "validate_steps", 5, {"subsample_bins": 6},
+     "algo.subsample_bins must be in \\[1, sampler.steps=5\\], got 6"),
+    (VGGFlowConfig, {"lr": 1e-3, "beta": 1.0, "alpha": 1.0}, "validate", None, {"fd_step": "raw"},
+     "algo.fd_step=raw .* needs algo.fd_terms=separate"),
+    (VGGFlowPMPConfig, {"lr": 1e-3, "beta": 1.0}, "validate_steps", 5, {"subsample_bins": 6},
+     "algo.subsample_bins must be in"),
+    (FlowGRPOConfig, {"lr": 1e-3}, "validate_batch", 8, {"group_size": 3}, "algo.group_size=3 must divide"),
+    (FlowGRPOConfig, {"lr": 1e-3, "train_grid": "model", "train_steps": None}, "validate_steps", 20,
+     {"train_steps": 10}, "algo.train_grid=model trains on the sampler's 20 steps"),
+    (DiffusionNFTConfig, {"lr": 1e-3, "n_times": 5, "collect_grid": "uniform", "collect_steps": 5}, "validate_steps",
+     20, {"n_times": 6}, "algo.n_times=6 distinct grid times"),
+    (DiffusionNFTConfig, {"lr": 1e-3}, "validate_batch", 8, {"group_size": 3}, "algo.group_size=3 must divide"),
+    (ReFLConfig, {"lr": 1e-3}, "validate_steps", 20, {"truncation": [15]}, "algo.truncation must be two integers"),
+    (DRaFTConfig, {"lr": 1e-3}, "validate", None, {"n": 0}, "algo.n=0 must be >= 1"),
+    (AdjointMatchingConfig, {"lr": 1e-3, "beta": 1.0}, "validate", None, {"h": -1.0}, "algo.h must be > 0"),
+]
+
+
+@pytest.mark.parametrize("schema, good, rule, arg, bad, match", RULES,
+                         ids=[f"{r[0].__name__}.{r[2]}" for r in RULES])
+def test_an_algorithms_rules_hold_on_its_dictconfig_and_on_its_dataclass(schema, good, rule, arg, bad, match):
+    """The refusal pass calls them on the typed DictConfig; the dataclass instance is what the algorithm holds."""
+    def run(cfg):
+        return getattr(schema, rule)(cfg) if arg is None else getattr(schema, rule)(cfg, arg)
+
+    for settings, ok in ((good, True), ({**good, **bad}, False)):
+        node = OmegaConf.merge(OmegaConf.structured(schema), settings)
+        for cfg in (node, OmegaConf.to_object(node)):
+            if ok:
+                run(cfg)
+            else:
+                with pytest.raises(ValueError, match=match):
+                    run(cfg)
