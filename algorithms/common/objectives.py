@@ -7,14 +7,11 @@ Per-sample loss to minimise, from the reward r = r(decode(x̂)):
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from align.core.interfaces import FlowModel, Reward
-
-if TYPE_CHECKING:
-    from algorithms.common.objective_config import ObjectiveConfig
 
 OBJECTIVES = ("relu", "hinge", "raw")
 
@@ -30,9 +27,10 @@ def objective_loss(r: torch.Tensor, objective: str, hinge_c: float = 0.0) -> tor
     raise ValueError(f"unknown objective {objective!r}; valid choices: {', '.join(OBJECTIVES)}")
 
 
-def reward_loss(model: FlowModel, reward: Reward, x: torch.Tensor, prompts: list[str], cfg: ObjectiveConfig
+def reward_loss(model: FlowModel, reward: Reward, x: torch.Tensor, prompts: list[str], cfg: Any
                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """mean_b ℓ(r(decode(x_b))), differentiable through x; logs the reward and the objective's active fraction."""
+    """mean_b ℓ(r(decode(x_b))), differentiable through x, with ``cfg`` an ``ObjectiveConfig`` (objective, hinge_c;
+    algorithms/common/objective_config.py); logs the reward and the objective's active fraction."""
     r = reward(model.decode(x).float(), prompts).float()
     loss = objective_loss(r, cfg.objective, cfg.hinge_c)
     active = (r > 0) if cfg.objective == "relu" else (r < cfg.hinge_c)
