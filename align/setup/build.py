@@ -21,7 +21,8 @@ def _kwargs(node: DictConfig) -> dict[str, Any]:
 
 
 def build_model(cfg: DictConfig) -> FlowModel:
-    return MODELS.get(cfg.model.name)(**_kwargs(cfg.model))
+    """The model from its config section (the class converts it to its config dataclass)."""
+    return MODELS.get(cfg.model.name)(cfg.model)
 
 
 def build_reward(cfg: DictConfig) -> Reward:
