@@ -5,6 +5,7 @@ import inspect
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from align.core.registry import MODELS
 from align.setup.build import build_model
@@ -40,11 +41,14 @@ def test_gmm_defaults_are_the_dataclass_and_build_model_passes_the_section():
     assert direct.dim == 2 and direct.depth == 3 and direct.hidden == 16
     torch.testing.assert_close(direct.mu, torch.tensor([[-1.5, 0.0], [1.5, 0.0]], dtype=torch.float64))
     torch.testing.assert_close(direct.cov, 0.25 * torch.eye(2, dtype=torch.float64).expand(2, 2, 2))
-    cfg = compose_config(["model=gmm", "model.hidden=16"])
-    torch.manual_seed(0)
-    built = build_model(cfg).double()
-    assert built.state_dict().keys() == direct.state_dict().keys()
-    assert all(torch.equal(built.state_dict()[k], v) for k, v in direct.state_dict().items())
+    for cfg in (compose_config(["model=gmm", "model.hidden=16"]),          # typed, as the runner's
+                OmegaConf.create({"model": {"name": "gmm", "hidden": 16}})):  # untyped
+        torch.manual_seed(0)
+        built = build_model(cfg).double()
+        assert built.state_dict().keys() == direct.state_dict().keys()
+        assert all(torch.equal(built.state_dict()[k], v) for k, v in direct.state_dict().items())
+    with pytest.raises(ValueError, match="model.weights must all be positive"):
+        build_model(OmegaConf.create({"model": {"name": "gmm", "weights": [-1.0, 1.0]}}))
 
 
 def test_digits_defaults_are_the_dataclass():

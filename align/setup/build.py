@@ -21,8 +21,10 @@ def _kwargs(node: DictConfig) -> dict[str, Any]:
 
 
 def build_model(cfg: DictConfig) -> FlowModel:
-    """The model from its config section (the class converts it to its config dataclass)."""
-    return MODELS.get(cfg.model.name)(cfg.model)
+    """The model from its config section. A typed section, checked already, is passed as its dataclass instance,
+    which the class takes as it is (as a DictConfig it would be validated a second time); an untyped one as a dict,
+    which the class types and checks."""
+    return MODELS.get(cfg.model.name)(OmegaConf.to_object(cfg.model))
 
 
 def build_reward(cfg: DictConfig) -> Reward:
