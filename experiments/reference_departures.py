@@ -26,8 +26,8 @@ def _model(seed: int):
     from rewards.analytic import QuadraticReward
 
     torch.manual_seed(seed)
-    model = GaussianMixtureFlow([0.4, 0.6], [[-1.0, 0.5], [1.2, -0.3]], [[[0.5, 0.1], [0.1, 0.8]]] * 2, hidden=16,
-                                depth=2).double()
+    model = GaussianMixtureFlow(weights=[0.4, 0.6], means=[[-1.0, 0.5], [1.2, -0.3]],
+                                covs=[[[0.5, 0.1], [0.1, 0.8]]] * 2, hidden=16, depth=2).double()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.trainable_parameters():

@@ -15,8 +15,8 @@ OBJ = {"relu": lambda r: -torch.relu(r), "hinge": lambda r: torch.relu(1.0 - r),
 
 def make(N=6, dtype=torch.float32, **algo):
     torch.manual_seed(0)
-    model = GaussianMixtureFlow([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.0]], [[[0.25, 0.0], [0.0, 0.25]]] * 2,
-                                hidden=16, depth=2)
+    model = GaussianMixtureFlow(weights=[0.5, 0.5], means=[[-1.5, 0.0], [1.5, 0.0]],
+                                covs=[[[0.25, 0.0], [0.0, 0.25]]] * 2, hidden=16, depth=2)
     with torch.no_grad():   # a non-trivial θ, so the x-chain and every layer matter
         for p in model.residual.parameters():
             p.normal_(0.0, 0.3)

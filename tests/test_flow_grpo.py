@@ -21,8 +21,8 @@ A = 0.7
 
 def _setup(**cfg):
     torch.manual_seed(0)
-    model = GaussianMixtureFlow([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.0]], [[[0.25, 0.0], [0.0, 0.25]]] * 2, hidden=16,
-                                depth=2)
+    model = GaussianMixtureFlow(weights=[0.5, 0.5], means=[[-1.5, 0.0], [1.5, 0.0]],
+                                covs=[[[0.25, 0.0], [0.0, 0.25]]] * 2, hidden=16, depth=2)
     with torch.no_grad():                       # a residual that is not zero, so every parameter has a gradient
         model.residual.out.weight.normal_(0.0, 0.3)
         model.residual.out.bias.normal_(0.0, 0.3)

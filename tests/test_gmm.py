@@ -13,7 +13,7 @@ COV = [[[0.3, 0.1], [0.1, 0.2]], [[0.5, -0.2], [-0.2, 0.8]]]
 
 @pytest.fixture
 def model():
-    return GaussianMixtureFlow(PI, MU, COV).double()
+    return GaussianMixtureFlow(weights=PI, means=MU, covs=COV).double()
 
 
 @pytest.mark.parametrize("t", [0.2, 0.5, 0.8])
@@ -60,7 +60,8 @@ def test_finetuned_model_starts_at_the_base(model):
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(weights=[1.0, 1.0], means=[[0.0, 0.0]], covs=[[[1.0, 0.0], [0.0, 1.0]]]), "weights has 2"),
     (dict(weights=[1.0], means=[[0.0, 0.0]], covs=[[[1.0, 2.0], [2.0, 1.0]]]), "positive definite"),
-    (dict(weights=[1.0], means=[[0.0, 0.0]], covs=[[1.0, 0.0]]), "covs must be"),
+    (dict(weights=[1.0], means=[[0.0, 0.0]], covs=[[[1.0]]]), "covs must be K=1 matrices of shape 2x2"),
+    (dict(weights=[1.0], means=[[0.0, 0.0]], covs=[[1.0, 0.0]]), r"covs\[0\]"),    # not K matrices: a type error
     (dict(weights=[-1.0], means=[[0.0]], covs=[[[1.0]]]), "positive"),
 ])
 def test_malformed_mixtures_are_rejected(kwargs, needle):

@@ -46,7 +46,7 @@ def test_one_step_prediction_is_exact_on_straight_paths(t, seed):
 
 
 def _gaussian(cov):
-    return GaussianMixtureFlow([1.0], [[0.3, -0.7]], [cov]).double()
+    return GaussianMixtureFlow(weights=[1.0], means=[[0.3, -0.7]], covs=[cov]).double()
 
 
 def test_euler_converges_to_exact_flow_map_of_a_gaussian_at_first_order():

@@ -21,7 +21,7 @@ BETA = 0.8
 
 
 def _base():
-    return GaussianMixtureFlow([1.0], [MU.tolist()], [COV.tolist()]).double()
+    return GaussianMixtureFlow(weights=[1.0], means=[MU.tolist()], covs=[COV.tolist()]).double()
 
 
 def test_residual_vanishes_for_the_exact_value_gradient():
@@ -111,7 +111,7 @@ def test_evaluations_per_trained_state(terms, scheme, per_state):
     state's (its x̂_1 is x_1): no extra row."""
     from rewards.analytic import QuadraticReward
     cfg = compose_config(["reward=quadratic", f"algo.fd_terms={terms}", f"algo.fd_scheme={scheme}"]).algo
-    model = GaussianMixtureFlow([1.0], [MU.tolist()], [COV.tolist()])
+    model = GaussianMixtureFlow(weights=[1.0], means=[MU.tolist()], covs=[COV.tolist()])
     reward = QuadraticReward(M.tolist(), Q.tolist())
     ts = uniform_grid(20)
     algo = VGGFlow(cfg, model, reward, ts)

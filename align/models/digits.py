@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from align.metrics.digits_classifier import (DIGIT_NAMES, NULL_INDEX, REGENERATE
 from align.models.flow_transformer import LORA_TARGET_MODULES, FlowTransformerModel
 from align.models.value_unet import ValueUNet
 from align.core.registry import register_model
-from align.core.schema import Grid
+from align.core.schema import Grid, config_object
 from align.core.weights import WeightSpec, load_json, load_state, load_tensors, resolve
 
 FLOW_WEIGHTS = os.path.join(WEIGHTS_DIR, "digits_flow.safetensors")
@@ -122,15 +122,13 @@ class DigitsFlow(FlowTransformerModel):
     name = "digits"
     data_shape = (1, 8, 8)
 
-    def __init__(self, guidance_scale: float = 2.0, grid: str = "sd3", weights: str | None = None,
-                 classifier_weights: str | None = None, lora_rank: int = 8, lora_alpha: float = 8.0,
-                 lora_target_modules: Sequence[str] = LORA_TARGET_MODULES,
-                 value_net: dict[str, Any] | None = None, pretrained: bool = True, **_: Any):
+    def __init__(self, cfg: DigitsConfig | None = None, *, pretrained: bool = True, **overrides: Any):
         """``pretrained=False`` builds random weights of the shipped architecture (tests only)."""
+        cfg = config_object(DigitsConfig, cfg, overrides, owner="model=digits")
         config: dict[str, Any] = {"transformer": dict(TRANSFORMER_CONFIG), "prompt_tokens": PROMPT_TOKENS}
         state = None
         if pretrained:
-            weights = resolve(FLOW_SPEC, weights)
+            weights = resolve(FLOW_SPEC, cfg.weights)
             cfg_path = os.path.splitext(weights)[0] + ".json"
             if not os.path.isfile(cfg_path):
                 raise FLOW_SPEC.error(f"{cfg_path}, the architecture beside the weights, is missing")
@@ -144,13 +142,13 @@ class DigitsFlow(FlowTransformerModel):
             for prefix, part in (("transformer.", transformer), ("prompt_embedding.", embedding)):
                 load_state(FLOW_SPEC, part, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
                            weights)
-        super().__init__(transformer, guidance_scale, lora_rank, lora_alpha, lora_target_modules)
+        super().__init__(transformer, cfg.guidance_scale, cfg.lora_rank, cfg.lora_alpha, LORA_TARGET_MODULES)
         self.prompt_embedding = embedding.requires_grad_(False)
         self.config = config
-        self.grid = grid
-        self.value_net_kwargs = dict(value_net or {})
-        if pretrained or classifier_weights is not None:
-            self.classifier = load_digit_classifier(classifier_weights, config_key="model.classifier_weights")
+        self.grid = cfg.grid
+        self.value_net_kwargs = dict(cfg.value_net)
+        if pretrained or cfg.classifier_weights is not None:
+            self.classifier = load_digit_classifier(cfg.classifier_weights, config_key="model.classifier_weights")
         else:
             self.classifier = DigitClassifier().eval().requires_grad_(False)
 
@@ -191,7 +189,7 @@ class DigitsFlow(FlowTransformerModel):
     # -- VGG-Flow's value network
     def make_value_network(self) -> nn.Module:
         """The paper's scaled-down U-Net, sized for 8×8 (cross-attention on the prompt tokens, output ×1e−3)."""
-        kw = {"block_out_channels": (16, 32), "attention_head_dim": 8, **self.value_net_kwargs}
+        kw = self.value_net_kwargs
         return ValueUNet(channels=1, sample_size=8, layers_per_block=1,
                          cross_attention_dim=self.config["transformer"]["joint_attention_dim"],
                          norm_num_groups=min(8, min(kw["block_out_channels"])), **kw)

@@ -48,7 +48,7 @@ from align.models.latent_image import LatentImageModel, check_reward_grad_batch_
 from align.models.latent_image import encode_device as _encode_device
 from align.models.sd3 import component_files, enable_tf32
 from align.core.registry import register_model
-from align.core.schema import Dtype, Grid
+from align.core.schema import Dtype, Grid, config_object
 from align.core.weights import WEIGHT_GLOBS, WeightSpec, looks_local, resolve
 from samplers.time_grid import dynamic_shift_mu
 
@@ -174,26 +174,17 @@ class FluxModel(LatentImageModel):
     name = "flux"
     reward_domain = "sd3"           # scored by the image rewards (aesthetic, hpsv2, pickscore, ...)
 
-    def __init__(self, pretrained: str = DEFAULT_PRETRAINED, dtype: str = "bfloat16", max_sequence_length: int = 512,
-                 resolution: int = 1024, decoder: str = "taef1", taef1_path: str = DEFAULT_TAEF1,
-                 gradient_checkpointing: bool = True, guidance_scale: float = 3.5, exact_timesteps: bool = True,
-                 lora_rank: int = 8, lora_alpha: float = 8.0, lora_target_modules: Sequence[str] = LORA_TARGET_MODULES,
-                 grid: str = "flux", value_net: dict[str, Any] | None = None, features: dict[str, Any] | None = None,
-                 keep_text_encoders: bool = False, encode_device: str = "auto", decode_batch_size: int = 4,
-                 forward_batch_size: int | None = None, reward_grad_batch_size: int | None = None, **_: Any):
-        if dtype not in DTYPES:
-            raise ValueError(f"model.dtype={dtype!r}: valid choices are {', '.join(DTYPES)}")
-        check_reward_grad_batch_size(reward_grad_batch_size)
-        if decoder not in ("vae", "taef1"):
-            raise ValueError(f"model.decoder={decoder!r}: valid choices are vae, taef1")
+    def __init__(self, cfg: FluxConfig | None = None, **overrides: Any):
+        cfg = config_object(FluxConfig, cfg, overrides, owner="model=flux")
+        decoder, resolution, max_sequence_length = cfg.decoder, cfg.resolution, cfg.max_sequence_length
         if not 1 <= int(max_sequence_length) <= 512:
             raise ValueError(f"model.max_sequence_length={max_sequence_length}: FLUX takes 1..512 T5 tokens")
-        net_dtype = DTYPES[dtype]
+        net_dtype = DTYPES[cfg.dtype]
         enable_tf32()
-        feature_net = build_features(features).eval().requires_grad_(False)     # cheap checks first
-        spec, taef1_spec = _checkpoint_specs(pretrained, decoder == "vae")
-        root = resolve(spec, pretrained)
-        taef1_root = resolve(taef1_spec, taef1_path) if decoder == "taef1" else None
+        feature_net = build_features(cfg.features).eval().requires_grad_(False)     # cheap checks first
+        spec, taef1_spec = _checkpoint_specs(cfg.pretrained, decoder == "vae")
+        root = resolve(spec, cfg.pretrained)
+        taef1_root = resolve(taef1_spec, cfg.taef1_path) if decoder == "taef1" else None
 
         from diffusers import AutoencoderKL, AutoencoderTiny, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -221,20 +212,20 @@ class FluxModel(LatentImageModel):
         t5 = load_component("T5 text encoder", spec, lambda: T5EncoderModel.from_pretrained(
             root, subfolder="text_encoder_2", **dtype_kwargs("transformers", net_dtype)))
 
-        super().__init__(transformer, guidance_scale, lora_rank, lora_alpha, lora_target_modules)
+        super().__init__(transformer, cfg.guidance_scale, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
         side = resolution // vae_factor
         self.data_shape = (int(transformer.config.in_channels) // (PACK * PACK), side, side)
-        self.resolution, self.grid, self.pretrained_dir = int(resolution), grid, root
+        self.resolution, self.grid, self.pretrained_dir = int(resolution), cfg.grid, root
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
-        self.exact_timesteps = bool(exact_timesteps)
+        self.exact_timesteps = bool(cfg.exact_timesteps)
         self._sched_cfg = dict(sched_cfg)
         self.register_buffer("img_ids", image_position_ids(side, side), persistent=False)
-        self.set_decoder(dec, decoder, decode_batch_size)
-        self.forward_batch_size = forward_batch_size
-        self.reward_grad_batch_size = reward_grad_batch_size
+        self.set_decoder(dec, decoder, cfg.decode_batch_size)
+        self.forward_batch_size = cfg.forward_batch_size
+        self.reward_grad_batch_size = cfg.reward_grad_batch_size
         self.context_dim = int(transformer.config.joint_attention_dim)
-        self.value_net_kwargs = dict(value_net or {})
-        if gradient_checkpointing:
+        self.value_net_kwargs = dict(cfg.value_net)
+        if cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing()
         self.feature_net = feature_net
         self._time_override: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -243,8 +234,8 @@ class FluxModel(LatentImageModel):
         self.init_prompt_cache()
         text = FluxTextEncoders(clip_tok, clip.eval().requires_grad_(False), t5_tok, t5.eval().requires_grad_(False),
                                 max_sequence_length)
-        self._text: FluxTextEncoders | None = text.to(_encode_device(encode_device))
-        self.keep_text_encoders = bool(keep_text_encoders)
+        self._text: FluxTextEncoders | None = text.to(_encode_device(cfg.encode_device))
+        self.keep_text_encoders = bool(cfg.keep_text_encoders)
 
     # -- the time grid
     @property

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Sequence
+from typing import Any, List
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 from align.core.interfaces import FlowModel
 from align.core.registry import register_model
-from align.core.schema import Grid
+from align.core.schema import Grid, config_object
 
 
 @dataclass
@@ -84,20 +84,20 @@ class GaussianMixtureFlow(FlowModel):
     """Analytic GMM prior (frozen) + MLP residual (finetuned)."""
 
     name = "gmm"
-    def __init__(self, weights: Sequence[float], means: Sequence[Sequence[float]],
-                 covs: Sequence[Sequence[Sequence[float]]], hidden: int = 128, depth: int = 3, **_: Any):
+
+    def __init__(self, cfg: GMMConfig | None = None, **overrides: Any):
+        cfg = config_object(GMMConfig, cfg, overrides, owner="model=gmm")
         super().__init__()
-        w = torch.as_tensor(weights, dtype=torch.float64)
-        mu = torch.as_tensor(means, dtype=torch.float64)
-        cov = torch.as_tensor(covs, dtype=torch.float64)
-        validate_gmm(w, mu, cov)
+        w = torch.as_tensor(cfg.weights, dtype=torch.float64)
+        mu = torch.as_tensor(cfg.means, dtype=torch.float64)
+        cov = torch.as_tensor(cfg.covs, dtype=torch.float64)
         self.register_buffer("log_pi", torch.log(w / w.sum()))
         self.register_buffer("mu", mu)
         self.register_buffer("cov", cov)
         self.dim = mu.shape[1]
         self.data_shape = (self.dim,)
-        self.hidden, self.depth = hidden, depth
-        self.residual = TimeMLP(self.dim, hidden, depth)
+        self.hidden, self.depth = cfg.hidden, cfg.depth
+        self.residual = TimeMLP(self.dim, cfg.hidden, cfg.depth)
 
     def base_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         return gmm_velocity(x, t, self.log_pi, self.mu, self.cov)

@@ -41,7 +41,7 @@ from align.models.latent_image import LatentImageModel, check_reward_grad_batch_
 from align.models.latent_image import encode_device as _encode_device
 from align.models.sd3_text import SD3TextEncoders
 from align.core.registry import register_model
-from align.core.schema import Dtype, Grid
+from align.core.schema import Dtype, Grid, config_object
 from align.core.weights import WEIGHT_GLOBS, WeightSpec, looks_local, resolve
 
 DEFAULT_PRETRAINED = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -174,27 +174,16 @@ class SD3Model(LatentImageModel):
 
     name = "sd3"
 
-    def __init__(self, pretrained: str = DEFAULT_PRETRAINED, dtype: str = "bfloat16", t5: bool = True,
-                 max_sequence_length: int = 256, resolution: int = 1024, decoder: str = "taesd3",
-                 taesd3_path: str = DEFAULT_TAESD3, gradient_checkpointing: bool = False,
-                 guidance_scale: float = 5.0, lora_rank: int = 8, lora_alpha: float = 8.0,
-                 lora_target_modules: Sequence[str] = LORA_TARGET_MODULES, grid: str = "sd3",
-                 value_net: dict[str, Any] | None = None, features: dict[str, Any] | None = None,
-                 keep_text_encoders: bool = False, encode_device: str = "auto",
-                 decode_batch_size: int = 8, forward_batch_size: int | None = None,
-                 reward_grad_batch_size: int | None = None, **_: Any):
-        if dtype not in DTYPES:
-            raise ValueError(f"model.dtype={dtype!r}: valid choices are {', '.join(DTYPES)}")
-        check_reward_grad_batch_size(reward_grad_batch_size)
-        if decoder not in ("vae", "taesd3"):
-            raise ValueError(f"model.decoder={decoder!r}: valid choices are vae, taesd3")
-        net_dtype = DTYPES[dtype]
+    def __init__(self, cfg: SD3Config | None = None, **overrides: Any):
+        cfg = config_object(SD3Config, cfg, overrides, owner="model=sd3")
+        net_dtype = DTYPES[cfg.dtype]
         enable_tf32()
         # cheap checks first: the feature extractor's weights, before gigabytes load
-        feature_net = build_features(features).eval().requires_grad_(False)
-        spec, taesd_spec = _checkpoint_specs(pretrained, t5, decoder == "vae")
-        root = resolve(spec, pretrained)
-        taesd_root = resolve(taesd_spec, taesd3_path) if decoder == "taesd3" else None
+        feature_net = build_features(cfg.features).eval().requires_grad_(False)
+        decoder = cfg.decoder
+        spec, taesd_spec = _checkpoint_specs(cfg.pretrained, cfg.t5, decoder == "vae")
+        root = resolve(spec, cfg.pretrained)
+        taesd_root = resolve(taesd_spec, cfg.taesd3_path) if decoder == "taesd3" else None
 
         from diffusers import (AutoencoderKL, AutoencoderTiny, FlowMatchEulerDiscreteScheduler,
                                SD3Transformer2DModel)
@@ -216,7 +205,7 @@ class SD3Model(LatentImageModel):
         encs = [load_component(f"text encoder {s}", spec, lambda s=s: CLIPTextModelWithProjection.from_pretrained(
             root, subfolder=s, **dtype_kwargs("transformers", net_dtype)))
             for s in ("text_encoder", "text_encoder_2")]
-        if t5:
+        if cfg.t5:
             from transformers import T5EncoderModel, T5TokenizerFast
 
             toks.append(load_component("T5 tokenizer", spec,
@@ -227,6 +216,7 @@ class SD3Model(LatentImageModel):
         # latent geometry
         vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         patch = int(transformer.config.patch_size)
+        resolution = cfg.resolution
         if resolution % (vae_factor * patch):
             raise ValueError(f"model.resolution={resolution} must be a multiple of {vae_factor * patch} "
                              f"(VAE factor {vae_factor} × patch size {patch})")
@@ -236,26 +226,26 @@ class SD3Model(LatentImageModel):
             raise ValueError(f"model.resolution={resolution}: latents of {side}² exceed the transformer's "
                              f"position embedding ({max_side}²); use at most {max_side * vae_factor}")
 
-        super().__init__(transformer, guidance_scale, lora_rank, lora_alpha, lora_target_modules)
+        super().__init__(transformer, cfg.guidance_scale, cfg.lora_rank, cfg.lora_alpha, LORA_TARGET_MODULES)
         self.data_shape = (int(transformer.config.in_channels), side, side)
-        self.resolution, self.grid, self.pretrained_dir = int(resolution), grid, root
+        self.resolution, self.grid, self.pretrained_dir = int(resolution), cfg.grid, root
         self.scheduler_shift = float(sched_cfg.get("shift", 1.0))
         # the decoder's own latent factors, as the diffusers pipeline uses its vae's (TAESD3: 1 and 0)
-        self.set_decoder(dec, decoder, decode_batch_size)
-        self.forward_batch_size = forward_batch_size
-        self.reward_grad_batch_size = reward_grad_batch_size
+        self.set_decoder(dec, decoder, cfg.decode_batch_size)
+        self.forward_batch_size = cfg.forward_batch_size
+        self.reward_grad_batch_size = cfg.reward_grad_batch_size
         self.joint_dim = self.context_dim = int(transformer.config.joint_attention_dim)
-        self.value_net_kwargs = dict(value_net or {})
-        if gradient_checkpointing:
+        self.value_net_kwargs = dict(cfg.value_net)
+        if cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing()
         self.feature_net = feature_net
 
         # prompt embeddings: cached on demand; ``prepare`` encodes the run's set and frees the encoders
         self.init_prompt_cache()
-        self._t5_len = int(max_sequence_length)
-        text = SD3TextEncoders(toks, [e.eval().requires_grad_(False) for e in encs], max_sequence_length)
-        self._text: SD3TextEncoders | None = text.to(_encode_device(encode_device))
-        self.keep_text_encoders = bool(keep_text_encoders)
+        self._t5_len = int(cfg.max_sequence_length)
+        text = SD3TextEncoders(toks, [e.eval().requires_grad_(False) for e in encs], cfg.max_sequence_length)
+        self._text: SD3TextEncoders | None = text.to(_encode_device(cfg.encode_device))
+        self.keep_text_encoders = bool(cfg.keep_text_encoders)
         self._sched_cfg = sched_cfg
 
     # -- prompts

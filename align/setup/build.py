@@ -21,7 +21,10 @@ def _kwargs(node: DictConfig) -> dict[str, Any]:
 
 
 def build_model(cfg: DictConfig) -> FlowModel:
-    return MODELS.get(cfg.model.name)(**_kwargs(cfg.model))
+    """The model from its config section. A typed section, checked already, is passed as its dataclass instance,
+    which the class takes as it is (as a DictConfig it would be validated a second time); an untyped one as a dict,
+    which the class types and checks."""
+    return MODELS.get(cfg.model.name)(OmegaConf.to_object(cfg.model))
 
 
 def build_reward(cfg: DictConfig) -> Reward:
