@@ -81,7 +81,8 @@ class FlowGRPOConfig:
     lr: float = MISSING             # paper: 3e-4 (LoRA on SD3.5-M, AdamW); preset: align/setup/paper_settings.py
     # KL coefficient β: paper 0.04 (GenEval, OCR); code's PickScore config 0.01; 0 drops the KL (and v_base calls).
     # Those values were tuned with the code's KL form (kl: code), see the module docstring.
-    beta: float = 0.04
+    # Preset: align/setup/paper_settings.py (0.04; FLUX: 0).
+    beta: float = MISSING
     noise_level: float = 0.7        # a of g_t = a √((1 − t)/t) (paper and code: 0.7)
     # G: rows per prompt, consecutive in the update (paper: 24 on SD3.5-M with 48 prompts per epoch); it must
     # divide train.batch_size, and a group may span micro-batches (one trajectory per micro-batch fits any G)

@@ -16,7 +16,7 @@ from align.metrics.paper_metrics import feature_diversity, frechet_distance
 from align.models.digits import FLOW_CONFIG, FLOW_WEIGHTS, DigitsFlow
 from align.models.flow_transformer import (LORA_WEIGHT_NAME, cfg_combine, lora_parameters, sigma_to_t,
                                            t_to_sigma, u_to_v, v_to_u)
-from align.setup.paper_settings import DOMAIN
+from align.setup.paper_settings import TABLE
 from align.core.registry import MODELS, REWARDS
 from algorithms.common.reward_grad import reward_and_grad
 from samplers import euler_integrate, make_grid, one_step_prediction
@@ -88,7 +88,8 @@ def test_prompts_and_registry():
         cfg = compose_config([f"reward={name}"])                  # the reward's domain picks the model
         assert cfg.reward.name == name and cfg.model.name == "digits"
     assert compose_config(["model=digits"]).model.grid == "sd3"   # the domain's β / α: align/setup/paper_settings.py
-    assert {"beta", "alpha"} <= set(DOMAIN["digits"]["vggflow"]) and "beta" in DOMAIN["digits"]["adjoint_matching"]
+    vggflow, adjoint_matching = (TABLE[("digits", "*", algo)] for algo in ("vggflow", "adjoint_matching"))
+    assert {"beta", "alpha"} <= set(vggflow) and "beta" in adjoint_matching
 
 
 # ---- LoRA, base velocity and CFG --------------------------------------------------------------------------

@@ -8,8 +8,7 @@ import torch
 
 from align.setup.overrides import ConfigProblem
 from align.setup.compose import compose_config
-from align.setup.paper_settings import DOMAIN as DOMAIN_ROWS
-from align.setup.paper_settings import describe, fmt
+from align.setup.paper_settings import TABLE, describe, fmt, lookup
 from helpers.cli import align_run, subprocess_run
 
 torch.set_num_threads(1)
@@ -123,7 +122,7 @@ def test_what_is_given_explicitly_wins():
     assert float(cfg.algo.beta) == 7.0
 
 
-# The per-domain values (align/setup/paper_settings.py's DOMAIN rows), lr the algorithm's paper value.
+# The per-domain values (align/setup/paper_settings.py's (model, "*", algo) rows), lr the algorithm's paper value.
 DOMAIN = {
     "digits": {"vggflow": (10.0, 5e-4), "vggflow_pmp": (10.0, 1e-4), "adjoint_matching": (10.0, 1e-4),
                "refl": (None, 1e-4), "draft": (None, 1e-4)},
@@ -155,7 +154,8 @@ def test_sd3_alpha_is_unchanged_and_unknown_sd3_rewards_fall_back_to_the_domain_
 
 
 def test_a_missing_setting_is_a_one_line_error(monkeypatch):
-    monkeypatch.setitem(DOMAIN_ROWS["gmm"], "vggflow", {"alpha": 10.0})    # a domain without VGG-Flow's β
+    alpha_only = {"alpha": TABLE[("gmm", "*", "vggflow")]["alpha"]}
+    monkeypatch.setitem(TABLE, ("gmm", "*", "vggflow"), alpha_only)           # a domain without VGG-Flow's β
     with pytest.raises(ConfigProblem) as err:
         compose_config(["model=gmm", "reward=linear", "algo=vggflow"])
     msg = str(err.value)
@@ -163,6 +163,38 @@ def test_a_missing_setting_is_a_one_line_error(monkeypatch):
     assert "algo.beta=<value>" in msg and "\n" not in msg
     cfg = compose_config(["model=gmm", "reward=linear", "algo=vggflow", "algo.beta=2"])
     assert float(cfg.algo.beta) == 2.0
+
+
+# Cells typed from the paper (Table 1, reference §1.8 / §3) and the domains' rows: what ``lookup`` must return.
+PAPER_CELLS = [
+    (("sd3", "hpsv2", "vggflow", "beta"), 3e7),
+    (("sd3", "aesthetic", "adjoint_matching", "beta"), 5e3),
+    (("sd3", "hpsv2", "vggflow_pmp", "lr"), 5e-5),
+    (("flux", "pickscore", "vggflow", "beta"), 5e5),               # SD3's PickScore row, borrowed
+    (("flux", "hpsv2", "flow_grpo", "beta"), 0.0),                 # FLUX's own: flow_grpo's FLUX configs
+    (("flux", "aesthetic", "flow_grpo", "beta"), 0.0),
+    (("digits", "digits_thickness", "vggflow", "alpha"), 10.0),
+    (("digits", "digits_classifier", "vggflow", "alpha"), 10.0),
+    (("sd3", "pickscore", "vggflow_authors", "beta"), 5e5),        # VGG-Flow's row
+    (("digits", "digits_thickness", "vggflow_authors", "alpha"), 10.0),
+]
+
+
+@pytest.mark.parametrize("cell,value", PAPER_CELLS)
+def test_lookup_returns_the_papers_values(cell, value):
+    assert lookup(*cell).value == value
+
+
+def test_lookup_says_where_a_value_comes_from():
+    assert lookup("sd3", "hpsv2", "vggflow", "beta").source == \
+        "align/setup/paper_settings.py: paper Table 1, reference §1.8/§3"
+    assert lookup("flux", "pickscore", "vggflow", "beta").source == \
+        "align/setup/paper_settings.py: paper Table 1, reference §1.8/§3, sd3's row borrowed for flux (untuned there)"
+    assert lookup("flux", "pickscore", "flow_grpo", "beta").source == "the flux domain's value"
+    assert lookup("gmm", "linear", "refl", "lr").source == "the algorithm's paper value, reference §1.8"
+    assert lookup("sd3", "my_sd3_reward", "vggflow", "beta") == (5e4, "the sd3 domain's value")
+    for setting in ("beta", "alpha", "lr"):
+        assert lookup("gmm", "linear", "vggflow_authors", setting) == lookup("gmm", "linear", "vggflow", setting)
 
 
 def test_fmt_gives_short_command_line_values():

@@ -194,9 +194,9 @@ def _compose(overrides: list[str]):
 
 def test_config_composes_with_the_domain_beta():
     cfg = _compose(["algo=vggflow_pmp"])
-    from align.setup.paper_settings import DOMAIN
+    from align.setup.paper_settings import TABLE
 
-    assert cfg.algo.beta == DOMAIN["digits"]["vggflow_pmp"]["beta"]
+    assert cfg.algo.beta == TABLE[("digits", "*", "vggflow_pmp")]["beta"].value
     assert cfg.algo.adjoint == "full" and cfg.algo.target == "next"
 
 
