@@ -142,9 +142,10 @@ class Algorithm(nn.Module, abc.ABC):
     # True: the loss differentiates the reward (∇r); such an algorithm refuses a reward that is not differentiable
     uses_reward_gradient: bool = True
 
-    # the config dataclass (set by ``@register_algorithm(name, config=...)``): ``self.cfg`` is an instance of it. A
-    # DictConfig (e.g. a resumed run's config.yaml section) or a dict given as ``cfg`` is merged onto it and checked,
-    # and a key it has no field for raises TypeError (``align.core.schema.config_object``)
+    # the config dataclass (set by ``@register_algorithm(name, config=...)``): ``self.cfg`` is an instance of it. An
+    # instance given as ``cfg`` is taken as it is (build_algorithm's, checked by the refusal pass); a DictConfig (e.g.
+    # a resumed run's config.yaml section) or a dict is merged onto it and checked, and a key it has no field for
+    # raises TypeError (``align.core.schema.config_object``)
     config_class: type | None = None
 
     def __init__(self, cfg: Any, model: FlowModel, reward: Reward, ts: torch.Tensor):
