@@ -13,15 +13,19 @@ from align.setup.compose import compose_config
 from helpers.tiny_flux import build_tiny_flux, load_flux
 from helpers.tiny_sd3 import build_tiny_sd3, load_model as load_sd3
 
-BUILT_IN = ("digits", "flux", "gmm", "sd3")
+REGISTERED = MODELS.names()
 NOT_CONFIG = {"digits": {"pretrained"}}      # constructor arguments that are deliberately not config keys
 
 
-@pytest.mark.parametrize("name", BUILT_IN)
+def test_the_built_in_models_are_registered():
+    assert {"digits", "flux", "gmm", "sd3"} <= set(REGISTERED)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
 def test_the_constructor_takes_the_config_and_overrides_only(name):
     cls, schema = MODELS.get(name), MODELS.config(name)
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]      # without self
-    assert [p.name for p in params[:1]] == ["cfg"] and params[0].default is None
+    assert params[0].name == "cfg" and params[0].default is None
     assert params[-1].kind is inspect.Parameter.VAR_KEYWORD
     others = params[1:-1]
     assert {p.name for p in others} == NOT_CONFIG.get(name, set())
@@ -29,7 +33,7 @@ def test_the_constructor_takes_the_config_and_overrides_only(name):
     assert not {p.name for p in others} & {f.name for f in dataclasses.fields(schema)}
 
 
-@pytest.mark.parametrize("name", BUILT_IN)
+@pytest.mark.parametrize("name", REGISTERED)
 def test_an_unknown_key_raises_naming_the_model(name):
     with pytest.raises(TypeError, match=rf"^model={name}: unknown setting\(s\) no_such_key; valid keys: .*grid"):
         MODELS.get(name)(no_such_key=1)
