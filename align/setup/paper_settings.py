@@ -68,7 +68,7 @@ TABLE: dict[tuple[str, str, str], dict[str, Setting]] = {
     **_rows("sd3", "pickscore", PAPER, vggflow={"beta": 5.0e5, "alpha": 1.0e4, "lr": 5.0e-4},
             vggflow_pmp={"beta": 5.0e5, "lr": 5.0e-5}, adjoint_matching={"beta": 1.0e4, "lr": 1.0e-4},
             refl={"lr": 1.0e-4}, draft={"lr": 1.0e-4}),
-    # Every reward of a domain. digits, gmm: β of O(1)-rewards; α = 10, as g is O(0.1–1) here, not O(1e-4) as on SD3.
+    # Every reward of a domain. digits, gmm: β of O(1)-rewards; α = 10, as g is O(0.1–1) here, not O(1e-4) on SD3.
     # Flow-GRPO's β is its KL coefficient: 0.04, the Flow-GRPO paper's (GenEval/OCR) value on every domain
     # (published with the code's KL, algo.kl=code; the default algo.kl=paper weighs it by 1/Δt more: docs/flow_grpo.md)
     **_rows("digits", "*", "the digits domain's value", vggflow={"beta": 10.0, "alpha": 10.0},
