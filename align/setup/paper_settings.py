@@ -68,14 +68,14 @@ TABLE: dict[tuple[str, str, str], dict[str, Setting]] = {
     **_rows("sd3", "pickscore", PAPER, vggflow={"beta": 5.0e5, "alpha": 1.0e4, "lr": 5.0e-4},
             vggflow_pmp={"beta": 5.0e5, "lr": 5.0e-5}, adjoint_matching={"beta": 1.0e4, "lr": 1.0e-4},
             refl={"lr": 1.0e-4}, draft={"lr": 1.0e-4}),
-    # β of O(1)-rewards on this domain; α = 10, as g is O(0.1–1) here, not O(1e-4) as on SD3
+    # Every reward of a domain. digits, gmm: β of O(1)-rewards; α = 10, as g is O(0.1–1) here, not O(1e-4) on SD3.
     # Flow-GRPO's β is its KL coefficient: 0.04, the Flow-GRPO paper's (GenEval/OCR) value on every domain
     # (published with the code's KL, algo.kl=code; the default algo.kl=paper weighs it by 1/Δt more: docs/flow_grpo.md)
     **_rows("digits", "*", "the digits domain's value", vggflow={"beta": 10.0, "alpha": 10.0},
             vggflow_pmp={"beta": 10.0}, adjoint_matching={"beta": 10.0}, flow_grpo={"beta": 0.04}),
     **_rows("gmm", "*", "the gmm domain's value", vggflow={"beta": 1.0, "alpha": 10.0},
             vggflow_pmp={"beta": 1.0}, adjoint_matching={"beta": 1.0}, flow_grpo={"beta": 0.04}),
-    # the aesthetic column's values (the run's start-up line says so)
+    # SD3, a reward without a Table 1 row: the aesthetic column's values (the run's start-up line says so)
     **_rows("sd3", "*", "the sd3 domain's value", vggflow={"beta": 5.0e4, "alpha": 1.0e4},
             vggflow_pmp={"beta": 5.0e4}, adjoint_matching={"beta": 5.0e3}, flow_grpo={"beta": 0.04}),
     # FLUX borrows SD3's rows (BORROWS) except Flow-GRPO's β: 0 in flow_grpo's FLUX configs (pickscore_flux:
