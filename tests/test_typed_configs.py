@@ -1,6 +1,7 @@
 """Bad values are refused by the typed configs (align/core/schema.py; the algorithms', models' and rewards' config
 dataclasses) before any work, in one line naming the key, the value and, for a choice, the valid ones."""
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from algorithms.adjoint_matching import AdjointMatching, AdjointMatchingConfig
@@ -15,7 +16,7 @@ from align.conf import CONF_DIR
 from align.core.registry import ALGORITHMS
 from align.setup.compose import compose_config
 from align.core.schema import typed_config
-from align.models.gmm import GaussianMixtureFlow
+from align.models.gmm import GaussianMixtureFlow, GMMConfig
 from helpers.cli import align_run
 from rewards.analytic import LinearReward
 from samplers import uniform_grid
@@ -141,7 +142,7 @@ ALGORITHMS_AND_CONFIGS = [
     ("vggflow_authors", VGGFlowAuthors, VGGFlowConfig, {"lr": 1e-3, "beta": 2, "alpha": 10}),
     ("vggflow_pmp", VGGFlowPMP, VGGFlowPMPConfig, {"lr": 1e-3, "beta": 2}),
     ("adjoint_matching", AdjointMatching, AdjointMatchingConfig, {"lr": 1e-3, "beta": 2}),
-    ("flow_grpo", FlowGRPO, FlowGRPOConfig, {"lr": 1e-3}),
+    ("flow_grpo", FlowGRPO, FlowGRPOConfig, {"lr": 1e-3, "beta": 2}),
     ("diffusion_nft", DiffusionNFT, DiffusionNFTConfig, {"lr": 1e-3}),
     ("refl", ReFL, ReFLConfig, {"lr": 1e-3}),
     ("draft", DRaFT, DRaFTConfig, {"lr": 1e-3}),
@@ -158,8 +159,8 @@ def test_the_table_below_covers_every_built_in_algorithm():
 def test_an_algorithm_holds_an_instance_of_its_config_dataclass(name, cls, schema, required):
     """From an untyped DictConfig (a resumed run's config.yaml section) and from a dict: the dataclass, its fields of
     their declared types (an int given for a float field is a float); a key it has no field for is refused."""
-    model = GaussianMixtureFlow([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.0]], [[[0.25, 0.0], [0.0, 0.25]]] * 2,
-                                hidden=8, depth=1)
+    model = GaussianMixtureFlow(weights=[0.5, 0.5], means=[[-1.5, 0.0], [1.5, 0.0]],
+                                covs=[[[0.25, 0.0], [0.0, 0.25]]] * 2, hidden=8, depth=1)
     reward, ts = LinearReward([1.0, 0.0]), uniform_grid(10)
     given = {"name": name, **required}
     for cfg in (OmegaConf.create(given), dict(given)):
@@ -180,8 +181,8 @@ RULES = [
      "algo.fd_step=raw .* needs algo.fd_terms=separate"),
     (VGGFlowPMPConfig, {"lr": 1e-3, "beta": 1.0}, "validate_steps", 5, {"subsample_bins": 6},
      "algo.subsample_bins must be in"),
-    (FlowGRPOConfig, {"lr": 1e-3}, "validate_batch", 8, {"group_size": 3}, "algo.group_size=3 must divide"),
-    (FlowGRPOConfig, {"lr": 1e-3, "train_grid": "model", "train_steps": None}, "validate_steps", 20,
+    (FlowGRPOConfig, {"lr": 1e-3, "beta": 0.04}, "validate_batch", 8, {"group_size": 3}, "algo.group_size=3 must divide"),
+    (FlowGRPOConfig, {"lr": 1e-3, "beta": 0.04, "train_grid": "model", "train_steps": None}, "validate_steps", 20,
      {"train_steps": 10}, "algo.train_grid=model trains on the sampler's 20 steps"),
     (DiffusionNFTConfig, {"lr": 1e-3, "n_times": 5, "collect_grid": "uniform", "collect_steps": 5}, "validate_steps",
      20, {"n_times": 6}, "algo.n_times=6 distinct grid times"),
@@ -207,3 +208,16 @@ def test_an_algorithms_rules_hold_on_its_dictconfig_and_on_its_dataclass(schema,
             else:
                 with pytest.raises(ValueError, match=match):
                     run(cfg)
+
+
+def test_a_hand_built_config_instance_is_checked_and_typed():
+    """A dataclass instance built by hand goes through the same checks as a dict (validate() and OmegaConf's
+    types); only the instances the build takes from the refusal pass's checked config are taken as they are."""
+    ts = uniform_grid(4)
+    model = GaussianMixtureFlow()
+    with pytest.raises(ValueError, match="algo.beta must be finite and > 0, got -1.0"):
+        VGGFlow(VGGFlowConfig(lr=1e-3, beta=-1.0, alpha=1.0), model, LinearReward([1.0, 0.0]), ts)
+    algo = VGGFlow(VGGFlowConfig(lr=1e-3, beta=2, alpha=1), model, LinearReward([1.0, 0.0]), ts)
+    assert type(algo.cfg.beta) is float and algo.cfg.beta == 2.0       # the int a user wrote, typed as the field
+    with pytest.raises(ValueError, match="model.weights must all be positive"):
+        GaussianMixtureFlow(GMMConfig(weights=[-1.0, 2.0]))

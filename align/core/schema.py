@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import importlib.util
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, TypeVar
 
@@ -256,19 +257,34 @@ def typed_config(cfg: Any) -> DictConfig:
     return root
 
 
+def checked_object(node: DictConfig) -> Any:
+    """A typed section the refusal pass checked (``align.setup.checks``), as its dataclass instance, marked so that
+    ``config_object`` takes it as it is (each check runs once); an untyped section as a plain dict."""
+    obj = OmegaConf.to_object(node)
+    if dataclasses.is_dataclass(obj):
+        _CHECKED[id(obj)] = obj
+    return obj
+
+
+_CHECKED: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+
+
 def config_object(schema: type[T], cfg: Any = None, overrides: Mapping[str, Any] | None = None,
                   owner: str = "") -> T:
     """``cfg`` as an instance of the config dataclass ``schema``: the object a part's constructor works with.
 
-    ``cfg`` is an instance of ``schema`` (taken as it is when there are no ``overrides``), a DictConfig (typed or
-    not, e.g. a saved config.yaml's section), a mapping, or None (the dataclass's defaults); ``overrides`` (a
-    constructor's keyword arguments) are set on top. Interpolations are resolved, types and choices checked by
-    OmegaConf and the values by ``validate()``. A key ``schema`` has no field for raises TypeError naming
-    ``owner`` (e.g. ``model=sd3``) and the valid keys, as a constructor does for an unknown keyword."""
-    if isinstance(cfg, schema) and not overrides:
+    ``cfg`` is an instance of ``schema``, a DictConfig (typed or not, e.g. a saved config.yaml's section), a
+    mapping, or None (the dataclass's defaults); ``overrides`` (a constructor's keyword arguments) are set on top.
+    Interpolations are resolved, types and choices checked by OmegaConf and the values by ``validate()``; an
+    instance that ``checked_object`` handed out (the refusal pass checked it) is taken as it is. A key ``schema``
+    has no field for raises TypeError naming ``owner`` (e.g. ``model=sd3``) and the valid keys, as a constructor
+    does for an unknown keyword."""
+    if isinstance(cfg, schema) and not overrides and _CHECKED.get(id(cfg)) is cfg:
         return cfg
-    if cfg is None or isinstance(cfg, schema):
-        given = {} if cfg is None else OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    if cfg is None:
+        given = {}
+    elif isinstance(cfg, schema):
+        given = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     elif isinstance(cfg, DictConfig):
         given = OmegaConf.to_container(cfg, resolve=True)
     else:

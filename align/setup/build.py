@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from align.core.interfaces import Algorithm, FlowModel, Reward
 from align.core.registry import ALGORITHMS, MODELS, REWARDS
 from align.core.reward_mix import RewardEntry
+from align.core.schema import checked_object
 from samplers import make_grid
 
 
@@ -21,10 +22,9 @@ def _kwargs(node: DictConfig) -> dict[str, Any]:
 
 
 def build_model(cfg: DictConfig) -> FlowModel:
-    """The model from its config section. A typed section, checked already, is passed as its dataclass instance,
-    which the class takes as it is (as a DictConfig it would be validated a second time); an untyped one as a dict,
-    which the class types and checks."""
-    return MODELS.get(cfg.model.name)(OmegaConf.to_object(cfg.model))
+    """The model from its config section: a typed one as its dataclass instance, which the refusal pass checked and
+    the class takes as it is (``checked_object``); an untyped one as a dict, which the class types and checks."""
+    return MODELS.get(cfg.model.name)(checked_object(cfg.model))
 
 
 def build_reward(cfg: DictConfig) -> Reward:
@@ -56,7 +56,5 @@ def build_grid(cfg: DictConfig, model: FlowModel | None = None) -> torch.Tensor:
 
 
 def build_algorithm(cfg: DictConfig, model: FlowModel, reward: Reward, ts: torch.Tensor) -> Algorithm:
-    """The algorithm, given ``cfg.algo`` as its config dataclass's instance: a typed section, which the refusal pass
-    checked, as it is (each check runs once); an untyped one is merged onto the dataclass and checked by
-    ``Algorithm.__init__``."""
-    return ALGORITHMS.get(cfg.algo.name)(OmegaConf.to_object(cfg.algo), model, reward, ts)
+    """The algorithm from ``cfg.algo``, handed over as ``build_model`` hands the model its section."""
+    return ALGORITHMS.get(cfg.algo.name)(checked_object(cfg.algo), model, reward, ts)
