@@ -215,13 +215,12 @@ def validated(cfg: DictConfig) -> Any:
     return OmegaConf.to_object(cfg)
 
 
-def typed(schema: type, cfg: Any, recheck: bool = True) -> DictConfig:
+def typed(schema: type, cfg: Any) -> DictConfig:
     """``cfg`` (a DictConfig or dict, e.g. a saved config.yaml's section or a preset read with OmegaConf.load)
     merged onto the dataclass ``schema`` and checked; a config already of that type (or a subclass) is only
-    checked, and with ``recheck=False`` taken as it is (its values were checked where it was composed)."""
+    checked."""
     if isinstance(cfg, DictConfig) and issubclass(OmegaConf.get_type(cfg) or object, schema):
-        if recheck:
-            check(cfg)
+        check(cfg)
         return cfg
     given = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
     given.pop("defaults", None)   # a preset file's Hydra defaults list
