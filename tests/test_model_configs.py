@@ -91,7 +91,8 @@ def test_flux_defaults_are_the_dataclass(flux_dir):
 
 @pytest.mark.parametrize("name, key, value, needle", [
     ("sd3", "dtype", "fp64", "dtype"), ("sd3", "decoder", "vqgan", "decoder"), ("flux", "decoder", "taesd3", "decoder"),
-    ("flux", "reward_grad_batch_size", 0, "model.reward_grad_batch_size must be >= 1")])
+    ("flux", "reward_grad_batch_size", 0, "model.reward_grad_batch_size must be >= 1"),
+    ("flux", "max_sequence_length", 513, "model.max_sequence_length=513: FLUX takes 1..512 T5 tokens")])
 def test_bad_values_are_refused_before_any_weights_load(name, key, value, needle):
     with pytest.raises(ValueError, match=needle):
         MODELS.get(name)(pretrained="/no/such/checkpoint", **{key: value})

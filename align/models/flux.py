@@ -165,6 +165,8 @@ class FluxConfig:
 
     def validate(self) -> None:
         check_reward_grad_batch_size(self.reward_grad_batch_size)
+        if not 1 <= self.max_sequence_length <= 512:
+            raise ValueError(f"model.max_sequence_length={self.max_sequence_length}: FLUX takes 1..512 T5 tokens")
 
 
 @register_model("flux", config=FluxConfig)
@@ -176,9 +178,7 @@ class FluxModel(LatentImageModel):
 
     def __init__(self, cfg: FluxConfig | None = None, **overrides: Any):
         cfg = config_object(FluxConfig, cfg, overrides, owner="model=flux")
-        decoder, resolution, max_sequence_length = cfg.decoder, cfg.resolution, cfg.max_sequence_length
-        if not 1 <= int(max_sequence_length) <= 512:
-            raise ValueError(f"model.max_sequence_length={max_sequence_length}: FLUX takes 1..512 T5 tokens")
+        decoder, resolution = cfg.decoder, cfg.resolution
         net_dtype = DTYPES[cfg.dtype]
         enable_tf32()
         feature_net = build_features(cfg.features).eval().requires_grad_(False)     # cheap checks first
@@ -215,9 +215,9 @@ class FluxModel(LatentImageModel):
         super().__init__(transformer, cfg.guidance_scale, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
         side = resolution // vae_factor
         self.data_shape = (int(transformer.config.in_channels) // (PACK * PACK), side, side)
-        self.resolution, self.grid, self.pretrained_dir = int(resolution), cfg.grid, root
+        self.resolution, self.grid, self.pretrained_dir = resolution, cfg.grid, root
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
-        self.exact_timesteps = bool(cfg.exact_timesteps)
+        self.exact_timesteps = cfg.exact_timesteps
         self._sched_cfg = dict(sched_cfg)
         self.register_buffer("img_ids", image_position_ids(side, side), persistent=False)
         self.set_decoder(dec, decoder, cfg.decode_batch_size)
@@ -233,9 +233,9 @@ class FluxModel(LatentImageModel):
 
         self.init_prompt_cache()
         text = FluxTextEncoders(clip_tok, clip.eval().requires_grad_(False), t5_tok, t5.eval().requires_grad_(False),
-                                max_sequence_length)
+                                cfg.max_sequence_length)
         self._text: FluxTextEncoders | None = text.to(_encode_device(cfg.encode_device))
-        self.keep_text_encoders = bool(cfg.keep_text_encoders)
+        self.keep_text_encoders = cfg.keep_text_encoders
 
     # -- the time grid
     @property

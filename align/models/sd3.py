@@ -228,7 +228,7 @@ class SD3Model(LatentImageModel):
 
         super().__init__(transformer, cfg.guidance_scale, cfg.lora_rank, cfg.lora_alpha, LORA_TARGET_MODULES)
         self.data_shape = (int(transformer.config.in_channels), side, side)
-        self.resolution, self.grid, self.pretrained_dir = int(resolution), cfg.grid, root
+        self.resolution, self.grid, self.pretrained_dir = resolution, cfg.grid, root
         self.scheduler_shift = float(sched_cfg.get("shift", 1.0))
         # the decoder's own latent factors, as the diffusers pipeline uses its vae's (TAESD3: 1 and 0)
         self.set_decoder(dec, decoder, cfg.decode_batch_size)
@@ -242,10 +242,10 @@ class SD3Model(LatentImageModel):
 
         # prompt embeddings: cached on demand; ``prepare`` encodes the run's set and frees the encoders
         self.init_prompt_cache()
-        self._t5_len = int(cfg.max_sequence_length)
+        self._t5_len = cfg.max_sequence_length
         text = SD3TextEncoders(toks, [e.eval().requires_grad_(False) for e in encs], cfg.max_sequence_length)
         self._text: SD3TextEncoders | None = text.to(_encode_device(cfg.encode_device))
-        self.keep_text_encoders = bool(cfg.keep_text_encoders)
+        self.keep_text_encoders = cfg.keep_text_encoders
         self._sched_cfg = sched_cfg
 
     # -- prompts
