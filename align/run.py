@@ -8,17 +8,20 @@ When no ``model=`` is given, the model is the domain the reward scores (``reward
 (``align/setup/paper_settings.py``; anything set explicitly wins); the run prints which ones it took from there.
 
 Re-running into an existing run directory (an explicit ``run_dir=`` or a Hydra multirun job directory) is
-safe, which makes sweeps resumable (``align.sweep``, Hydra launchers): a finished run is skipped; a run with a
-checkpoint resumes from it, after checking that its saved config.yaml matches the requested one; a directory
-without a checkpoint starts afresh (its partial files are removed). A non-empty folder that align did not
-write is refused, and so is a second writer (rank 0 holds the run directory's lock for the whole run).
+safe, which makes sweeps resumable (``align.sweep``, Hydra launchers): a finished run is skipped (also one whose
+checkpoints were deleted); a run with a checkpoint resumes from it, after checking that its saved config.yaml
+matches the requested one; a directory without a checkpoint starts afresh (its partial files are removed). A
+non-empty folder that align did not write is refused, and so is a second writer: rank 0 takes the run
+directory's lock before it looks at the folder and holds it for the whole run, decides alone, and hands its
+decision to the other processes of a multi-process launch (``SharedPlan``). A run that fails before any work
+removes the directory only if it found it empty, and only while it still holds the lock.
 Those rules, and the run directory's file names, are ``align.core.run_dir``'s.
 """
 from __future__ import annotations
 
 import os
 import sys
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 import hydra
@@ -29,8 +32,8 @@ from align.setup.overrides import ConfigProblem, check_overrides
 from align.setup.paper_settings import describe
 from align.setup.registration import register_resolvers
 from align.core.run_dir import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, RESUMABLE_KEYS, SAMPLES_DIR, TB_DIR,
-                                RunMismatch, claim_run_dir, clear_partial_run, discard_if_unused, hold_run_dir,
-                                last_checkpoint_step, plan_existing_run, prepare_resume, read_metrics)
+                                RunMismatch, clear_partial_run, discard_if_unused, last_checkpoint_step, own_run_dir,
+                                plan_existing_run, prepare_resume, read_metrics)
 
 CONF = os.path.join(os.path.dirname(__file__), "conf")
 
@@ -50,50 +53,115 @@ def _job(cfg: DictConfig) -> None:
         if not os.path.isfile(saved):
             _fail(f"resume={cfg.resume}: {saved} does not exist (is this a run directory?)")
         cfg = _resumed_config(OmegaConf.load(saved), cfg, run_dir)
-    is_main = _launch_rank() == 0
-    fresh = not (os.path.isdir(run_dir) and os.listdir(run_dir))
+    shared = SharedPlan(run_dir, _collective_timeout(cfg))
+    if _launch_rank() != 0:
+        _run(cfg, run_dir, shared.hear(), is_main=False)
+        return
     try:
-        with _sole_writer(run_dir) if is_main else nullcontext():
-            _run(cfg, run_dir, is_main)
+        with _sole_writer(run_dir) as claimed_empty:
+            try:
+                _run(cfg, run_dir, shared.tell(_plan(cfg, run_dir)), is_main=True)
+            except SystemExit:
+                if claimed_empty:
+                    discard_if_unused(run_dir)     # ours alone, still locked: leave no empty run directory behind
+                raise
     except SystemExit:
-        if fresh and is_main:
-            discard_if_unused(run_dir)     # leave no half-written run directory
+        shared.tell(STOP)                          # the other processes stop too (once told a plan, they go on)
         raise
 
 
 @contextmanager
-def _sole_writer(run_dir: str) -> Iterator[None]:
-    """Mark ``run_dir`` as ours and hold its lock for the run (refused: a user's folder, a second writer)."""
+def _sole_writer(run_dir: str) -> Iterator[bool]:
+    """Hold ``run_dir``'s lock for the run, taken before anything about the folder is decided (refused: a user's
+    folder, a second writer); yields whether it found the folder empty and unclaimed (see own_run_dir)."""
     with ExitStack() as stack:
         try:
-            claim_run_dir(run_dir)
-            stack.enter_context(hold_run_dir(run_dir))
+            claimed_empty = stack.enter_context(own_run_dir(run_dir))
         except RunMismatch as err:
             _fail(str(err))
-        yield
+        yield claimed_empty
 
 
-def _run(cfg: DictConfig, run_dir: str, is_main: bool) -> None:
-    """Skip, resume or start; only the main process (rank 0) changes files, the others decide from the same state."""
+STOP = "stop"
+
+
+class SharedPlan:
+    """The main process's plan for the run directory (skip, resume or start), handed to the other processes of a
+    multi-process launch (torchrun, accelerate launch) through the launcher's key-value store before any of them
+    builds a trainer. Only the main process looks at the directory, holding its lock: the others would see it
+    while rank 0 readies it, or while a previous writer was still ending, and could decide otherwise."""
+
+    _stores: list = []      # rank 0 may serve the store (a plain env:// launch): it must outlive the handover
+
+    def __init__(self, run_dir: str, timeout_s: float):
+        self.key = f"align.run/plan/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{run_dir}"
+        self.store = _launch_store(timeout_s) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        self.told = False
+        if self.store is not None:
+            SharedPlan._stores.append(self.store)
+
+    def tell(self, action: str) -> str:
+        """Hand ``action`` (or STOP) to the other processes, once; returns it."""
+        if self.store is not None and not self.told:
+            self.store.set(self.key, action)
+        self.told = True
+        return action
+
+    def hear(self) -> str:
+        """The main process's plan (waits for it); exits as it does if it stopped before training."""
+        action = self.store.get(self.key).decode() if self.store is not None else STOP
+        if action == STOP:
+            _fail("the main process (rank 0) stopped before training; its message says why")
+        return action
+
+
+def _collective_timeout(cfg: DictConfig) -> float:
+    """train.collective_timeout_s (its default for a config saved before the key existed)."""
+    from align.core.schema import TrainConfig
+
+    return float(OmegaConf.select(cfg, "train.collective_timeout_s", default=TrainConfig.collective_timeout_s))
+
+
+def _launch_store(timeout_s: float):
+    """The multi-process launch's key-value store (torchrun's agent's, or the one rank 0 serves), as the process
+    group will find it."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+    return store
+
+
+def _plan(cfg: DictConfig, run_dir: str) -> str:
+    """The main process's plan, taken holding the lock: ``skip``, ``resume`` or ``start``, with the directory
+    readied for it (a partial run's files cleared, metrics.jsonl cut back to the checkpoint)."""
     resuming = bool(cfg.resume)
+    action = "resume" if resuming else "start"
     try:
         if not resuming and _reusable_run_dir():
             action = plan_existing_run(run_dir, OmegaConf.to_container(cfg, resolve=True))
             if action == "skip":
                 print(f"align: {run_dir} already finished, skipping", flush=True)
-                return
-            if action == "resume":
+            elif action == "resume":
                 print(f"align: {run_dir} has a checkpoint (step {last_checkpoint_step(run_dir)}), resuming",
                       flush=True)
-                with open_dict(cfg):
-                    cfg.resume = run_dir
-                resuming = True
-            elif is_main:
+            else:
                 clear_partial_run(run_dir)
-        if resuming and is_main and prepare_resume(run_dir, int(cfg.train.steps)) is None:
+        if action == "resume" and prepare_resume(run_dir, int(cfg.train.steps)) is None:
             print(f"align: {run_dir} has no checkpoint yet, starting afresh", flush=True)
     except RunMismatch as err:
         _fail(str(err))
+    return action
+
+
+def _run(cfg: DictConfig, run_dir: str, action: str, is_main: bool) -> None:
+    """Carry out the main process's plan (``_plan``): skip, or build the trainer (resuming) and train."""
+    if action == "skip":
+        return
+    if action == "resume":
+        with open_dict(cfg):
+            cfg.resume = run_dir
     from align.setup.checks import ConfigError
     from align.setup.assemble import build_trainer
     from align.train.trainer import TrainingDiverged

@@ -10,8 +10,12 @@
     <run_dir>/checkpoints/step_XXXXXXX/state.pt    atomic, resumable checkpoints (+ state.pt.sha256)
 
 Only a directory of ours is ever cleared: one with the marker, or one written before the marker existed (a
-config.yaml and a checkpoint). A run is finished when samples_final.pt exists and config.yaml's train.steps is
-the newest checkpoint's step.
+config.yaml and a checkpoint). A run is finished when samples_final.pt exists and the run reached config.yaml's
+train.steps: metrics.jsonl has the evaluation row of that step, or the newest checkpoint is at that step. So a
+finished run stays finished when its checkpoints are deleted (a re-run skips it; it cannot be extended).
+
+One process decides about a directory at a time: a run takes the writer's lock before it looks at what the
+directory holds (own_run_dir), and only the holder of the lock changes or removes anything in it.
 
 Here too: a run's status, what a re-run into an existing directory does (start, resume or skip), and the one
 table of bookkeeping keys (config keys that do not make two runs different experiments).
@@ -170,9 +174,17 @@ def is_ours(run_dir: str) -> bool:
             or (os.path.isfile(os.path.join(run_dir, CONFIG_FILE)) and bool(list_checkpoints(run_dir))))
 
 
+def run_files(run_dir: str) -> list[str]:
+    """What ``run_dir`` holds besides the marker and the lock's files (``.align-run*``: a folder holding only
+    those is empty, one that another process may be claiming right now); [] if it does not exist."""
+    if not os.path.isdir(run_dir):
+        return []
+    return [name for name in os.listdir(run_dir) if not name.startswith(MARKER_FILE)]
+
+
 def check_ours(run_dir: str) -> None:
-    """RunMismatch if ``run_dir`` is a non-empty folder that align did not write."""
-    if os.path.isdir(run_dir) and os.listdir(run_dir) and not is_ours(run_dir):
+    """RunMismatch if ``run_dir`` is a non-empty folder (see run_files) that align did not write."""
+    if run_files(run_dir) and not is_ours(run_dir):
         raise RunMismatch(f"run_dir={run_dir} is a non-empty folder that align did not create (no {MARKER_FILE}); "
                           "nothing was changed. Use a new or empty run_dir, or move its files away")
 
@@ -183,15 +195,38 @@ def claim_run_dir(run_dir: str) -> None:
     os.makedirs(run_dir, exist_ok=True)
     marker = os.path.join(run_dir, MARKER_FILE)
     if not os.path.exists(marker):
-        tmp = f"{marker}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"format": MARKER_FORMAT, **_whoami()}, fh)
-        os.replace(tmp, marker)
+        _write_json(marker, {"format": MARKER_FORMAT, **_whoami()})
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Write ``path`` whole or not at all (a reader never sees half of it)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def own_run_dir(run_dir: str) -> Iterator[bool]:
+    """Be the one process that decides about ``run_dir`` for the block: refuse a user's folder (before anything
+    is written into it), take the writer's lock (RunMismatch naming the holder if another process has it), and
+    only then look at the folder again and write the marker. Yields whether this process claimed an empty
+    folder (no marker, no run files): only then may it discard it, and only inside the block."""
+    check_ours(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    with hold_run_dir(run_dir):
+        check_ours(run_dir)
+        claimed = not run_files(run_dir) and not os.path.exists(os.path.join(run_dir, MARKER_FILE))
+        claim_run_dir(run_dir)
+        yield claimed
 
 
 def discard_if_unused(run_dir: str) -> None:
-    """Remove ``run_dir`` if it holds nothing but the marker and the lock (a run that failed before any work)."""
-    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {MARKER_FILE, LOCK_FILE, HOLDER_FILE}:
+    """Remove ``run_dir`` if it holds nothing but the marker and the lock (a run that failed before any work).
+
+    Only for a folder this process claimed empty, while it still holds the lock (inside own_run_dir): a directory
+    that another process holds, has claimed or has written into is never removed."""
+    if os.path.isdir(run_dir) and not run_files(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -203,7 +238,7 @@ def _whoami() -> dict[str, Any]:
 def hold_run_dir(run_dir: str) -> Iterator[None]:
     """Hold ``run_dir``'s writer lock for the block; RunMismatch naming the holder's pid if another process has
     it. The kernel releases the lock when its process dies, also on kill -9. Take it in one process per run
-    (rank 0): the lock is per process, and the other ranks follow rank 0 through the trainer's collectives."""
+    (rank 0): the lock is per process, and the other ranks follow rank 0's decisions (align.run.SharedPlan)."""
     lock = FileLock(os.path.join(run_dir, LOCK_FILE), timeout=0)
     try:
         lock.acquire()
@@ -212,8 +247,7 @@ def hold_run_dir(run_dir: str) -> Iterator[None]:
                           "wait for it to end or stop it") from None
     holder = os.path.join(run_dir, HOLDER_FILE)
     try:
-        with open(holder, "w", encoding="utf-8") as fh:
-            json.dump(_whoami(), fh)
+        _write_json(holder, _whoami())
         yield
     finally:
         if os.path.exists(holder):
