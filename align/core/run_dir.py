@@ -270,14 +270,27 @@ RunStatus = Literal["new", "partial", "checkpoint", "finished"]
 
 def run_status(run_dir: str) -> RunStatus:
     """``new`` (nothing there), ``partial`` (started, no checkpoint), ``checkpoint`` or ``finished``
-    (samples_final.pt, and config.yaml's train.steps is the newest checkpoint's step)."""
-    last = last_checkpoint_step(run_dir)
-    if last is not None:
-        finished = os.path.exists(os.path.join(run_dir, FINISHED_FILE)) and _saved_steps(run_dir) == last
-        return "finished" if finished else "checkpoint"
+    (is_finished, with or without checkpoints)."""
+    if is_finished(run_dir):
+        return "finished"
+    if last_checkpoint_step(run_dir) is not None:
+        return "checkpoint"
     if any(os.path.exists(os.path.join(run_dir, f)) for f in PARTIAL_FILES):
         return "partial"
     return "new"
+
+
+def is_finished(run_dir: str, rows: list[dict[str, Any]] | None = None) -> bool:
+    """samples_final.pt exists (written last) and the run reached config.yaml's train.steps: metrics.jsonl
+    (``rows``, if already read) has that step's evaluation row, or the newest checkpoint is at that step."""
+    steps = _saved_steps(run_dir)
+    if steps is None or not os.path.exists(os.path.join(run_dir, FINISHED_FILE)):
+        return False
+    if last_checkpoint_step(run_dir) == steps:
+        return True
+    if rows is None:
+        rows = read_metrics(run_dir) if os.path.exists(os.path.join(run_dir, METRICS_FILE)) else []
+    return any(row.get("step") == steps and any(k.startswith("eval/") for k in row) for row in rows)
 
 
 def _saved_steps(run_dir: str) -> int | None:
@@ -304,11 +317,12 @@ def config_differences(saved: dict, requested: dict) -> list[str]:
 def plan_existing_run(run_dir: str, requested: dict) -> Literal["start", "skip", "resume"]:
     """What to do with ``run_dir`` for the (resolved) ``requested`` config: ``start``, ``skip`` or ``resume``.
 
-    Raises RunMismatch if the directory is not ours, or holds a run of another config or one trained beyond
-    train.steps."""
+    Raises RunMismatch if the directory is not ours, or holds a run of another config, one trained beyond
+    train.steps, or a finished run without a checkpoint to extend."""
     check_ours(run_dir)
     status = run_status(run_dir)
     if status in ("new", "partial"):
+        refuse_restarting(run_dir)
         return "start"
     if not os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
         raise RunMismatch(f"{run_dir} has checkpoints but no {CONFIG_FILE}; move it away or delete it")
@@ -319,30 +333,56 @@ def plan_existing_run(run_dir: str, requested: dict) -> Literal["start", "skip",
         raise RunMismatch(f"{run_dir} holds a run of a different config ({shown}). Use another run_dir "
                           f"(or sweep out=), or delete that directory to redo it")
     want, done = int(requested["train"]["steps"]), int(saved["train"]["steps"])
-    refuse_shrinking(run_dir, want)
     if status == "finished" and want == done:
         return "skip"
+    refuse_shrinking(run_dir, want)
     return "resume"
 
 
-def refuse_shrinking(run_dir: str, steps: int) -> None:
-    """RunMismatch if ``run_dir``'s newest checkpoint is beyond ``steps``."""
+def refuse_restarting(run_dir: str) -> None:
+    """RunMismatch if a start from step 0 would overwrite a finished run's samples_final.pt: one whose checkpoints
+    and the end of whose metrics.jsonl were removed (not finished any more, see is_finished, but not partial)."""
+    if os.path.exists(os.path.join(run_dir, FINISHED_FILE)):
+        raise RunMismatch(f"{run_dir} has the {FINISHED_FILE} of a finished run, but neither a checkpoint nor the "
+                          f"{METRICS_FILE} rows up to its train.steps; nothing was changed. Move {FINISHED_FILE} "
+                          "away to train it again from step 0, or use another run_dir")
+
+
+def trained_to(run_dir: str) -> int:
+    """The step ``run_dir`` is trained to: its newest checkpoint's, or train.steps if it is finished without one."""
     last = last_checkpoint_step(run_dir) or 0
-    if steps < last:
-        raise RunMismatch(f"{run_dir} is already trained to step {last}, beyond the requested train.steps={steps}")
+    return max(last, _saved_steps(run_dir) or 0) if is_finished(run_dir) else last
+
+
+def refuse_shrinking(run_dir: str, steps: int) -> None:
+    """RunMismatch if ``run_dir`` is trained beyond ``steps``, or is finished without a checkpoint (a resume would
+    train it again from step 0 and overwrite its metrics.jsonl)."""
+    done = trained_to(run_dir)
+    if steps < done:
+        raise RunMismatch(f"{run_dir} is already trained to step {done}, beyond the requested train.steps={steps}")
+    if steps > done and last_checkpoint_step(run_dir) is None and is_finished(run_dir):
+        raise RunMismatch(f"{run_dir} finished at step {done} and keeps no checkpoint ({CHECKPOINTS_DIR}/ was "
+                          f"removed), so it cannot be extended to train.steps={steps}: that would train it again "
+                          f"from step 0 over its {METRICS_FILE}; nothing was changed. Train the longer run into a "
+                          f"new run_dir (or sweep out=)")
 
 
 def prepare_resume(run_dir: str, steps: int) -> int | None:
     """Ready ``run_dir`` for a resume to ``steps`` before the trainer starts; the newest checkpoint's step.
 
-    Without a checkpoint the run starts afresh (clear_partial_run); else metrics.jsonl keeps the rows up to the
-    checkpoint, and an extended finished run loses samples_final.pt first, so an interrupted extension is not
-    finished. RunMismatch if ``steps`` is below the checkpoint (config.yaml is left as it is)."""
+    Without a checkpoint the run starts afresh (clear_partial_run), unless it is finished (RunMismatch: its
+    metrics are never overwritten); else metrics.jsonl keeps the rows up to the checkpoint, and an extended
+    finished run loses samples_final.pt first, so an interrupted extension is not finished. RunMismatch if
+    ``steps`` is below what the run is trained to (config.yaml is left as it is)."""
+    refuse_shrinking(run_dir, steps)
     last = last_checkpoint_step(run_dir)
     if last is None:
+        if is_finished(run_dir):
+            raise RunMismatch(f"{run_dir} is finished and keeps no checkpoint to resume from; nothing was changed. "
+                              f"Its results are complete (re-run it with run_dir= to skip it), or train again into "
+                              f"a new run_dir")
         clear_partial_run(run_dir)
         return None
-    refuse_shrinking(run_dir, steps)
     truncate_metrics(run_dir, last)
     final = os.path.join(run_dir, FINISHED_FILE)
     if steps > last and os.path.exists(final):
@@ -352,8 +392,10 @@ def prepare_resume(run_dir: str, steps: int) -> int | None:
 
 def clear_partial_run(run_dir: str) -> None:
     """Remove what an interrupted run without a checkpoint left behind (a fresh start appends to nothing): only
-    the files a run writes (PARTIAL_FILES), only in a directory of ours (RunMismatch otherwise)."""
+    the files a run writes (PARTIAL_FILES), only in a directory of ours (RunMismatch otherwise), and never next
+    to a finished run's samples_final.pt (RunMismatch: a finished run whose metrics.jsonl lost its end)."""
     check_ours(run_dir)
+    refuse_restarting(run_dir)
     for f in PARTIAL_FILES:
         p = os.path.join(run_dir, f)
         if os.path.isdir(p):
