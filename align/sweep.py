@@ -44,7 +44,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from align.setup.overrides import ConfigProblem
-from align.core.run_dir import (RunMismatch, claim_run_dir, keys_with, last_checkpoint_step, plan_existing_run,
+from align.core.run_dir import (RunMismatch, keys_with, last_checkpoint_step, own_run_dir, plan_existing_run,
                                 run_status)
 
 LOG_NAME = "run.log"
@@ -67,6 +67,7 @@ class Run:
     outcome: str = ""              # one of OUTCOMES
     seconds: float = 0.0
     log_offset: int = 0            # where this attempt's output starts in <dir>/run.log
+    problem: str = ""              # why it failed before it started (else its log's tail tells)
 
 
 @dataclass
@@ -253,24 +254,41 @@ def _execute(run: Run, threads: int, slots: queue.Queue, gpus: list[str], childr
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-        claim_run_dir(run.dir)                 # the marker before run.log: the directory is ours
         cmd = command(run, threads)
         start = time.time()
-        with open(os.path.join(run.dir, LOG_NAME), "a", encoding="utf-8") as log:
-            run.log_offset = log.tell()
-            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd[1:])}\n")
-            log.flush()
+        try:
+            log = _open_log(run, cmd)
+        except RunMismatch as err:             # another process writes that run directory
+            run.outcome, run.problem = "failed", str(err)
+            return run
+        with log:
             rc = children.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         run.seconds = time.time() - start
-        if rc is None:
-            run.outcome = "not started"
-        elif rc != 0:
-            run.outcome = "interrupted" if children.stopping else "failed"
-        else:
-            run.outcome = {"start": "ran", "resume": "resumed", "skip": "skipped"}[run.action]
+        run.outcome = _outcome(run, rc, children.stopping)
         return run
     finally:
         slots.put(slot)
+
+
+def _open_log(run: Run, cmd: list[str]):
+    """``<run.dir>/run.log``, opened for appending with this attempt's header, written while holding the run
+    directory's lock (the marker first: the directory is ours); RunMismatch if another process holds it."""
+    with own_run_dir(run.dir):
+        log = open(os.path.join(run.dir, LOG_NAME), "a", encoding="utf-8")
+        run.log_offset = log.tell()
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd[1:])}\n")
+        log.flush()
+    return log
+
+
+def _outcome(run: Run, rc: int | None, stopping: bool) -> str:
+    """What became of a run, by its directory first: a finished run (run_status) ran, whatever its exit code
+    (a stop may reach it while it exits); else its exit code says."""
+    if rc is None:
+        return "not started"
+    if rc == 0 or run_status(run.dir) == "finished":
+        return {"start": "ran", "resume": "resumed", "skip": "skipped"}[run.action]
+    return "interrupted" if stopping else "failed"
 
 
 def _tail(path: str, offset: int, n: int = 3) -> str:
@@ -308,8 +326,8 @@ def execute(sweep: Sweep, jobs: int = 1, threads: int = 1, gpus: list[str] | Non
                     done += 1
                     print(f"[{done}/{total}] {r.outcome:8s} {r.name} ({r.seconds:.0f} s)", flush=True)
                     if r.outcome == "failed":
-                        print("    " + _tail(os.path.join(r.dir, LOG_NAME), r.log_offset).replace("\n", "\n    "),
-                              flush=True)
+                        why = r.problem or _tail(os.path.join(r.dir, LOG_NAME), r.log_offset)
+                        print("    " + why.replace("\n", "\n    "), flush=True)
             except Interrupted as sig:
                 stopped_by = str(sig)
                 try:
