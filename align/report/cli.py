@@ -9,13 +9,15 @@ writes into ``--out`` (default ``<sweep_dir>/report``):
   mean ± sample standard deviation (ddof = 1) over seeds, in table.md rounded to the std's precision
   (``3.68 ± 0.06``); best per column marked (highest reward, highest diversity, lowest FID; the Base row, the
   step-0 evaluation of the untouched model, is not a candidate). table.csv has one row per reward and method,
-  at full precision. Unfinished runs (no ``samples_final.pt``) are listed, not averaged. Held-out rewards, when
+  at full precision. Unfinished runs are listed, not averaged (finished: ``samples_final.pt``, and the
+  evaluation row or checkpoint of train.steps, ``align.core.run_dir.is_finished``). Held-out rewards, when
   logged, are columns too (``held-out: <name>`` from ``eval/heldout/<name>``, an evaluation-only reward;
   ``reward part: <part>`` from ``eval/reward/<part>``, a part of a mix reward; higher is better, best in bold).
   Compute columns (runs that logged ``compute/`` from step 0): the cumulative velocity evaluations
   (``compute/velocity``: rows of v_θ and of v_base outside v_θ; a CFG-combined velocity is one row although the
-  network sees two) and reward-gradient evaluations at the final row, mean ± std over seeds. Older runs
-  without ``compute/`` keys still report, without those columns and figures (the table and the output say so).
+  network sees two) and reward-gradient evaluations at the final row, mean ± std over seeds. Runs without them
+  from step 0 (older runs, or a metrics.jsonl that lost its first rows) still report, without those columns and
+  figures; the table and the output say so, and why for each run.
 * ``convergence_<reward>.png/.pdf`` — reward, diversity, FID vs update step, mean ± std band over seeds;
   ``convergence_<reward>_vs_compute.png/.pdf`` — the same against cumulative velocity evaluations (x: their mean
   over seeds at each evaluated step), so methods of very different per-update cost compare at equal compute.
@@ -37,7 +39,7 @@ import sys
 
 from align.report import plots
 from align.report.data import discover, group_runs, label_keys
-from align.report.tables import NO_COMPUTE, write_table
+from align.report.tables import no_compute_note, write_table
 
 
 def report(sweep_dir: str, out: str | None = None) -> dict[str, list[str]]:
@@ -51,7 +53,7 @@ def report(sweep_dir: str, out: str | None = None) -> dict[str, list[str]]:
     keys = label_keys(groups)
     os.makedirs(out, exist_ok=True)
     written = {"table": list(write_table(groups, out, keys)), "figures": [],
-               "notes": [] if any(r.has_compute for r in runs) else [NO_COMPUTE]}
+               "notes": [] if any(r.has_compute for r in runs) else [no_compute_note(runs)]}
     written["figures"] += plots.convergence_plots(groups, out)
     written["figures"] += plots.pareto_plots(groups, out)
     written["figures"] += plots.heldout_plots(groups, out)

@@ -4,7 +4,9 @@ minus the seed and the run bookkeeping, ``align.core.run_dir.BOOKKEEPING``), and
 Columns: the fixed ``METRICS``, then the held-out rewards a sweep logged (``eval/heldout/<name>``, evaluation-only
 rewards, and ``eval/reward/<part>``, the unweighted parts of a mix reward; higher is better), then the compute a
 run spent (``COMPUTE``: cumulative from step 0, align/train/compute.py; only runs whose every row from step 0 carries
-it, so an old run, or one resumed from a checkpoint older than compute accounting, is left out of these)."""
+it, so an old run, one resumed from a checkpoint older than compute accounting, or one whose metrics.jsonl lost its
+first rows, is left out of these, each with its reason: ``RunData.why_no_compute``). A run is finished as
+``align.core.run_dir.is_finished`` says (samples_final.pt, and the evaluation row or checkpoint of train.steps)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from align.core.run_dir import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, flat_config, keys_with, read_config,
+from align.core.run_dir import (CONFIG_FILE, METRICS_FILE, flat_config, is_finished, keys_with, read_config,
                                  read_metrics)
 
 # (metrics.jsonl key, column name, better) — the table's columns, in order.
@@ -38,9 +40,10 @@ class RunData:
     path: str
     cfg: dict                    # flattened config (dotted keys)
     evals: list[dict]            # the metrics.jsonl rows with eval/ keys
-    finished: bool               # samples_final.pt exists (written last)
+    finished: bool               # align.core.run_dir.is_finished: samples_final.pt, and train.steps reached
     last_step: int
     steps: int                   # train.steps
+    first_step: int | None = None    # the first metrics.jsonl row's step (None: no rows)
 
     @property
     def seed(self):
@@ -50,6 +53,21 @@ class RunData:
     def has_compute(self) -> bool:
         """Every evaluation row, from the step-0 one on, carries the cumulative compute (``COMPUTE_X``)."""
         return bool(self.evals) and self.evals[0].get("step") == 0 and all(COMPUTE_X in r for r in self.evals)
+
+    def why_no_compute(self) -> str:
+        """Why the run has no compute accounting from step 0 ("" if it has): its metrics.jsonl lost the rows
+        before some step, it logged no ``compute/`` keys, or it logged them only from a resume on."""
+        if self.has_compute:
+            return ""
+        if self.first_step is None or self.first_step > 0:
+            start = "has no rows" if self.first_step is None else f"starts at step {self.first_step}"
+            return (f"its {METRICS_FILE} {start}: the rows before were deleted or cut off (a resume writes only "
+                    "the steps after its checkpoint)")
+        counted = [int(r["step"]) for r in self.evals if COMPUTE_X in r]
+        if not counted:
+            return "its rows have no compute/ keys (written before compute accounting)"
+        return (f"its compute/ counts start at step {counted[0]} (resumed from a checkpoint written before compute "
+                "accounting)")
 
 
 @dataclass
@@ -95,8 +113,8 @@ def read_run(path: str) -> RunData:
     rows = read_metrics(path)
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     add_relative_diversity(evals)
-    return RunData(path, cfg, evals, os.path.exists(os.path.join(path, FINISHED_FILE)),
-                   int(rows[-1]["step"]) if rows else 0, int(cfg.get("train.steps", 0) or 0))
+    return RunData(path, cfg, evals, is_finished(path, rows), int(rows[-1]["step"]) if rows else 0,
+                   int(cfg.get("train.steps", 0) or 0), int(rows[0]["step"]) if rows else None)
 
 
 def add_relative_diversity(evals: list[dict]) -> None:

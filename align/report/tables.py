@@ -7,7 +7,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from align.report.data import COMPUTE, Group, base_values, compute_values, final_values, mean_std, table_metrics
+from align.report.data import (COMPUTE, Group, RunData, base_values, compute_values, final_values, mean_std,
+                               table_metrics)
 
 
 @dataclass
@@ -125,20 +126,26 @@ COMPUTE_CAPTION = (
 
 
 def compute_notes(groups: list[Group]) -> list[str]:
-    """The compute columns' caption, or why there are none; the runs left out of them."""
+    """The compute columns' caption, or why there are none; the runs left out of them, each with its reason."""
     runs = [r for g in groups for r in g.runs]
     missing = [r for r in runs if not r.has_compute]
+    if not missing:
+        return [COMPUTE_CAPTION]
     if len(missing) == len(runs):
-        return [NO_COMPUTE]
-    notes = [COMPUTE_CAPTION]
-    if missing:
-        notes += ["", f"Runs without compute accounting from step 0 ({len(missing)}), not in the compute columns "
-                      "and vs-compute figures:"] + [f"- {r.path}" for r in missing]
-    return notes
+        return [no_compute_note(runs)] + _missing_compute(missing)
+    return [COMPUTE_CAPTION, "", f"Runs without compute accounting from step 0 ({len(missing)}), not in the compute "
+            "columns and vs-compute figures:"] + _missing_compute(missing)
 
 
-NO_COMPUTE = ("No compute columns and no vs-compute figures: no run logged compute/ keys from step 0 (runs "
-              "written before compute accounting).")
+def no_compute_note(runs: list[RunData]) -> str:
+    """Why there are no compute columns and figures at all, from the runs' own reasons (RunData.why_no_compute)."""
+    reasons = sorted({r.why_no_compute() for r in runs})
+    why = reasons[0] if len(reasons) == 1 else "see each run below"
+    return f"No compute columns and no vs-compute figures: no run logged compute/ keys from step 0 ({why})."
+
+
+def _missing_compute(runs: list[RunData]) -> list[str]:
+    return [f"- {r.path}: {r.why_no_compute()}" for r in runs]
 
 
 def write_table(groups: list[Group], out: str, keys: list[str]) -> tuple[str, str]:
