@@ -18,7 +18,7 @@ import time
 import pytest
 
 from align.core.run_dir import (HOLDER_FILE, LOCK_FILE, MARKER_FILE, RunMismatch, claim_run_dir, clear_partial_run,
-                                plan_existing_run, read_metrics, run_status)
+                                own_run_dir, plan_existing_run, read_metrics, run_status)
 from align.report.cli import main as report_main
 from align.sweep import main as sweep_main, quote
 from helpers.cli import ENV, align_run
@@ -291,6 +291,17 @@ def test_every_rank_follows_the_plan_rank_0_made_holding_the_lock(tmp_path, hook
     assert launch.returncode == 0, text[-3000:]
     assert text.count(f"align: {run} already finished, skipping") == 1                  # rank 0 says it, once
     assert (run / "metrics.jsonl").read_bytes() == (done / "metrics.jsonl").read_bytes()
+
+
+def test_a_sweep_writes_nothing_into_a_run_directory_another_process_holds(tmp_path, capsys):
+    """The sweep claims a run's directory and starts its log holding the lock: a directory held by another process
+    gets no run.log and no run; the sweep says who holds it."""
+    out = tmp_path / "out"
+    with own_run_dir(str(out / "seed=0")):
+        assert sweep_main([_sweep_file(tmp_path, "train.steps=2"), "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "failed   seed=0" in printed and f"{out / 'seed=0'} is being written by pid {os.getpid()} on " in printed
+    assert not (out / "seed=0" / "run.log").exists()
 
 
 # ---- C: a stop that reaches a sweep while its finished run exits ----------------------------------------------
