@@ -95,7 +95,7 @@ class SharedPlan:
 
     def __init__(self, run_dir: str, timeout_s: float):
         self.key = f"align.run/plan/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{run_dir}"
-        self.store = _launch_store(timeout_s) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        self.store = _launch_store(timeout_s) if _world_size() > 1 else None
         self.told = False
         if self.store is not None:
             SharedPlan._stores.append(self.store)
@@ -109,7 +109,7 @@ class SharedPlan:
 
     def hear(self) -> str:
         """The main process's plan (waits for it); exits as it does if it stopped before training."""
-        action = self.store.get(self.key).decode() if self.store is not None else STOP
+        action = self.store.get(self.key).decode()
         if action == STOP:
             _fail("the main process (rank 0) stopped before training; its message says why")
         return action
@@ -206,7 +206,12 @@ def _resumed_config(saved: DictConfig, given: DictConfig, run_dir: str) -> DictC
 
 def _launch_rank() -> int:
     """This process's global rank as set by torchrun / accelerate launch (0 when launched alone)."""
-    return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0
+
+
+def _world_size() -> int:
+    """How many processes the launch started (WORLD_SIZE; 1 when launched alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _reusable_run_dir() -> bool:

@@ -17,10 +17,13 @@ Hydra's parser, the common keys excluded from the name). Each run is a subproces
 ``python -m align.run <overrides> run_dir=<dir> train.progress=false threads=<--threads>``, up to
 ``--jobs`` at once, each in its own process group, its output appended to ``<dir>/run.log``. Ctrl-C
 (SIGINT), SIGTERM or SIGHUP stops the sweep: nothing more starts, the running runs get SIGTERM (SIGKILL after
-STOP_GRACE_S), the summary says which runs finished, were interrupted or never started, and the exit code is
-130; running the same command again resumes. Before anything starts, every run's config is
+STOP_GRACE_S), the summary says which runs finished (by their directories: one that finished as the stop
+reached it counts as finished), were interrupted or never started, and the exit code is 130 unless every run
+finished; running the same command again resumes. Before anything starts, every run's config is
 composed (a typo fails at once) and compared with what its directory already holds: finished runs are
-skipped, runs with a checkpoint resume, a directory holding another config is an error. The skip/resume
+skipped, runs with a checkpoint resume, a directory holding another config is an error. A run's marker and the
+header of its run.log are written holding the directory's lock: a directory another process writes is left
+alone (that run fails, naming the holder). The skip/resume
 rule itself lives in ``align.core.run_dir``, which ``align.run`` applies too, so Hydra launchers (SLURM, ...) get it.
 """
 from __future__ import annotations
