@@ -336,12 +336,13 @@ def plan_existing_run(run_dir: str, requested: dict) -> Literal["start", "skip",
     if status == "finished" and want == done:
         return "skip"
     refuse_shrinking(run_dir, want)
+    refuse_extending_without_checkpoint(run_dir, want)
     return "resume"
 
 
 def refuse_restarting(run_dir: str) -> None:
-    """RunMismatch if a start from step 0 would overwrite a finished run's samples_final.pt: one whose checkpoints
-    and the end of whose metrics.jsonl were removed (not finished any more, see is_finished, but not partial)."""
+    """RunMismatch if a start from step 0 would overwrite a finished run's samples_final.pt: a run whose checkpoints
+    and the end of its metrics.jsonl were removed no longer counts as finished (is_finished) and looks partial."""
     if os.path.exists(os.path.join(run_dir, FINISHED_FILE)):
         raise RunMismatch(f"{run_dir} has the {FINISHED_FILE} of a finished run, but neither a checkpoint nor the "
                           f"{METRICS_FILE} rows up to its train.steps; nothing was changed. Move {FINISHED_FILE} "
@@ -355,11 +356,16 @@ def trained_to(run_dir: str) -> int:
 
 
 def refuse_shrinking(run_dir: str, steps: int) -> None:
-    """RunMismatch if ``run_dir`` is trained beyond ``steps``, or is finished without a checkpoint (a resume would
-    train it again from step 0 and overwrite its metrics.jsonl)."""
+    """RunMismatch if ``run_dir`` is trained beyond ``steps`` (trained_to)."""
     done = trained_to(run_dir)
     if steps < done:
         raise RunMismatch(f"{run_dir} is already trained to step {done}, beyond the requested train.steps={steps}")
+
+
+def refuse_extending_without_checkpoint(run_dir: str, steps: int) -> None:
+    """RunMismatch if ``run_dir`` is finished without a checkpoint and ``steps`` goes beyond it: the extension
+    would train it again from step 0 and overwrite its metrics.jsonl."""
+    done = trained_to(run_dir)
     if steps > done and last_checkpoint_step(run_dir) is None and is_finished(run_dir):
         raise RunMismatch(f"{run_dir} finished at step {done} and keeps no checkpoint ({CHECKPOINTS_DIR}/ was "
                           f"removed), so it cannot be extended to train.steps={steps}: that would train it again "
@@ -375,6 +381,7 @@ def prepare_resume(run_dir: str, steps: int) -> int | None:
     finished run loses samples_final.pt first, so an interrupted extension is not finished. RunMismatch if
     ``steps`` is below what the run is trained to (config.yaml is left as it is)."""
     refuse_shrinking(run_dir, steps)
+    refuse_extending_without_checkpoint(run_dir, steps)
     last = last_checkpoint_step(run_dir)
     if last is None:
         if is_finished(run_dir):
