@@ -215,9 +215,8 @@ def own_run_dir(run_dir: str) -> Iterator[bool]:
     check_ours(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     with hold_run_dir(run_dir):
-        check_ours(run_dir)
         claimed = not run_files(run_dir) and not os.path.exists(os.path.join(run_dir, MARKER_FILE))
-        claim_run_dir(run_dir)
+        claim_run_dir(run_dir)          # checks again, now that no other run can be writing it
         yield claimed
 
 
