@@ -90,12 +90,17 @@ def _run(cfg: DictConfig, run_dir: str, is_main: bool) -> None:
                 resuming = True
             elif is_main:
                 clear_partial_run(run_dir)
+        if resuming and is_main:      # the checkpoint is usable, before prepare_resume changes any file
+            from align.train.checkpoint import check_resumable
+
+            check_resumable(run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         if resuming and is_main and prepare_resume(run_dir, int(cfg.train.steps)) is None:
             print(f"align: {run_dir} has no checkpoint yet, starting afresh", flush=True)
     except RunMismatch as err:
         _fail(str(err))
     from align.setup.checks import ConfigError
     from align.setup.assemble import build_trainer
+    from align.train.checkpoint import RunWriteError
     from align.train.trainer import TrainingDiverged
 
     with open_dict(cfg):
@@ -113,7 +118,7 @@ def _run(cfg: DictConfig, run_dir: str, is_main: bool) -> None:
               flush=True)
     try:
         trainer.train()
-    except TrainingDiverged as err:
+    except (TrainingDiverged, RunWriteError) as err:
         _fail(str(err))
     if trainer.is_main:
         last = _last_eval(run_dir)
