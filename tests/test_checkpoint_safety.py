@@ -117,7 +117,6 @@ class _MakesDir:
 
 
 # ---- A: a crafted state.pt ----------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_a_crafted_state_pt_is_refused_unopened_by_resume_rerun_and_evaluate(trained, tmp_path):
     run = _copy(trained, tmp_path)
     ran = tmp_path / "the_pickle_ran"
