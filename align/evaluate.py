@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from align.setup.assemble import build_parts
 from align.setup.checks import ConfigError, check_config, checked_config
+from align.train.checkpoint import check_fits, state_file
 from align.train.evaluation import Evaluator
-from align.core.run_dir import CONFIG_FILE, list_checkpoints
+from align.core.run_dir import CONFIG_FILE, list_checkpoints, read_config
 from align.train.trainer import preview_order
 
 METRICS_NAME, GRID_NAME, SAMPLES_NAME = "metrics.json", "samples.png", "samples.pt"
@@ -50,6 +51,7 @@ def evaluate(cfg: DictConfig, out: str, state: dict[str, Any] | None = None, sam
     step = 0
     if state is not None:
         step = int(state["step"])
+        check_fits(parts.model.finetune_state_dict(), state["model"], "model", f"the checkpoint of step {step}")
         parts.model.load_finetune_state_dict(state["model"])
     evaluator = Evaluator(parts.model, parts.reward, parts.grid, parts.prompts, ev.n_samples, ev.group_size,
                           int(cfg.seed), batch_size=ev.batch_size, fid_reference=ev.fid_reference,
@@ -71,8 +73,9 @@ def evaluate(cfg: DictConfig, out: str, state: dict[str, Any] | None = None, sam
 
 def load_run(run_dir: str, step: int | None) -> tuple[DictConfig, dict[str, Any]]:
     """A run's typed config.yaml (through the refusal pass, as for evaluation) and the state of its checkpoint
-    ``step`` (None: the newest intact one)."""
-    from align.train.checkpoint import CheckpointError, load_latest, load_step
+    ``step`` (None: the newest intact one), unpickled with weights_only=True; refused (EvaluateError or
+    CheckpointError, naming the file) if it is not a checkpoint or config.yaml was edited since it was written."""
+    from align.train.checkpoint import EVALUATE_KEYS, CheckpointError, check_same_config, load_latest, load_step
 
     saved = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(saved):
@@ -81,17 +84,20 @@ def load_run(run_dir: str, step: int | None) -> tuple[DictConfig, dict[str, Any]
                        bad_value=lambda err: EvaluateError(f"{saved}: {err}")).cfg
     steps = list_checkpoints(run_dir)
     if step is None:
-        loaded = load_latest(run_dir)
+        loaded = load_latest(run_dir, needs=EVALUATE_KEYS)
         if loaded is None:
             raise EvaluateError(f"{run_dir} has no checkpoint yet")
-        return cfg, loaded[1]
-    if step not in steps:
+        step, state = loaded
+    elif step not in steps:
         raise EvaluateError(f"--step {step}: {run_dir} has no checkpoint of that step; it has "
                             f"{', '.join(map(str, steps)) or 'none'}")
-    try:
-        return cfg, load_step(run_dir, step)
-    except CheckpointError as err:
-        raise EvaluateError(f"--step {step}: {err}") from None
+    else:
+        try:
+            state = load_step(run_dir, step, needs=EVALUATE_KEYS)
+        except CheckpointError as err:
+            raise EvaluateError(f"--step {step}: {err}") from None
+    check_same_config(state, read_config(run_dir), run_dir, state_file(run_dir, step))
+    return cfg, state
 
 
 def _base_config(overrides: list[str]) -> DictConfig:

@@ -148,6 +148,10 @@ def _plan(cfg: DictConfig, run_dir: str) -> str:
                       flush=True)
             else:
                 clear_partial_run(run_dir)
+        if action == "resume":      # the checkpoint is usable, before prepare_resume changes any file
+            from align.train.checkpoint import check_resumable
+
+            check_resumable(run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         if action == "resume" and prepare_resume(run_dir, int(cfg.train.steps)) is None:
             print(f"align: {run_dir} has no checkpoint yet, starting afresh", flush=True)
     except RunMismatch as err:
@@ -164,6 +168,7 @@ def _run(cfg: DictConfig, run_dir: str, action: str, is_main: bool) -> None:
             cfg.resume = run_dir
     from align.setup.checks import ConfigError
     from align.setup.assemble import build_trainer
+    from align.train.checkpoint import RunWriteError
     from align.train.trainer import TrainingDiverged
 
     with open_dict(cfg):
@@ -181,7 +186,7 @@ def _run(cfg: DictConfig, run_dir: str, action: str, is_main: bool) -> None:
               flush=True)
     try:
         trainer.train()
-    except TrainingDiverged as err:
+    except (TrainingDiverged, RunWriteError) as err:
         _fail(str(err))
     if trainer.is_main:
         last = _last_eval(run_dir)

@@ -238,7 +238,7 @@ def train_one(setting: Setting, algo: str, beta: float | None, steps: int, n_fin
         ov.append("algo.objective=raw")
     cfg = compose_config(ov, run_dir=run_dir)
     build_trainer(cfg, run_dir).train()
-    return torch.load(os.path.join(run_dir, FINISHED_FILE))
+    return torch.load(os.path.join(run_dir, FINISHED_FILE), weights_only=True)
 
 
 # ----------------------------------------------------------------------------------------------- table

@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from tqdm.auto import tqdm
 
-from align.train.checkpoint import load_latest, save_checkpoint
+from align.train.checkpoint import (RESUME_KEYS, CheckpointMismatch, RunWriteError, check_fits, check_same_config,
+                                    load_latest, save_atomically, save_checkpoint, state_file, write_failure)
 from align.train.compute import KEYS as COMPUTE_KEYS, VELOCITY, EvalCounter
 from align.train.evaluation import Evaluator
 from align.core.interfaces import Algorithm, FlowModel, Reward
@@ -72,10 +73,13 @@ class Trainer:
                  config: dict[str, Any] | None = None, eval_rewards: dict[str, Reward] | None = None):
         self.train_cfg, self.eval_cfg, self.seed, self.config = train, evaluation, seed, config
         self.run_dir = run_dir
-        # Read the checkpoint before anything else: one that cannot be resumed is a clear error before any work,
-        # and the trackers need its step (TensorBoard purges the events after it).
-        loaded = load_latest(run_dir) if resume else None
+        # Read the checkpoint before anything else: one that cannot be resumed (damaged, foreign, trained with
+        # another config) is a clear error before any work, and the trackers need its step (TensorBoard purges the
+        # events after it).
+        loaded = load_latest(run_dir, needs=RESUME_KEYS) if resume else None
         self.resume_step = None if loaded is None else loaded[0]
+        if loaded is not None:
+            check_same_config(loaded[1], config, run_dir, state_file(run_dir, loaded[0]))
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s))
         self.accelerator = Accelerator(cpu=cpu, kwargs_handlers=[timeout],
@@ -107,7 +111,7 @@ class Trainer:
         self.step, self.bad_in_row, self.skipped, self.elapsed = 0, 0, 0, 0.0
         self.start_norms, self.broken = self._param_norms(), []   # the divergence guard's reference
         if loaded is not None:
-            self.load_state(loaded[1])
+            self.load_state(loaded[1], source=state_file(run_dir, loaded[0]))
 
     def _preflight(self) -> None:
         """Score two noise samples so that shape or weight problems surface before sampling starts."""
@@ -120,25 +124,60 @@ class Trainer:
 
     # ---- checkpoint state -------------------------------------------------------------------------------
     def state(self, rng_states: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
-        """Everything a resume needs; ``rng`` holds one entry per process (each draws its own noise)."""
+        """Everything a resume needs; ``rng`` holds one entry per process (each draws its own noise), ``config`` the
+        run's resolved config (a resume refuses a config.yaml edited since). Tensors and plain containers only:
+        loading unpickles with ``weights_only=True``."""
         return {"step": self.step, "model": self.model.finetune_state_dict(), "algo": self.algo.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng_states or [self._rng_state()],
                 "bad_in_row": self.bad_in_row, "skipped": self.skipped, "elapsed": self.elapsed,
-                "start_norms": self.start_norms, "compute": dict(self.compute)}
+                "start_norms": self.start_norms, "compute": dict(self.compute), "config": self.config}
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
+        """Continue from ``state`` (read from ``source``, named in errors). CheckpointMismatch, before anything is
+        changed, if it does not fit this run: other processes, tensors of other names or shapes, or (checkpoints
+        without a stored config) other learning rates; one that fails to load all the same is one too."""
+        try:
+            self._check_fits(state, source)
+            self._apply_state(state)
+        except CheckpointMismatch:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+            raise CheckpointMismatch(f"{source} cannot be loaded into this run ({type(err).__name__}: "
+                                     f"{(str(err).splitlines() or [''])[0]})") from None
+
+    def _check_fits(self, state: dict[str, Any], source: str) -> None:
+        """CheckpointMismatch naming what of ``state`` does not fit this run (see ``load_state``)."""
+        world = self.accelerator.num_processes
+        if len(state["rng"]) != world:
+            raise CheckpointMismatch(f"{self.run_dir}: the checkpoint was written by {len(state['rng'])} process(es) "
+                                     f"and this run has {world}; resume with the same number of processes (the noise "
+                                     "streams are per process)")
+        check_fits(self.model.finetune_state_dict(), state["model"], "model", source)
+        check_fits(self.algo.state_dict(), state["algo"], "algorithm", source)
+        if state.get("config") is None:
+            self._check_learning_rates(state["optimizer"]["param_groups"], source)
+
+    def _check_learning_rates(self, saved_groups: list[dict[str, Any]], source: str) -> None:
+        """For checkpoints that store no config: AdamW's load_state_dict would put back the saved learning rates
+        while config.yaml shows others, so a config whose rates differ from the saved ones is refused."""
+        for ours, theirs, group in zip(self.optimizer.param_groups, saved_groups, self.groups):
+            if float(theirs["lr"]) != float(ours["lr"]):
+                key = "train.lr" if "lr" not in group else f"the algorithm's learning rate of {group['name']}"
+                raise CheckpointMismatch(
+                    f"{source} was trained with the learning rate {theirs['lr']} for the parameters {group['name']}, "
+                    f"and the config gives {ours['lr']} ({key}): a run goes on with the learning rate it was trained "
+                    f"with. Set {theirs['lr']} back in {os.path.join(self.run_dir, CONFIG_FILE)}, or start a new run")
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        """Load ``state`` (checked by ``_check_fits``) into the model, algorithm, optimizer and streams."""
         self.step = int(state["step"])
         self.model.load_finetune_state_dict(state["model"])
         self.algo.load_state_dict(state["algo"])
         self.optimizer.load_state_dict(state["optimizer"])
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        if len(state["rng"]) != world:
-            raise ValueError(f"{self.run_dir}: the checkpoint was written by {len(state['rng'])} process(es) and "
-                             f"this run has {world}; resume with the same number of processes (the noise "
-                             "streams are per process)")
+        rank = self.accelerator.process_index
         self.generator.set_state(state["rng"][rank]["generator"])
         torch.set_rng_state(state["rng"][rank]["torch"])
         self.bad_in_row, self.skipped, self.elapsed = state["bad_in_row"], state["skipped"], state["elapsed"]
@@ -149,7 +188,7 @@ class Trainer:
         else:
             warnings.warn(f"{self.run_dir}: the checkpoint of step {self.step} was written before compute accounting; "
                           f"the compute/ counts restart from zero at step {self.step} (align.report leaves this run "
-                          "out of its compute column and vs-compute plots)", stacklevel=2)
+                          "out of its compute column and vs-compute plots)", stacklevel=3)
 
     def save(self) -> None:
         from accelerate.utils import gather_object
@@ -368,5 +407,9 @@ class Trainer:
             samples = self.evaluator.final_samples(self.eval_cfg.final_samples)
         if self.is_main:
             path = os.path.join(self.run_dir, FINISHED_FILE)
-            torch.save(samples, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            try:
+                save_atomically(samples, path)
+            except OSError as err:
+                raise RunWriteError(f"could not write {path}: {write_failure(err)}; the final checkpoint (step "
+                                    f"{self.step}) is intact. Make room, then resume={self.run_dir} writes the final "
+                                    "samples") from None
