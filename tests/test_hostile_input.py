@@ -44,8 +44,23 @@ def _checksums(folder) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished tiny gmm run (checkpoints at steps 1 and 2) trained in its own folder with a relative prompts file
-    and a relative reward file; returns (that folder, the run directory)."""
+    """A finished tiny gmm run: checkpoints at steps 1 and 2."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    res = align_run(*TRAINED, f"run_dir={run}")
+    assert res.returncode == 0, res.stderr
+    return run
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of the finished run, in this test's folder (which the test may change as it likes)."""
+    return shutil.copytree(finished_run, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def relative_run(tmp_path_factory):
+    """A finished tiny gmm run trained in its own folder with a relative prompts file and a relative reward file;
+    returns (that folder, the run directory)."""
     home = tmp_path_factory.mktemp("home")
     (home / "pr_ok.txt").write_text("a point\n")
     (home / "my_reward.py").write_text(REWARD_FILE)
@@ -53,12 +68,6 @@ def finished_run(tmp_path_factory):
                     "reward.differentiable=true", "reward.domain=gmm", "run_dir=run", cwd=home)
     assert res.returncode == 0, res.stderr
     return home, home / "run"
-
-
-@pytest.fixture
-def run_copy(finished_run, tmp_path):
-    """A copy of the finished run, in this test's folder (which the test may change as it likes)."""
-    return shutil.copytree(finished_run[1], tmp_path / "run")
 
 
 @contextmanager
@@ -147,17 +156,18 @@ def test_a_sweep_file_and_the_base_model_evaluation_refuse_plus_keys(tmp_path, c
 
 # ---- B: paths --------------------------------------------------------------------------------------------------
 
-def test_config_yaml_names_its_files_by_absolute_path(finished_run):
-    home, run = finished_run
+def test_config_yaml_names_its_files_by_absolute_path(relative_run):
+    home, run = relative_run
     saved = read_config(str(run))
     assert saved["prompts"] == f"file:{home / 'pr_ok.txt'}"
     assert saved["reward"]["target"] == f"{home / 'my_reward.py'}:Scaled"
 
 
 @pytest.mark.slow
-def test_a_run_resumes_from_another_directory(finished_run, run_copy, tmp_path):
+def test_a_run_resumes_from_another_directory(relative_run, tmp_path):
     """The run was trained in its own folder with relative paths; resumed from elsewhere it finds its prompts and
     reward file (a real process, in another working directory) and extends to step 3."""
+    run_copy = shutil.copytree(relative_run[1], tmp_path / "run")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     res = subprocess_run("align.run", [f"resume={run_copy}", "train.steps=3"], cwd=elsewhere)
