@@ -218,7 +218,6 @@ def test_evaluate_takes_a_sweep_run_directory_whose_name_holds_equals(run_copy, 
 
 # ---- C: one line instead of a traceback ------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_resuming_a_read_only_run_says_so(run_copy):
     before = _checksums(run_copy)
     with read_only(run_copy):
