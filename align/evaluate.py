@@ -111,7 +111,7 @@ def _is_run_dir(target: str) -> bool:
     return os.path.isdir(target) or "=" not in target
 
 
-def _read_saved_config(run_dir: str) -> None:
+def _check_saved_config(run_dir: str) -> None:
     """EvaluateError naming the file (and the line of a YAML syntax error) if the run's config.yaml exists but is
     not a readable YAML mapping (``load_run`` reports a missing one)."""
     saved = os.path.join(run_dir, CONFIG_FILE)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir, *rest = a.target
             if rest:
                 raise EvaluateError(f"a run is evaluated with its own config.yaml; drop {' '.join(rest)}")
-            _read_saved_config(run_dir)
+            _check_saved_config(run_dir)
             cfg, state = load_run(run_dir, a.step)
             out = a.out or os.path.join(run_dir, "evaluate", f"step_{int(state['step']):07d}")
             _check_out(out, a.out, run_dir)
