@@ -132,13 +132,16 @@ def test_deleting_a_typed_setting_is_refused(tmp_path, override, message):
 
 def test_a_free_form_mapping_still_takes_plus_keys(tmp_path):
     """``reward.kwargs`` (reward=callable) is any mapping of the callable's arguments: ``+reward.kwargs.scale``
-    adds one, the run trains with it and config.yaml keeps it."""
+    adds one, the run trains with it and config.yaml keeps it; ``model.features`` (sd3) is a mapping too."""
     (tmp_path / "my_reward.py").write_text(REWARD_FILE)
     res = align_run(*TINY, "train.steps=1", "reward=callable", "reward.target=my_reward.py:Scaled",
                     "reward.differentiable=true", "reward.domain=gmm", "+reward.kwargs.scale=2.5",
                     f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert read_config(str(tmp_path / "run"))["reward"]["kwargs"] == {"scale": 2.5}
+    cfg = compose_config(["model=sd3", "reward=aesthetic", "+model.features.dreamsim_type=open_clip_vitb32"],
+                         training=False)                # a documented one (align/models/sd3.py)
+    assert cfg.model.features.dreamsim_type == "open_clip_vitb32"
 
 
 def test_a_sweep_file_and_the_base_model_evaluation_refuse_plus_keys(tmp_path, capsys):
@@ -201,10 +204,13 @@ def test_a_rerun_from_the_same_directory_is_the_same_config(tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
     common = [*TRAINED, "prompts=file:pr_ok.txt"]
     sweep.write_text(f"name: t\nout: out\ncommon: [{', '.join(common)}]\ngrids:\n  - seed: [0]\n")
-    res = align_run(*common, "seed=0", f"run_dir={quote(str(tmp_path / 'out' / 'seed=0'))}", cwd=tmp_path)
+    run = [*common, "seed=0", f"run_dir={quote(str(tmp_path / 'out' / 'seed=0'))}"]
+    res = align_run(*run, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     res = run_main(sweep_main, [str(sweep), "--dry-run"], cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.startswith("skip   seed=0"), res.stdout + res.stderr
+    res = align_run(*run, cwd=tmp_path)                # align.run's own comparison, as a sweep's run makes it
+    assert res.returncode == 0 and "already finished, skipping" in res.stdout, res.stdout + res.stderr
 
 
 @pytest.mark.slow
