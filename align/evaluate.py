@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from align.setup.assemble import build_parts
-from align.setup.checks import ConfigError, check_config, checked_config
+from align.setup.checks import ConfigError, check_config, checked_config, read_saved_config, unwritable
 from align.train.checkpoint import check_fits, state_file
 from align.train.evaluation import Evaluator
 from align.core.run_dir import CONFIG_FILE, list_checkpoints, read_config
@@ -112,6 +112,34 @@ def _base_config(overrides: list[str]) -> DictConfig:
         raise EvaluateError(str(err)) from None
 
 
+def _is_run_dir(target: str) -> bool:
+    """The first argument names a run directory: an existing folder (sweep runs' names hold '='), or no override."""
+    return os.path.isdir(target) or "=" not in target
+
+
+def _check_saved_config(run_dir: str) -> None:
+    """EvaluateError naming the file (and the line of a YAML syntax error) if the run's config.yaml exists but is
+    not a readable YAML mapping (``load_run`` reports a missing one)."""
+    saved = os.path.join(run_dir, CONFIG_FILE)
+    if os.path.isfile(saved):
+        try:
+            read_saved_config(saved)
+        except ConfigError as err:
+            raise EvaluateError(str(err)) from None
+
+
+def _check_out(out: str, given: str | None, run_dir: str | None = None) -> None:
+    """EvaluateError before any work if the output folder cannot be written; for a run's default one (inside the
+    run directory, which evaluation otherwise only reads), say so and suggest ``--out``."""
+    problem = unwritable(out)
+    if problem is None:
+        return
+    if given is not None:
+        raise EvaluateError(f"--out {out} {problem}; give a writable folder")
+    why = ": align.evaluate only reads the run, but writes its results there by default" if run_dir else ""
+    raise EvaluateError(f"{out} {problem}{why}; give --out <a writable folder>")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m align.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("target", nargs="*", help="a run directory, or key=value overrides (the base model)")
@@ -122,20 +150,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.samples < 0:
             raise EvaluateError(f"--samples must be >= 0, got {a.samples}")
-        if a.target and "=" not in a.target[0]:
+        if a.target and _is_run_dir(a.target[0]):
             run_dir, *rest = a.target
             if rest:
                 raise EvaluateError(f"a run is evaluated with its own config.yaml; drop {' '.join(rest)}")
+            _check_saved_config(run_dir)
             cfg, state = load_run(run_dir, a.step)
             out = a.out or os.path.join(run_dir, "evaluate", f"step_{int(state['step']):07d}")
+            _check_out(out, a.out, run_dir)
         else:
             if a.step is not None:
                 raise EvaluateError("--step needs a run directory")
             cfg, state = _base_config(a.target), None
             out = a.out or os.path.join("evaluations",
                                         f"{datetime.now():%Y%m%d-%H%M%S}_{cfg.model.name}_{cfg.reward.name}")
+            _check_out(out, a.out)
         row = evaluate(cfg, out, state, a.samples)
-    except (EvaluateError, ConfigError, ValueError, FileNotFoundError) as err:
+    except (EvaluateError, ConfigError, ValueError, OSError) as err:
         print(f"align.evaluate: {str(err).strip(chr(39) + chr(34))}", file=sys.stderr)
         return 2
     heldout = "".join(f", {k[len('eval/heldout/'):]} {v:.4g}" for k, v in row.items()

@@ -28,8 +28,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from align.setup.checks import ConfigError, resumable_config
 from align.setup.overrides import ConfigProblem, check_overrides
 from align.setup.paper_settings import describe
+from align.setup.paths import absolute_paths
 from align.setup.registration import register_resolvers
 from align.core.run_dir import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, RESUMABLE_KEYS, SAMPLES_DIR, TB_DIR,
                                 RunMismatch, clear_partial_run, discard_if_unused, last_checkpoint_step, own_run_dir,
@@ -49,10 +51,8 @@ def _job(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     if cfg.resume:
         run_dir = os.path.abspath(str(cfg.resume))
-        saved = os.path.join(run_dir, CONFIG_FILE)
-        if not os.path.isfile(saved):
-            _fail(f"resume={cfg.resume}: {saved} does not exist (is this a run directory?)")
-        cfg = _resumed_config(OmegaConf.load(saved), cfg, run_dir)
+        cfg = _resumed_config(_saved_config(cfg.resume, run_dir), cfg, run_dir)
+    absolute_paths(cfg)     # the config.yaml it saves names its files from anywhere (align.setup.paths)
     shared = SharedPlan(run_dir, _collective_timeout(cfg))
     if _launch_rank() != 0:
         _run(cfg, run_dir, shared.hear(), is_main=False)
@@ -193,6 +193,15 @@ def _run(cfg: DictConfig, run_dir: str, action: str, is_main: bool) -> None:
         print(f"align: done. {last}\n       metrics: {os.path.join(run_dir, METRICS_FILE)}\n"
               f"       final samples: {os.path.join(run_dir, FINISHED_FILE)}\n"
               f"       sample grid: {os.path.join(run_dir, SAMPLES_DIR, 'latest.png')}", flush=True)
+
+
+def _saved_config(given: str, run_dir: str) -> DictConfig:
+    """The saved config of the run ``resume=`` continues; a missing or unreadable config.yaml, or a folder that
+    cannot be written, stops here with one line."""
+    try:
+        return resumable_config(run_dir)
+    except ConfigError as err:
+        _fail(f"resume={given}: {err}")
 
 
 def _resumed_config(saved: DictConfig, given: DictConfig, run_dir: str) -> DictConfig:

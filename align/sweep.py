@@ -46,6 +46,7 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from align.setup.checks import yaml_problem
 from align.setup.overrides import ConfigProblem
 from align.core.run_dir import (RunMismatch, keys_with, last_checkpoint_step, own_run_dir, plan_existing_run,
                                 run_status)
@@ -108,15 +109,15 @@ def normalise(key: str, values: list[str]) -> list[str]:
 
 def load_sweep(path: str, out: str | None = None, extra: list[str] | None = None) -> Sweep:
     """Read a sweep file (all scalars as written) and expand it into runs; ``extra`` overrides join common."""
-    with open(path, encoding="utf-8") as fh:
-        spec = yaml.load(fh, Loader=yaml.BaseLoader) or {}
+    spec = _read_spec(path)
     unknown = set(spec) - {"name", "out", "common", "grids"}
     if unknown:
         raise SweepError(f"{path}: unknown top-level keys {sorted(unknown)} (allowed: name, out, common, grids)")
     name = spec.get("name") or os.path.splitext(os.path.basename(path))[0]
-    common = list(spec.get("common") or []) + list(extra or [])
-    if not isinstance(spec.get("common") or [], list):
+    given = spec.get("common") or []
+    if not isinstance(given, list) or not all(isinstance(o, str) for o in given):
         raise SweepError(f"{path}: common must be a list of overrides like 'model=digits'")
+    common = given + list(extra or [])
     grids = spec.get("grids") or []
     if not isinstance(grids, list) or not grids or not all(isinstance(g, dict) and g for g in grids):
         raise SweepError(f"{path}: grids must be a non-empty list of non-empty mappings key -> list of values")
@@ -128,6 +129,27 @@ def load_sweep(path: str, out: str | None = None, extra: list[str] | None = None
     sweep = Sweep(name, out or spec.get("out") or os.path.join("sweeps", name), common, norm)
     sweep.runs = expand(sweep)
     return sweep
+
+
+def _read_spec(path: str) -> dict:
+    """The sweep file's top-level mapping, every scalar as written (text); SweepError naming the file if it is not
+    UTF-8 text, not YAML (with the line) or not a mapping."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise SweepError(f"{path} is not a UTF-8 text file: line {line} has a byte that is not UTF-8; save it as "
+                         "UTF-8") from None
+    try:
+        spec = yaml.load(text, Loader=yaml.BaseLoader) or {}
+    except yaml.YAMLError as err:
+        raise SweepError(yaml_problem(path, err)) from None
+    if not isinstance(spec, dict):
+        raise SweepError(f"{path}: a sweep file is a mapping with the keys name, out, common, grids; this one is a "
+                         f"YAML {'list' if isinstance(spec, list) else 'scalar'}")
+    return spec
 
 
 def run_name(grid_overrides: list[str]) -> str:

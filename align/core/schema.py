@@ -9,12 +9,13 @@ classes (``align/core/registry.py``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import importlib.util
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, TypeVar
+from typing import Any, Dict, Iterable, List, Mapping, Optional, TypeVar
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -207,6 +208,33 @@ def check(cfg: DictConfig) -> None:
         child = OmegaConf.select(cfg, f.name, throw_on_resolution_failure=False)
         if isinstance(child, DictConfig):
             check(child)
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Each key of a typed section of ``cfg`` that its dataclass has no field for (e.g. one added with Hydra's
+    ``+key=value``), as (dotted key, that section's fields). An untyped mapping (a free-form field such as
+    ``reward.kwargs``, a part registered without a config dataclass) takes any key; lists are not looked into."""
+    if not cfg.keys():            # empty, None or missing: nothing to look at (items_ex refuses the latter two)
+        return []
+    schema = OmegaConf.get_type(cfg)
+    fields = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    found = []
+    for key, value in cfg.items_ex(resolve=False):
+        if fields is not None and key not in fields:
+            found.append((f"{prefix}{key}", fields))
+        elif isinstance(value, DictConfig):
+            found += unknown_keys(value, f"{prefix}{key}.")
+    return found
+
+
+def unknown_key_message(key: str, valid: Iterable[str], where: str) -> str:
+    """One line for a key ``where`` (e.g. ``algo=vggflow``, ``train``) has no setting for: the nearest valid key
+    (difflib), then all of them."""
+    parent, _, last = key.rpartition(".")
+    valid = sorted(str(k) for k in valid)
+    near = difflib.get_close_matches(last, valid, n=1)
+    hint = f" (did you mean {parent + '.' if parent else ''}{near[0]}?)" if near else ""
+    return f"unknown key '{key}'{hint}; {where} has the keys {', '.join(valid)}"
 
 
 def validated(cfg: DictConfig) -> Any:

@@ -1,6 +1,7 @@
 """The refusal pass: ``check_config(cfg)`` checks a composed config once, before any work, from the classes and
-configs alone (no weights looked for, nothing built): its values (the typed configs' ``validate()``, with the
-algorithm's grid- and batch-dependent rules), the algorithm's groups against the update's micro-batches, the
+configs alone (no weights looked for, nothing built): its keys (a typed section takes none its dataclass lacks,
+e.g. from Hydra's ``+key=``), its values (the typed configs' ``validate()``, with the algorithm's grid- and
+batch-dependent rules), the algorithm's groups against the update's micro-batches, the
 reward's and ``eval.rewards``' domains against the model, a reward gradient for an algorithm that differentiates
 the reward, the prompts against the model and a given ``run_dir``. The command line (``align.setup.overrides``),
 ``align.sweep --dry-run``, ``align.evaluate`` and ``align.setup.assemble.build_trainer`` / ``build_parts`` all run
@@ -16,11 +17,14 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from align.core.registry import ALGORITHMS, MODELS, REWARDS
+from align.core.run_dir import CONFIG_FILE
 from align.core.reward_mix import MixReward, RewardEntry, domain_of, is_differentiable, parse_entries
-from align.core.schema import EvalConfig, RootConfig, TrainConfig, check, typed_config
+from align.core.schema import (EvalConfig, RootConfig, TrainConfig, check, typed_config, unknown_key_message,
+                               unknown_keys)
 from align.setup.prompts import load_prompts
 
 
@@ -81,9 +85,28 @@ def check_values(cfg: DictConfig) -> DictConfig:
     untyped config: merged onto the typed configs first)."""
     if not issubclass(OmegaConf.get_type(cfg) or object, RootConfig):
         return typed_config(cfg)
+    check_known_keys(cfg)
     OmegaConf.to_container(cfg, resolve=True)
     check(cfg)
     return cfg
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """ConfigError for the first key a typed section has no setting for (Hydra's ``+key=value`` adds one to any
+    section, e.g. ``+algo.betaa=3``), naming the nearest valid key; free-form mappings take any key."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        key, valid = unknown[0]
+        raise ConfigError(unknown_key_message(key, valid, section_name(cfg, key.rpartition(".")[0])))
+
+
+def section_name(cfg: DictConfig, section: str) -> str:
+    """How a message names the section ``section`` (dotted) of ``cfg``: ``algo=vggflow`` for a part's own,
+    ``the run's config`` for the root."""
+    if not section:
+        return "the run's config"
+    name = OmegaConf.select(cfg, f"{section}.name", default=None) if section in ("algo", "model", "reward") else None
+    return f"{section}={name}" if isinstance(name, str) else section
 
 
 def scores_domain(domain: str, model: str) -> bool:
@@ -163,19 +186,70 @@ def check_prompts(cfg: DictConfig) -> list[str] | None:
 
 def check_run_dir(run_dir: str) -> None:
     """``run_dir`` is a directory, or can be made, and is writable (Hydra creates it before the job starts)."""
-    path = os.path.abspath(os.path.expanduser(run_dir))
+    problem = unwritable(run_dir)
+    if problem:
+        advice = "; give a directory" if problem.endswith("is a file") else ""
+        raise ConfigError(f"run_dir={run_dir} {problem}{advice}")
+
+
+def unwritable(path: str) -> str | None:
+    """Why the directory ``path`` cannot be written, worded to follow its name (``is a file``, ``cannot be created:
+    <parent> is not writable``, ...); None if it is a directory, or can be made, and a file can be created in it."""
+    path = os.path.abspath(os.path.expanduser(path))
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    where = "is" if existing == path else f"cannot be created: {existing} is"
     if not os.path.isdir(existing):
-        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
-        raise ConfigError(f"run_dir={run_dir} {where}; give a directory")
+        return f"{where} a file"
     try:
         with tempfile.NamedTemporaryFile(dir=existing):   # a real write (os.access says yes to root, even on /proc)
             pass
     except OSError:
-        where = "is" if existing == path else f"cannot be created: {existing} is"
-        raise ConfigError(f"run_dir={run_dir} {where} not writable") from None
+        return f"{where} not writable"
+    return None
+
+
+def read_saved_config(path: str) -> DictConfig:
+    """A saved config.yaml as OmegaConf reads it; ConfigError naming the file (and a YAML error's line) if it is not
+    a readable YAML mapping."""
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(yaml_problem(path, err) + "; fix it by hand or restore it from a copy") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file; restore it from a copy") from None
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read ({err.strerror})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} is not a run's config (a YAML mapping of keys); restore it from a copy")
+    return cfg
+
+
+def yaml_problem(path: str, err: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error in the file ``path``: where (line and column, counted from 1), what, and
+    where the construct it was reading started."""
+    mark = getattr(err, "problem_mark", None)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    started = f" ({context}, which starts at line {start.line + 1})" if context and start is not None else ""
+    return f"{path} is not valid YAML{where}: {what}{started}"
+
+
+def resumable_config(run_dir: str) -> DictConfig:
+    """The saved config of the run ``run_dir`` that ``resume=`` continues, read (not yet typed); ConfigError if it
+    is missing or not YAML, or if the folder cannot be written (the resumed run writes its lock, checkpoints and
+    metrics there)."""
+    saved = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(saved):
+        raise ConfigError(f"{saved} does not exist (is this a run directory?)")
+    cfg = read_saved_config(saved)
+    problem = unwritable(run_dir)
+    if problem:
+        raise ConfigError(f"{run_dir} {problem}: a resumed run writes its lock, checkpoints and metrics.jsonl there; "
+                          "make it writable, or copy the run to a writable folder and resume the copy")
+    return cfg
 
 
 def check_groups(cfg: DictConfig) -> None:

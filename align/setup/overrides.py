@@ -1,17 +1,22 @@
 """Check command-line overrides before Hydra starts any job: unknown groups or keys get a one-paragraph
-message with the valid choices; then each combination is composed once and goes through the refusal pass
-(``align.setup.checks.check_config``): a bad value (refused by the typed configs: align/core/schema.py and the
-algorithms', models' and rewards' config dataclasses) gets a one-line message naming the key, the value and the
-valid choices (no traceback); so do a reward (or an ``eval.rewards`` entry) of another domain than the model's, a
-reward that is not differentiable with an algorithm that differentiates it, prompts the model cannot condition on,
-groups that do not fit the update and a given ``run_dir=`` that cannot be written. ``model=`` defaults to the reward's domain (a mix's: its parts';
-a callable's: ``reward.domain``) and, when only ``model=`` is given, ``reward=`` to the domain's
-``default_reward`` (its preset, align/conf/preset/)."""
+message with the valid choices and the nearest key (``+key`` adds a key only to a free-form mapping such as
+``reward.kwargs``, never a setting to a typed section, and ``~key`` deletes none of those either); then each
+combination is composed once, its relative paths made absolute (``align.setup.paths``), and goes through the
+refusal pass (``align.setup.checks.check_config``): a bad value (refused by the typed configs: align/core/schema.py
+and the algorithms', models' and rewards' config dataclasses) gets a one-line message naming the key, the value and
+the valid choices (no traceback); so do a reward (or an ``eval.rewards`` entry) of another domain than the model's,
+a reward that is not differentiable with an algorithm that differentiates it, prompts the model cannot condition on,
+groups that do not fit the update and a given ``run_dir=`` that cannot be written; ``resume=`` needs a readable
+config.yaml in a writable folder. ``model=`` defaults to the reward's domain (a mix's: its parts'; a callable's:
+``reward.domain``) and, when only ``model=`` is given, ``reward=`` to the domain's ``default_reward`` (its preset,
+align/conf/preset/)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -20,11 +25,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from align.setup.checks import CheckedConfig, ConfigError, check_config
+from align.setup.checks import CheckedConfig, ConfigError, check_config, resumable_config, section_name
 from align.setup.paper_settings import find_missing
+from align.setup.paths import absolute_paths
 from align.setup.registration import prepare_compose
 from align.core.registry import REGISTRIES, REWARDS, SCHEMA_SUFFIX
-from align.core.schema import typed_config
+from align.core.schema import typed_config, unknown_key_message
 
 GROUPS = ("algo", "model", "reward")
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
@@ -97,6 +103,8 @@ def _unknown_group(conf_dir: str, group: str, value: str) -> ConfigProblem:
 
 
 def _unknown_key(cfg: DictConfig, key: str) -> ConfigProblem:
+    """The key is not in ``cfg``: the nearest valid one under its deepest existing section; ``+key`` is suggested
+    only where new keys are taken (a free-form mapping), never for a typed section's settings."""
     parts = key.split(".")
     parent, node = [], cfg
     for p in parts[:-1]:
@@ -105,10 +113,37 @@ def _unknown_key(cfg: DictConfig, key: str) -> ConfigProblem:
             break
         parent.append(p)
         node = nxt
-    where = ".".join(parent) or "the top level"
-    keys = ", ".join(sorted(str(k) for k in node.keys()))
-    return ConfigProblem(f"unknown key '{key}'. Valid keys under {where}: {keys}. "
-                         f"(To add a key the config does not have, write +{key}=...)")
+    message = unknown_key_message(key, node.keys(), section_name(cfg, ".".join(parent)))
+    if _free_form(node, parts[len(parent)]):
+        message += f". To add a key to that free-form mapping, write +{key}=..."
+    return ConfigProblem(message)
+
+
+def _free_form(node: DictConfig, key: str) -> bool:
+    """Whether ``node`` takes new keys at ``key``: it is an untyped mapping, or ``key`` is a typed section's field of
+    type Any (e.g. ``reward.kwargs``), whose value may be any mapping."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return True
+    return any(f.name == key and f.type in (Any, "Any") for f in dataclasses.fields(schema))
+
+
+def _check_deletion(conf_dir: str, cfg: DictConfig, key: str) -> None:
+    """``~key``: only a free-form mapping's entries can be deleted; a group (``~algo``) or a typed section's setting
+    (``~algo.beta``, ``~seed``) is a ConfigProblem saying what to give instead. Another Hydra config group
+    (``~preset``) is Hydra's to handle."""
+    if key in GROUPS:
+        raise ConfigProblem(f"~{key}: a run needs its {key}; choose one with {key}=<name> "
+                            f"(valid choices: {', '.join(_options(conf_dir, key))})")
+    if "/" in key or os.path.isdir(os.path.join(conf_dir, key)):
+        return
+    if not _has_key(cfg, key):
+        raise _unknown_key(cfg, key)
+    section = key.rpartition(".")[0]
+    node = OmegaConf.select(cfg, section) if section else cfg
+    if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
+        raise ConfigProblem(f"~{key}: {key} is a setting of {section_name(cfg, section)} and cannot be deleted; "
+                            f"give {key}=<value>, or leave it out for its default")
 
 
 def _has_key(cfg: DictConfig, key: str) -> bool:
@@ -188,13 +223,13 @@ def _reward_domain(conf_dir: str, combo: list[str], reward: str) -> str:
 
 
 def _check_saved(run_dir: str) -> None:
-    """A resumed run's saved config.yaml, typed and checked again (align/run.py reports a missing one)."""
-    path = os.path.join(run_dir, "config.yaml")
-    if os.path.isfile(path):
-        try:
-            typed_config(OmegaConf.load(path))
-        except (ValueError, KeyError) as err:
-            raise ConfigProblem(f"resume={run_dir}: its config.yaml: {bad_value_message(err)}") from None
+    """A resumed run's folder and saved config.yaml: readable, writable, and the config typed and checked again."""
+    try:
+        typed_config(resumable_config(run_dir))
+    except ConfigError as err:
+        raise ConfigProblem(f"resume={run_dir}: {err}") from None
+    except (ValueError, KeyError) as err:
+        raise ConfigProblem(f"resume={run_dir}: its config.yaml: {bad_value_message(err)}") from None
 
 
 def _default_reward(conf_dir: str, combos: list[list[str]]) -> str:
@@ -222,12 +257,12 @@ def _check_combo(conf_dir: str, combo: list[str], training: bool = True) -> Chec
     base = _groups_config(conf_dir, [o for o in combo if o.partition("=")[0] in GROUPS])
     for o in combo:
         key = o.partition("=")[0]
-        if key in GROUPS or key.startswith(("+", "~")):
-            continue
-        if not _has_key(base, key):
-            raise _unknown_key(base, key)
+        if key.startswith("~"):
+            _check_deletion(conf_dir, base, key[1:])
+        elif key not in GROUPS and not key.startswith("+") and not _has_key(base, key):
+            raise _unknown_key(base, key)        # a +key is checked once composed (check_config: typed sections)
     try:
-        cfg = compose(config_name="config", overrides=combo)
+        cfg = absolute_paths(compose(config_name="config", overrides=combo))
     except Exception as err:
         raise _bad_value(err, combo) from None
     try:

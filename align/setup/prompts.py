@@ -28,6 +28,9 @@ def _read(spec: str) -> list[str]:
         return load_named_set(spec)
     if spec.startswith("file:"):
         path = os.path.expanduser(spec[len("file:"):])
+        if os.path.isdir(path):
+            raise ValueError(f"prompts={spec} is a directory, not a text file; give a file in it, e.g. "
+                             f"prompts=file:{os.path.join(path, '<name>.txt')} (one prompt per line)")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"prompts={spec}: no such file {path!r}")
         binary = ValueError(f"prompts={spec}: the file {path!r} is not a text file (UTF-8, one prompt per line)")
