@@ -16,6 +16,7 @@ Those rules, and the run directory's file names, are ``align.core.run_dir``'s.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -153,7 +154,8 @@ def _last_eval(run_dir: str) -> str:
     rows = [r for r in read_metrics(run_dir) if "eval/reward" in r]
     if not rows:
         return ""
-    first, last = rows[0], rows[-1]
+    # a NaN metric is stored as null
+    first, last = ({k: math.nan if v is None else v for k, v in r.items()} for r in (rows[0], rows[-1]))
     return (f"eval reward {first['eval/reward']:.4g} -> {last['eval/reward']:.4g}, diversity "
             f"{first['eval/diversity']:.4g} -> {last['eval/diversity']:.4g}, FID vs base {last['eval/fid']:.4g}")
 

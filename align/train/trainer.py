@@ -359,6 +359,11 @@ class Trainer:
         if self.is_main:
             logger.images(SAMPLES_DIR, self.model.preview_grid(x1[preview_order(self.evaluator.prompts)]),
                           self.step)
+            if metrics["eval/reward_nonfinite"]:
+                warnings.warn(f"step {self.step}: {self.reward.description()} returned non-finite values for "
+                              f"{metrics['eval/reward_nonfinite']} of the {len(self.evaluator.prompts)} evaluation "
+                              "samples; that row's eval/reward and eval/reward_std are NaN (null in metrics.jsonl)",
+                              RuntimeWarning, stacklevel=2)
         return metrics
 
     @torch.no_grad()
