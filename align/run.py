@@ -97,7 +97,7 @@ def _run(cfg: DictConfig, run_dir: str, is_main: bool) -> None:
         _fail(str(err))
     from align.setup.checks import ConfigError
     from align.setup.assemble import build_trainer
-    from align.train.trainer import TrainingDiverged
+    from align.train.trainer import TrainingStopped
 
     with open_dict(cfg):
         cfg.run_dir = run_dir
@@ -114,7 +114,7 @@ def _run(cfg: DictConfig, run_dir: str, is_main: bool) -> None:
               flush=True)
     try:
         trainer.train()
-    except TrainingDiverged as err:
+    except TrainingStopped as err:
         _fail(str(err))
     if trainer.is_main:
         last = _last_eval(run_dir)

@@ -31,7 +31,7 @@ from align.train.checkpoint import load_latest, save_checkpoint
 from align.train.compute import KEYS as COMPUTE_KEYS, VELOCITY, EvalCounter
 from align.train.evaluation import Evaluator
 from align.train.reward_watch import NonFiniteWatch
-from align.core.interfaces import Algorithm, FlowModel, Reward
+from align.core.interfaces import Algorithm, FlowModel, Reward, RewardError
 from align.core.run_dir import CONFIG_FILE, FINISHED_FILE, SAMPLES_DIR, claim_run_dir, list_checkpoints
 from align.train.run_logging import RunLogger
 from align.core.schema import EvalConfig, TrainConfig
@@ -51,8 +51,16 @@ def preview_order(prompts: list[str], per_prompt: int = 8) -> list[int]:
     return [i for idx in seen.values() for i in idx[:per_prompt]]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """The run stopped with a message for the command line; the run directory keeps what was written before."""
+
+
+class TrainingDiverged(TrainingStopped):
     """Too many consecutive non-finite updates, or parameters blown up by an update."""
+
+
+class RewardFailed(TrainingStopped):
+    """The reward returned something training cannot use (``RewardError``: e.g. the wrong shape) mid-run."""
 
 
 class Trainer:
@@ -317,6 +325,21 @@ class Trainer:
                     grad.copy_(avg)
 
     # ---- the loop ---------------------------------------------------------------------------------------
+    def train(self) -> None:
+        """Train to ``train.steps``: evaluations, checkpoints and the final samples (see the class docstring). A
+        reward output training cannot use stops the run (``RewardFailed``), its checkpoints as they were."""
+        try:
+            self._train()
+        except RewardError as err:
+            raise RewardFailed(f"{err}; the run stopped after {self.step} update(s), {self._checkpoint_note()}: fix "
+                               f"the reward, then resume={self.run_dir} continues the run") from None
+
+    def _checkpoint_note(self) -> str:
+        """What the run directory holds to go on from: its newest checkpoint, or none."""
+        saved = list_checkpoints(self.run_dir)
+        return (f"the newest checkpoint (step {saved[-1]}) holds the last good parameters" if saved
+                else "no checkpoint had been written yet")
+
     def _skipped_message(self) -> str:
         """Why the run stops after ``train.max_bad_steps`` skipped updates in a row, and the ways forward."""
         where = f"{self.run_dir}/checkpoints"
@@ -330,7 +353,7 @@ class Trainer:
                 f"were skipped, and the last good parameters are saved in {where}. Lower train.lr or algo.beta (a "
                 "new run), or raise train.max_bad_steps (resume=<run_dir> accepts it).")
 
-    def train(self) -> None:
+    def _train(self) -> None:
         t = self.train_cfg
         if self.is_main:
             claim_run_dir(self.run_dir)
@@ -351,14 +374,11 @@ class Trainer:
                 if self.broken:       # the parameters themselves are broken: log the row, checkpoint nothing
                     self.elapsed = row["time_s"] = time.time() - start_time
                     logger.log({"step": self.step, **row})
-                    saved = list_checkpoints(self.run_dir)
-                    kept = (f"the newest checkpoint (step {saved[-1]}) holds the last good parameters" if saved
-                            else "no checkpoint had been written yet")
                     raise TrainingDiverged(
                         f"the update of step {self.step} left the parameters of {', '.join(self.broken)} beyond "
-                        f"train.max_param_growth={t.max_param_growth}; nothing was saved after it, {kept}. Lower "
-                        "train.lr or algo.beta (a new run), or raise train.max_param_growth (resume=<run_dir> "
-                        "accepts it).")
+                        f"train.max_param_growth={t.max_param_growth}; nothing was saved after it, "
+                        f"{self._checkpoint_note()}. Lower train.lr or algo.beta (a new run), or raise "
+                        "train.max_param_growth (resume=<run_dir> accepts it).")
                 if self.bad_in_row >= t.max_bad_steps:   # skipped updates: the parameters are the last good
                     self.elapsed = row["time_s"] = time.time() - start_time
                     logger.log({"step": self.step, **row})
