@@ -8,9 +8,10 @@
 
 A class is instantiated, and a function given ``reward.kwargs`` is called, through ``hydra.utils.instantiate``
 (``_target_`` the object, ``reward.kwargs`` its arguments, nested ``_target_`` entries instantiated too); the
-result is the reward. The reward is called as ``r(images, prompts)`` with the model's decoded samples (the domain's
-``decode``: pixels in [0, 1] for digits and SD3, the points themselves for gmm) and returns a tensor [B] or a
-sequence of B numbers; anything else stops with a message naming the target (``RewardError``). A non-finite value is returned as
+result is the reward. The reward is called as ``r(images, prompts)`` with a copy of the model's decoded samples
+(the domain's ``decode``: pixels in [0, 1] for digits and SD3, the points themselves for gmm) and of the prompt
+list, so that a callable writing into its input changes nothing else, and returns a tensor [B] or a sequence of B
+numbers; anything else stops with a message naming the target (``RewardError``). A non-finite value is returned as
 it is: the trainer's preflight refuses it before any work, training skips the update it came in
 (``train.max_bad_steps`` in a row stop the run, naming the target), and evaluation reports it
 (``eval/reward_nonfinite``).
@@ -168,8 +169,8 @@ def make_callable(target: str, kwargs: dict[str, Any] | None) -> Callable[..., A
 
 @register_reward("callable", config=CallableConfig)
 class CallableReward(Reward):
-    """r(images, prompts) = the user's callable, its output checked: shape [B], fp32 (fp64 kept); non-finite values
-    are passed on (the trainer and the evaluator deal with them)."""
+    """r(images, prompts) = the user's callable on a copy of its input, its output checked: shape [B], fp32 (fp64
+    kept); non-finite values are passed on (the trainer and the evaluator deal with them)."""
 
     name, domain, differentiable = "callable", "any", False
 
@@ -197,7 +198,9 @@ class CallableReward(Reward):
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         fn = self.module if "module" in self._modules else self.fn
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.differentiable):
-            out = fn(images, prompts)
+            # copies: the samples (a trajectory's x_1 itself where decode is the identity) and the prompts are the
+            # run's; clone() keeps the graph to the images for a differentiable callable
+            out = fn(images.clone(), list(prompts))
         return self._checked(out, images)
 
     def _checked(self, out: Any, images: torch.Tensor) -> torch.Tensor:
