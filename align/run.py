@@ -19,6 +19,7 @@ Those rules, and the run directory's file names, are ``align.core.run_dir``'s.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from contextlib import ExitStack, contextmanager
@@ -169,7 +170,7 @@ def _run(cfg: DictConfig, run_dir: str, action: str, is_main: bool) -> None:
     from align.setup.checks import ConfigError
     from align.setup.assemble import build_trainer
     from align.train.checkpoint import RunWriteError
-    from align.train.trainer import TrainingDiverged
+    from align.train.trainer import TrainingStopped
 
     with open_dict(cfg):
         cfg.run_dir = run_dir
@@ -186,7 +187,7 @@ def _run(cfg: DictConfig, run_dir: str, action: str, is_main: bool) -> None:
               flush=True)
     try:
         trainer.train()
-    except (TrainingDiverged, RunWriteError) as err:
+    except (TrainingStopped, RunWriteError) as err:
         _fail(str(err))
     if trainer.is_main:
         last = _last_eval(run_dir)
@@ -240,7 +241,8 @@ def _last_eval(run_dir: str) -> str:
     rows = [r for r in read_metrics(run_dir) if "eval/reward" in r]
     if not rows:
         return ""
-    first, last = rows[0], rows[-1]
+    # a NaN metric is stored as null
+    first, last = ({k: math.nan if v is None else v for k, v in r.items()} for r in (rows[0], rows[-1]))
     return (f"eval reward {first['eval/reward']:.4g} -> {last['eval/reward']:.4g}, diversity "
             f"{first['eval/diversity']:.4g} -> {last['eval/diversity']:.4g}, FID vs base {last['eval/fid']:.4g}")
 

@@ -8,9 +8,13 @@
 
 A class is instantiated, and a function given ``reward.kwargs`` is called, through ``hydra.utils.instantiate``
 (``_target_`` the object, ``reward.kwargs`` its arguments, nested ``_target_`` entries instantiated too); the
-result is the reward. The reward is called as ``r(images, prompts)`` with the model's decoded samples (the domain's
-``decode``: pixels in [0, 1] for digits and SD3, the points themselves for gmm) and returns a tensor [B] or a
-sequence of B numbers; anything else, or a non-finite value, stops with a message naming the target.
+result is the reward. The reward is called as ``r(images, prompts)`` with a copy of the model's decoded samples
+(the domain's ``decode``: pixels in [0, 1] for digits and SD3, the points themselves for gmm) and of the prompt
+list, so that a callable writing into its input changes nothing else, and returns a tensor [B] or a sequence of B
+numbers; anything else stops with a message naming the target (``RewardError``). A non-finite value is returned as
+it is: the trainer's preflight refuses it before any work, training skips the update it came in
+(``train.max_bad_steps`` in a row stop the run, naming the target), and evaluation reports it
+(``eval/reward_nonfinite``).
 
 A user callable is a black box unless ``reward.differentiable=true`` says otherwise (then its output must hold a
 graph to the images when they require one); ``reward.domain`` (default ``any``) names the model it scores.
@@ -30,7 +34,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from align.core.interfaces import Reward
+from align.core.interfaces import Reward, RewardError
 from align.core.registry import MODELS, register_reward
 
 FORMS = "pkg.module:function, pkg.module.function or path/to/file.py:function"
@@ -165,7 +169,8 @@ def make_callable(target: str, kwargs: dict[str, Any] | None) -> Callable[..., A
 
 @register_reward("callable", config=CallableConfig)
 class CallableReward(Reward):
-    """r(images, prompts) = the user's callable, its output checked: shape [B], finite, fp32 (fp64 kept)."""
+    """r(images, prompts) = the user's callable on a copy of its input, its output checked: shape [B], fp32 (fp64
+    kept); non-finite values are passed on (the trainer and the evaluator deal with them)."""
 
     name, domain, differentiable = "callable", "any", False
 
@@ -187,32 +192,33 @@ class CallableReward(Reward):
     def domain_of(cls, cfg: Any) -> str:
         return str(cfg.get("domain", "any"))
 
+    def description(self) -> str:
+        return f"reward=callable (reward.target={self.target})"
+
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         fn = self.module if "module" in self._modules else self.fn
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.differentiable):
-            out = fn(images, prompts)
+            # copies: the samples (a trajectory's x_1 itself where decode is the identity) and the prompts are the
+            # run's; clone() keeps the graph to the images for a differentiable callable
+            out = fn(images.clone(), list(prompts))
         return self._checked(out, images)
 
     def _checked(self, out: Any, images: torch.Tensor) -> torch.Tensor:
-        n, what = images.shape[0], f"reward=callable (reward.target={self.target})"
+        n, what = images.shape[0], self.description()
         if not isinstance(out, torch.Tensor):
             try:
                 out = torch.as_tensor(out, dtype=torch.float64 if images.dtype == torch.float64 else torch.float32)
             except (TypeError, ValueError, RuntimeError):
-                raise ValueError(f"{what} returned a {type(out).__name__} for {n} images; it must return a tensor "
-                                 f"[{n}] or a sequence of {n} numbers") from None
+                raise RewardError(f"{what} returned a {type(out).__name__} for {n} images; it must return a tensor "
+                                  f"[{n}] or a sequence of {n} numbers") from None
         if out.shape != (n,):
-            raise ValueError(f"{what} returned shape {tuple(out.shape)} for {n} images; it must return a tensor "
-                             f"[{n}] or a sequence of {n} numbers")
+            raise RewardError(f"{what} returned shape {tuple(out.shape)} for {n} images; it must return a tensor "
+                              f"[{n}] or a sequence of {n} numbers")
         if not out.is_floating_point():
             out = out.float()
-        bad = (~torch.isfinite(out.detach())).nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(f"{what} returned non-finite values at rows {bad[:8]}: "
-                             f"{out.detach()[bad[:8]].tolist()}")
         if self.differentiable and images.requires_grad and torch.is_grad_enabled() and not out.requires_grad:
-            raise ValueError(f"{what} has reward.differentiable=true but its output holds no gradient to the "
-                             "images; return a differentiable tensor, or set reward.differentiable=false")
+            raise RewardError(f"{what} has reward.differentiable=true but its output holds no gradient to the "
+                              "images; return a differentiable tensor, or set reward.differentiable=false")
         if not self.differentiable:
             out = out.detach()
         return out.to(images.device, torch.promote_types(out.dtype, torch.float32))

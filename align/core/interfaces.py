@@ -112,6 +112,11 @@ class FlowModel(nn.Module, abc.ABC):
                   os.path.join(directory, "finetuned.safetensors"))
 
 
+class RewardError(ValueError):
+    """A reward's output that cannot be used: the wrong shape or type, or no gradient where one was declared. (A
+    non-finite value is not one: training skips the update it came in, evaluation reports it.)"""
+
+
 class Reward(nn.Module, abc.ABC):
     """r(images, prompts) -> Tensor[B], differentiable, fp32. ``domain`` names the model it scores."""
 
@@ -122,6 +127,11 @@ class Reward(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+    def description(self) -> str:
+        """How messages name this reward: ``reward=<name>`` (a reward configured by more than its name adds what
+        tells it apart, e.g. a callable's target)."""
+        return f"reward={self.name}"
 
 
 class Algorithm(nn.Module, abc.ABC):

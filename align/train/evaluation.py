@@ -29,6 +29,9 @@ class Evaluator:
     contiguous run of those chunks (``align/train/sharding.py``), so every figure is the one-process figure exactly;
     samples are gathered on the main process only.
 
+    A non-finite reward is reported, not raised: ``eval/reward`` and ``eval/reward_std`` are then NaN (null in
+    metrics.jsonl) and ``eval/reward_nonfinite`` counts the samples it was non-finite for (0 normally).
+
     Beside the trained reward: a mix's parts (``reward.part_values``: ``eval/reward/<label>``, unweighted) and the
     held-out rewards ``extra_rewards`` (``eval.rewards``: ``eval/heldout/<label>``), means over the evaluation
     samples, scored in the same chunks; the step-0 evaluation, of the untouched model, is the base's value.
@@ -165,6 +168,7 @@ class Evaluator:
             cos.append(cosine_diversity(feats[idx]))
             fid.append(frechet_distance(feats[idx], base_feats[idx]))
         metrics = {"eval/reward": rewards.mean().item(), "eval/reward_std": rewards.std().item(),
+                   "eval/reward_nonfinite": int((~torch.isfinite(rewards)).sum()),
                    "eval/diversity": sum(div) / len(div), "eval/fid": sum(fid) / len(fid),
                    # the paper's units: mean pairwise cosine distance within a prompt, in units of 1e-2
                    "eval/diversity_cos": sum(cos) / len(cos)}

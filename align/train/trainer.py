@@ -31,7 +31,8 @@ from align.train.checkpoint import (RESUME_KEYS, CheckpointMismatch, RunWriteErr
                                     load_latest, save_atomically, save_checkpoint, state_file, write_failure)
 from align.train.compute import KEYS as COMPUTE_KEYS, VELOCITY, EvalCounter
 from align.train.evaluation import Evaluator
-from align.core.interfaces import Algorithm, FlowModel, Reward
+from align.train.reward_watch import NonFiniteWatch
+from align.core.interfaces import Algorithm, FlowModel, Reward, RewardError
 from align.core.run_dir import CONFIG_FILE, FINISHED_FILE, SAMPLES_DIR, claim_run_dir, list_checkpoints
 from align.train.run_logging import RunLogger
 from align.core.schema import EvalConfig, TrainConfig
@@ -51,8 +52,16 @@ def preview_order(prompts: list[str], per_prompt: int = 8) -> list[int]:
     return [i for idx in seen.values() for i in idx[:per_prompt]]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """The run stopped with a message for the command line; the run directory keeps what was written before."""
+
+
+class TrainingDiverged(TrainingStopped):
     """Too many consecutive non-finite updates, or parameters blown up by an update."""
+
+
+class RewardFailed(TrainingStopped):
+    """The reward returned something training cannot use (``RewardError``: e.g. the wrong shape) mid-run."""
 
 
 class Trainer:
@@ -95,6 +104,9 @@ class Trainer:
         self.algo.to(self.accelerator.device)
         self.counter = EvalCounter(self.model, self.reward, self.algo)   # this process's rows since the last update
         self.compute = dict.fromkeys(COMPUTE_KEYS, 0)                   # every process's, from step 0
+        # the rewards that returned non-finite values in training's own calls (what the counter counts)
+        self.reward_watch = NonFiniteWatch(self.reward, active=lambda: self.counter.counting)
+        self.nonfinite_rewards: list[str] = []      # ... in the current run of skipped updates (for the message)
         with self.counter.paused():
             self._preflight()
 
@@ -114,13 +126,19 @@ class Trainer:
             self.load_state(loaded[1], source=state_file(run_dir, loaded[0]))
 
     def _preflight(self) -> None:
-        """Score two noise samples so that shape or weight problems surface before sampling starts."""
+        """Score two noise samples so that a wrong shape, a non-finite value or a weight problem surfaces before
+        sampling starts."""
         x = self.model.sample_noise(2, torch.Generator().manual_seed(0))
         with torch.no_grad():
             r = self.reward(self.model.decode(x).float(), [self.prompt_set[0]] * 2)
         if r.shape != (2,):
-            raise ValueError(f"reward={self.reward.name} returned shape {tuple(r.shape)} for 2 samples, "
+            raise ValueError(f"{self.reward.description()} returned shape {tuple(r.shape)} for 2 samples, "
                              "expected (2,)")
+        bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"{self.reward.description()} returned non-finite values at rows {bad}: "
+                             f"{r[bad].tolist()} for 2 noise samples of model={self.model.name} (checked before "
+                             "training); it must be finite on the model's samples")
 
     # ---- checkpoint state -------------------------------------------------------------------------------
     def state(self, rng_states: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
@@ -262,13 +280,15 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(g["params"], self.train_cfg.grad_clip)
             norms[f"grad_norm/{g['name']}"] = float(norm)
             finite &= math.isfinite(float(norm))
-        finite = self._agree(finite)
+        bad_rewards = self.reward_watch.take()
+        finite, rewards_finite = self._agree(finite and not bad_rewards, not bad_rewards)
         r = self.accelerator.gather(torch.cat(rewards).to(self.accelerator.device))
         row = {"reward_mean": r.mean().item(), "reward_std": r.std().item(), **logs, **norms}
         if finite:
             self.optimizer.step()
             self.algo.after_step()
             self.bad_in_row = 0
+            self.nonfinite_rewards = []
             norms = self._param_norms()
             row.update({f"param_norm/{k}": v for k, v in norms.items()})
             limit = self.train_cfg.max_param_growth
@@ -278,8 +298,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_row += 1
             self.skipped += 1
-        row.update(skipped=int(not finite), skipped_total=self.skipped)
+            if not rewards_finite:      # another process's reward, if not this one's: the trained reward
+                self._note_nonfinite_rewards(bad_rewards or [self.reward.description()])
+        row.update(skipped=int(not finite), skipped_total=self.skipped, reward_nonfinite=int(not rewards_finite))
         return row
+
+    def _note_nonfinite_rewards(self, described: list[str]) -> None:
+        self.nonfinite_rewards += [d for d in described if d not in self.nonfinite_rewards]
 
     def _reward_x1(self, traj: Trajectory) -> torch.Tensor:
         """r(x_1) for the log: the algorithm's own value when it computed one (PMP, AM, VGG-Flow), else scored (not
@@ -313,12 +338,14 @@ class Trainer:
         with torch.no_grad():
             return {g["name"]: float(torch.nn.utils.get_total_norm(g["params"])) for g in self.groups}
 
-    def _agree(self, finite: bool) -> bool:
-        """Step only if every process's loss and gradients are finite, so the replicas never diverge."""
+    def _agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag true only if it is true on every process (one all-reduce): the update is taken only if every
+        process's loss, gradients and rewards are finite, so the replicas never diverge."""
         if self.accelerator.num_processes == 1:
-            return finite
-        flag = torch.tensor([float(finite)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
+            return flags
+        local = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
+        total = self.accelerator.reduce(local, reduction="sum").tolist()
+        return tuple(v == self.accelerator.num_processes for v in total)
 
     def _sync_gradients(self) -> None:
         """Average gradients over processes (the loss is not a module forward, so no DDP wrapper): one
@@ -338,6 +365,34 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def train(self) -> None:
+        """Train to ``train.steps``: evaluations, checkpoints and the final samples (see the class docstring). A
+        reward output training cannot use stops the run (``RewardFailed``), its checkpoints as they were."""
+        try:
+            self._train()
+        except RewardError as err:
+            raise RewardFailed(f"{err}; the run stopped after {self.step} update(s), {self._checkpoint_note()}: fix "
+                               f"the reward, then resume={self.run_dir} continues the run") from None
+
+    def _checkpoint_note(self) -> str:
+        """What the run directory holds to go on from: its newest checkpoint, or none."""
+        saved = list_checkpoints(self.run_dir)
+        return (f"the newest checkpoint (step {saved[-1]}) holds the last good parameters" if saved
+                else "no checkpoint had been written yet")
+
+    def _skipped_message(self) -> str:
+        """Why the run stops after ``train.max_bad_steps`` skipped updates in a row, and the ways forward."""
+        where = f"{self.run_dir}/checkpoints"
+        if self.nonfinite_rewards:
+            return (f"{self.bad_in_row} consecutive updates (the last at step {self.step}) were skipped because "
+                    f"{' and '.join(self.nonfinite_rewards)} returned non-finite values (NaN or inf); the last good "
+                    f"parameters are saved in {where}. Fix the reward (resume={self.run_dir} then continues the "
+                    "run), lower train.lr or algo.beta if training drove the samples where it is not finite (a new "
+                    "run), or raise train.max_bad_steps (resume=<run_dir> accepts it).")
+        return (f"{self.bad_in_row} consecutive updates had a non-finite loss or gradient (step {self.step}); they "
+                f"were skipped, and the last good parameters are saved in {where}. Lower train.lr or algo.beta (a "
+                "new run), or raise train.max_bad_steps (resume=<run_dir> accepts it).")
+
+    def _train(self) -> None:
         t = self.train_cfg
         if self.is_main:
             claim_run_dir(self.run_dir)
@@ -358,23 +413,16 @@ class Trainer:
                 if self.broken:       # the parameters themselves are broken: log the row, checkpoint nothing
                     self.elapsed = row["time_s"] = time.time() - start_time
                     logger.log({"step": self.step, **row})
-                    saved = list_checkpoints(self.run_dir)
-                    kept = (f"the newest checkpoint (step {saved[-1]}) holds the last good parameters" if saved
-                            else "no checkpoint had been written yet")
                     raise TrainingDiverged(
                         f"the update of step {self.step} left the parameters of {', '.join(self.broken)} beyond "
-                        f"train.max_param_growth={t.max_param_growth}; nothing was saved after it, {kept}. Lower "
-                        "train.lr or algo.beta (a new run), or raise train.max_param_growth (resume=<run_dir> "
-                        "accepts it).")
+                        f"train.max_param_growth={t.max_param_growth}; nothing was saved after it, "
+                        f"{self._checkpoint_note()}. Lower train.lr or algo.beta (a new run), or raise "
+                        "train.max_param_growth (resume=<run_dir> accepts it).")
                 if self.bad_in_row >= t.max_bad_steps:   # skipped updates: the parameters are the last good
                     self.elapsed = row["time_s"] = time.time() - start_time
                     logger.log({"step": self.step, **row})
                     self.save()
-                    raise TrainingDiverged(
-                        f"{self.bad_in_row} consecutive updates had a non-finite loss or gradient (step "
-                        f"{self.step}); they were skipped, and the last good parameters are saved in "
-                        f"{self.run_dir}/checkpoints. Lower train.lr or algo.beta (a new run), or raise "
-                        "train.max_bad_steps (resume=<run_dir> accepts it).")
+                    raise TrainingDiverged(self._skipped_message())
                 if self.step == steps or (every > 0 and self.step % every == 0):
                     row.update(self._evaluate(logger))
                 self.elapsed = time.time() - start_time
@@ -398,6 +446,11 @@ class Trainer:
         if self.is_main:
             logger.images(SAMPLES_DIR, self.model.preview_grid(x1[preview_order(self.evaluator.prompts)]),
                           self.step)
+            if metrics["eval/reward_nonfinite"]:
+                warnings.warn(f"step {self.step}: {self.reward.description()} returned non-finite values for "
+                              f"{metrics['eval/reward_nonfinite']} of the {len(self.evaluator.prompts)} evaluation "
+                              "samples; that row's eval/reward and eval/reward_std are NaN (null in metrics.jsonl)",
+                              RuntimeWarning, stacklevel=2)
         return metrics
 
     @torch.no_grad()
