@@ -34,7 +34,7 @@ from align.setup.overrides import ConfigProblem, check_overrides
 from align.setup.paper_settings import describe
 from align.setup.paths import absolute_paths
 from align.setup.registration import register_resolvers
-from align.core.run_dir import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, RESUMABLE_KEYS, SAMPLES_DIR, TB_DIR,
+from align.core.run_dir import (FINISHED_FILE, METRICS_FILE, RESUMABLE_KEYS, SAMPLES_DIR, TB_DIR,
                                 RunMismatch, clear_partial_run, discard_if_unused, last_checkpoint_step, own_run_dir,
                                 plan_existing_run, prepare_resume, read_metrics)
 
@@ -141,7 +141,7 @@ def _plan(cfg: DictConfig, run_dir: str) -> str:
     action = "resume" if resuming else "start"
     try:
         if not resuming and _reusable_run_dir():
-            action = plan_existing_run(run_dir, OmegaConf.to_container(cfg, resolve=True))
+            action = plan_existing_run(run_dir, OmegaConf.to_container(cfg, resolve=True), absolute_paths)
             if action == "skip":
                 print(f"align: {run_dir} already finished, skipping", flush=True)
             elif action == "resume":

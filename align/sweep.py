@@ -176,12 +176,13 @@ def expand(sweep: Sweep) -> list[Run]:
 def plan(sweep: Sweep) -> list[str]:
     """Compose every run's config and decide start / resume / skip; returns the problems found."""
     from align.setup.compose import compose_config
+    from align.setup.paths import absolute_paths
 
     problems = []
     for run in sweep.runs:
         try:
             cfg = compose_config(run.overrides, run_dir=run.dir)
-            run.action = plan_existing_run(run.dir, OmegaConf.to_container(cfg, resolve=True))
+            run.action = plan_existing_run(run.dir, OmegaConf.to_container(cfg, resolve=True), absolute_paths)
         except (ConfigProblem, RunMismatch) as err:
             problems.append(f"{run.name}: {err}")
         except Exception as err:  # a bad value Hydra or OmegaConf rejects

@@ -211,6 +211,15 @@ def test_a_rerun_from_the_same_directory_is_the_same_config(tmp_path, capsys):
     assert res.returncode == 0 and res.stdout.startswith("skip   seed=0"), res.stdout + res.stderr
     res = align_run(*run, cwd=tmp_path)                # align.run's own comparison, as a sweep's run makes it
     assert res.returncode == 0 and "already finished, skipping" in res.stdout, res.stdout + res.stderr
+    # a config.yaml of a version that kept relative paths: read from the same folder, still the same config
+    saved = tmp_path / "out" / "seed=0" / "config.yaml"
+    absolute = f"prompts: file:{tmp_path / 'pr_ok.txt'}\n"
+    assert absolute in saved.read_text()
+    saved.write_text(saved.read_text().replace(absolute, "prompts: file:pr_ok.txt\n"))
+    res = run_main(sweep_main, [str(sweep), "--dry-run"], cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.startswith("skip   seed=0"), res.stdout + res.stderr
+    res = align_run(*run, cwd=tmp_path)
+    assert res.returncode == 0 and "already finished, skipping" in res.stdout, res.stdout + res.stderr
 
 
 @pytest.mark.slow

@@ -29,11 +29,11 @@ import shutil
 import socket
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import yaml
 from filelock import FileLock, Timeout
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -313,9 +313,13 @@ def config_differences(saved: dict, requested: dict) -> list[str]:
     return diffs
 
 
-def plan_existing_run(run_dir: str, requested: dict) -> Literal["start", "skip", "resume"]:
+def plan_existing_run(run_dir: str, requested: dict,
+                      saved_paths: Callable[[DictConfig], DictConfig] | None = None) -> Literal["start", "skip", "resume"]:
     """What to do with ``run_dir`` for the (resolved) ``requested`` config: ``start``, ``skip`` or ``resume``.
 
+    ``saved_paths`` reads the saved config's relative paths as the requested config's were read
+    (``align.setup.paths.absolute_paths``: against this working directory), so that a run saved by a version
+    that kept relative paths is still the same config when re-run from the directory it was started in.
     Raises RunMismatch if the directory is not ours, or holds a run of another config, one trained beyond
     train.steps, or a finished run without a checkpoint to extend."""
     check_ours(run_dir)
@@ -326,6 +330,8 @@ def plan_existing_run(run_dir: str, requested: dict) -> Literal["start", "skip",
     if not os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
         raise RunMismatch(f"{run_dir} has checkpoints but no {CONFIG_FILE}; move it away or delete it")
     saved = read_config(run_dir)
+    if saved_paths is not None:
+        saved = OmegaConf.to_container(saved_paths(OmegaConf.create(saved)), resolve=True)
     diffs = config_differences(saved, requested)
     if diffs:
         shown = "; ".join(diffs[:5]) + ("; ..." if len(diffs) > 5 else "")
