@@ -3,8 +3,7 @@ the way forward, or works as it should: ``+key`` cannot add a setting to a typed
 the saved config.yaml names its files by absolute path (a run resumes from any directory), ``align.evaluate``
 takes a sweep run's directory whose name holds '=', and read-only folders, broken YAML, odd sweep files and a
 prompts "file" that is a directory get a message instead of a traceback. Argument checks run ``align.run.main`` /
-``align.sweep.main`` in this process (tests/helpers/cli.py); what is about files and folders runs the real
-``python -m align.run`` / ``align.evaluate`` in the folder under test."""
+``align.sweep.main`` / ``align.evaluate.main`` in this process (tests/helpers/cli.py), in the folder under test."""
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ from align.evaluate import main as evaluate_main
 from align.setup.compose import compose_config
 from align.setup.overrides import ConfigProblem
 from align.sweep import main as sweep_main, quote
-from helpers.cli import align_run, run_main, subprocess_run
+from helpers.cli import align_run, run_main
 
 TINY = ["model=gmm", "reward=linear", "algo=vggflow", "train.batch_size=4", "eval.n_samples=16",
         "eval.final_samples=8", "eval.every=0", "train.progress=false", "threads=1"]
@@ -166,14 +165,13 @@ def test_config_yaml_names_its_files_by_absolute_path(relative_run):
     assert saved["reward"]["target"] == f"{home / 'my_reward.py'}:Scaled"
 
 
-@pytest.mark.slow
 def test_a_run_resumes_from_another_directory(relative_run, tmp_path):
     """The run was trained in its own folder with relative paths; resumed from elsewhere it finds its prompts and
-    reward file (a real process, in another working directory) and extends to step 3."""
+    reward file (in another working directory) and extends to step 3."""
     run_copy = shutil.copytree(relative_run[1], tmp_path / "run")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    res = subprocess_run("align.run", [f"resume={run_copy}", "train.steps=3"], cwd=elsewhere)
+    res = align_run(f"resume={run_copy}", "train.steps=3", cwd=elsewhere)
     assert res.returncode == 0, res.stderr
     assert [r["step"] for r in read_metrics(str(run_copy)) if "eval/reward" in r][-1] == 3
     assert os.listdir(elsewhere) == []
@@ -222,10 +220,9 @@ def test_a_rerun_from_the_same_directory_is_the_same_config(tmp_path, capsys):
     assert res.returncode == 0 and "already finished, skipping" in res.stdout, res.stdout + res.stderr
 
 
-@pytest.mark.slow
 def test_evaluate_takes_a_sweep_run_directory_whose_name_holds_equals(run_copy, tmp_path):
     run = shutil.move(run_copy, tmp_path / "algo=vggflow,seed=0")
-    res = subprocess_run("align.evaluate", [os.path.relpath(run, tmp_path)], cwd=tmp_path)
+    res = run_main(evaluate_main, [os.path.relpath(run, tmp_path)], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     with open(os.path.join(run, "evaluate", "step_0000002", "metrics.json"), encoding="utf-8") as fh:
         assert json.load(fh)["step"] == 2
@@ -236,17 +233,16 @@ def test_evaluate_takes_a_sweep_run_directory_whose_name_holds_equals(run_copy, 
 def test_resuming_a_read_only_run_says_so(run_copy):
     before = _checksums(run_copy)
     with read_only(run_copy):
-        res = subprocess_run("align.run", [f"resume={run_copy}", "train.steps=3"])
+        res = align_run(f"resume={run_copy}", "train.steps=3")
     assert res.returncode == 2 and _one_line(res.stderr), res.stderr
     assert f"align: resume={run_copy}: {run_copy} is not writable: a resumed run writes" in res.stderr, res.stderr
     assert _checksums(run_copy) == before
 
 
-@pytest.mark.slow
 def test_evaluating_a_read_only_run_suggests_out(run_copy, tmp_path):
     before = _checksums(run_copy)
     with read_only(run_copy):
-        res = subprocess_run("align.evaluate", [str(run_copy)])
+        res = run_main(evaluate_main, [str(run_copy)])
         assert res.returncode == 2 and _one_line(res.stderr, "align.evaluate: "), res.stderr
         assert f"{run_copy} is not writable: align.evaluate only reads the run" in res.stderr, res.stderr
         assert "give --out <a writable folder>" in res.stderr, res.stderr
@@ -267,13 +263,14 @@ def _break_yaml(run) -> int:
     return n + 1
 
 
-@pytest.mark.slow
 def test_a_yaml_error_in_config_yaml_names_the_file_and_the_line(run_copy):
+    from align.run import main as run_entry
+
     line = _break_yaml(run_copy)
     saved = os.path.join(run_copy, CONFIG_FILE)
-    for module, argv, prefix in (("align.run", [f"resume={run_copy}"], f"align: resume={run_copy}: "),
-                                 ("align.evaluate", [str(run_copy)], "align.evaluate: ")):
-        res = subprocess_run(module, argv)
+    for entry, argv, prefix in ((run_entry, [f"resume={run_copy}"], f"align: resume={run_copy}: "),
+                                (evaluate_main, [str(run_copy)], "align.evaluate: ")):
+        res = run_main(entry, argv)
         assert res.returncode == 2 and _one_line(res.stderr, prefix), res.stderr
         assert f"{saved} is not valid YAML at line " in res.stderr, res.stderr
         assert f"which starts at line {line}); fix it by hand" in res.stderr, res.stderr

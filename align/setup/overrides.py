@@ -96,6 +96,14 @@ def _group_values(combo: list[str], group: str) -> str | None:
     return None
 
 
+def _parsed_value(combo: list[str], key: str) -> str | None:
+    """``key``'s value in ``combo`` as Hydra reads it (a quoted path, e.g. a sweep run's with an '=', unquoted)."""
+    for o in combo:
+        if o.partition("=")[0] == key:
+            return str(OverridesParser.create().parse_override(o).value())
+    return None
+
+
 def _unknown_group(conf_dir: str, group: str, value: str) -> ConfigProblem:
     opts = _options(conf_dir, group)
     return ConfigProblem(f"unknown {group} '{value}'. Valid choices for {group}=: {', '.join(opts)}. "
@@ -173,7 +181,7 @@ def check_command(argv: list[str], conf_dir: str, training: bool = True) -> tupl
         raise ConfigProblem(f"could not parse the overrides: {str(err).splitlines()[0]}") from None
     if any(o.partition("=")[0] == "resume" for o in overrides):
         for combo in combos:
-            _check_saved(_group_values(combo, "resume"))
+            _check_saved(_parsed_value(combo, "resume"))
         return flags + overrides, []      # a resumed run uses its own config.yaml (align/run.py checks the rest)
     user_model = any(o.partition("=")[0] == "model" for o in overrides)
     user_reward = any(o.partition("=")[0] == "reward" for o in overrides)
