@@ -213,9 +213,7 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_skipped_never_trained_
     assert run_status(str(run)) == "finished"
     assert sweep_main([sweep, "--out", str(out), "--dry-run"]) == 0
     assert "skip   seed=0  [finished]" in capsys.readouterr().out
-    again = subprocess.run([sys.executable, "-m", "align.run", *TINY, "seed=0", "train.steps=2",
-                            "train.checkpoint_every=1", f"run_dir={at}"], env={**os.environ, **ENV},
-                           capture_output=True, text=True, timeout=300)
+    again = align_run(*TINY, "seed=0", "train.steps=2", "train.checkpoint_every=1", f"run_dir={at}")
     assert again.returncode == 0 and f"align: {run} already finished, skipping" in again.stdout, again.stderr
 
     for args in ([*TINY, "seed=0", "train.steps=4", "train.checkpoint_every=1", f"run_dir={at}"],
