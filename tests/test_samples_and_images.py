@@ -210,3 +210,18 @@ def test_images_of_a_model_without_images_is_refused(tmp_path):
     line = _refusal([run_dir, "--images", "--out", str(tmp_path / "out")])
     assert "model=gmm samples are not images" in line and "digits, sd3, flux" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_pack_and_unpack_are_the_flux_pipelines_at_full_size():
+    """The public pack_latents / unpack_latents at FLUX.1's 1024² latents (16 × 128 × 128) and a non-square
+    720 × 1024 one equal FluxPipeline's own _pack_latents / _unpack_latents (VAE factor 8)."""
+    from diffusers import FluxPipeline
+
+    from align.models.flux import pack_latents, unpack_latents
+
+    for h, w in ((128, 128), (90, 128)):
+        x = torch.randn(2, 16, h, w, generator=torch.Generator().manual_seed(h))
+        tokens = FluxPipeline._pack_latents(x, 2, 16, h, w)
+        assert tokens.shape == (2, (h // 2) * (w // 2), 64)
+        assert torch.equal(pack_latents(x), tokens)
+        assert torch.equal(unpack_latents(tokens, h, w), FluxPipeline._unpack_latents(tokens, h * 8, w * 8, 8))

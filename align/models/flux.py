@@ -75,14 +75,18 @@ def check_flux_scheduler(cfg: dict[str, Any]) -> None:
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, h, w] → [B, (h/2)(w/2), 4C]: each 2×2 patch one token, channels-major within it (FluxPipeline's)."""
+    """[B, C, h, w] → [B, (h/2)(w/2), 4C]: each 2×2 patch one token, channels-major within it (FluxPipeline's
+    ``_pack_latents``). Public: a run's samples_final.pt holds unpacked latents; ``pack_latents(x0)`` is what
+    ``FluxPipeline(latents=...)`` takes (docs/flux.md, "Regenerating a run's samples with diffusers")."""
     b, c, h, w = x.shape
     return x.view(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5).reshape(
         b, (h // PACK) * (w // PACK), c * PACK * PACK)
 
 
 def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The inverse of ``pack_latents``: [B, (h/2)(w/2), 4C] → [B, C, h, w]."""
+    """The inverse of ``pack_latents``: [B, (h/2)(w/2), 4C] → [B, C, h, w], with h, w the latent height and width
+    (resolution / 8; FluxPipeline's ``_unpack_latents`` takes the pixel size and the VAE factor instead). Turns the
+    pipeline's ``output_type="latent"`` tokens into samples_final.pt's layout."""
     b, _, d = tokens.shape
     c = d // (PACK * PACK)
     return tokens.view(b, h // PACK, w // PACK, c, PACK, PACK).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
