@@ -176,6 +176,7 @@ def _run(cfg: DictConfig, run_dir: str, action: str, is_main: bool) -> None:
         cfg.run_dir = run_dir
     if is_main and (line := describe(cfg)):   # β / lr filled in from align/setup/paper_settings.py
         print(line, flush=True)
+    _check_weights(cfg)
     try:
         trainer = build_trainer(cfg, run_dir)
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
@@ -194,6 +195,15 @@ def _run(cfg: DictConfig, run_dir: str, action: str, is_main: bool) -> None:
         print(f"align: done. {last}\n       metrics: {os.path.join(run_dir, METRICS_FILE)}\n"
               f"       final samples: {os.path.join(run_dir, FINISHED_FILE)}\n"
               f"       sample grid: {os.path.join(run_dir, SAMPLES_DIR, 'latest.png')}", flush=True)
+
+
+def _check_weights(cfg: DictConfig) -> None:
+    """Stop before any work when weights are missing, listing every one of them (``align.setup.preflight``)."""
+    from align.setup.preflight import missing_message, missing_weights, weight_needs
+
+    errors = missing_weights(weight_needs(cfg))
+    if errors:
+        _fail(missing_message(errors, HydraConfig.get().overrides.task))
 
 
 def _saved_config(given: str, run_dir: str) -> DictConfig:

@@ -3,12 +3,13 @@
 A ``WeightSpec`` says what a component needs (a file, or a directory with required files), the config key that
 points to it, the environment variable read when the key is unset, a shipped default and where to get it (a URL,
 a Hugging Face hub repo, or a command). ``resolve`` looks in that order: the key's value (for ``hub_ids``
-specs a hub id is fetched with ``snapshot_download``, only the required files; with HF_HUB_OFFLINE=1 from the
-cache), the environment variable, the default, then ``hub_files`` in the Hugging Face cache (never the network).
-Every failure is a ``WeightsError`` of the form
+specs a hub id is fetched with ``snapshot_download``, only the required files), the environment variable, the
+default, then ``hub_repo``. Hub weights behave as in diffusers: downloaded into the Hugging Face cache on first
+use when online, read from the cache otherwise; with HF_HUB_OFFLINE=1 only the cache is read (nothing is
+requested from the network). Every failure is a ``WeightsError`` of the form
 
     <what>: <what went wrong>. Get <filename>: <where>; then set the config key `<key>=<path>`
-    [or the environment variable <ENV>=<path>] [(a populated Hugging Face cache also works)] [; or <alternative>].
+    [or the environment variable <ENV>=<path>] [(...the Hugging Face cache...)] [; or <alternative>].
 
 Heavy imports (huggingface_hub) are local so that importing this module is cheap.
 """
@@ -55,7 +56,7 @@ class WeightSpec:
         where = [f"download {self.url}"] if self.url else []
         if self.hub_repo:
             files = f" ({', '.join(self.hub_files)})" if self.hub_files else ""
-            where.append(f"`huggingface-cli download {self.hub_repo}`{files} on a machine with network")
+            where.append(f"`huggingface-cli download {self.hub_repo}`{files}")
         if self.get:
             where.append(self.get)
         point = f"the config key `{self.config_key}={self.value_hint}`"
@@ -63,7 +64,8 @@ class WeightSpec:
             point += f" or the environment variable {self.env_var}={self.value_hint}"
         text = f"Get {self.filename}: {' or '.join(where) or 'ask its authors'}; then set {point}"
         if self.hub_repo:
-            text += " (a populated Hugging Face cache also works)"
+            text += (" (or leave it unset: align downloads it into the Hugging Face cache on first use when online, "
+                     "and reads that cache when HF_HUB_OFFLINE=1)")
         if self.alternative:
             text += f"; or {self.alternative}"
         return text + "."
@@ -78,10 +80,18 @@ def looks_local(spec: str) -> bool:
             or spec.count("/") != 1 or os.sep == "\\" and "\\" in spec)
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for the Hugging Face cache only (read now, as huggingface_hub reads it at import)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE")
+    return constants.HF_HUB_OFFLINE if flag is None else flag.strip().lower() in ("1", "on", "yes", "true")
+
+
 def resolve(spec: WeightSpec, value: str | None = None, cache_dir: str | None = None) -> str:
     """The local path of ``spec``'s weights: ``value`` (the config key), else $``env_var``, else ``default``, else
-    the HF cache of ``hub_repo``. Raises WeightsError when the path found does not exist, a directory lacks a
-    required file, or nothing is found."""
+    the HF cache of ``hub_repo``, else (online) its download into that cache. Raises WeightsError when the path
+    found does not exist, a directory lacks a required file, or nothing is found."""
     env = (os.environ.get(spec.env_var) or None) if spec.env_var else None
     for label, given in ((spec.config_key, value), (spec.env_var, env)):
         if given:
@@ -91,16 +101,53 @@ def resolve(spec: WeightSpec, value: str | None = None, cache_dir: str | None = 
             return _checked(spec, path, label)
     if spec.default:
         return _checked(spec, spec.default, f"the default {spec.default}")
-    if spec.hub_repo:
+    if not spec.hub_repo:
+        raise spec.error(f"not found: {_unset(spec)}")
+    path = _hub_cached(spec, cache_dir)
+    if path:
+        return _checked(spec, path, f"the Hugging Face cache's {path}")
+    if hub_offline():
+        raise spec.error(f"not found: {_unset(spec)}, and the Hugging Face cache has no '{spec.hub_repo}' "
+                         "(HF_HUB_OFFLINE=1: not downloaded)")
+    path = _hub_download(spec, cache_dir)
+    return _checked(spec, path, f"the download of '{spec.hub_repo}' ({path})")
+
+
+def _unset(spec: WeightSpec) -> str:
+    return (f"neither the config key `{spec.config_key}` nor the environment variable {spec.env_var} is set"
+            if spec.env_var else f"the config key `{spec.config_key}` is not set")
+
+
+def _hub_cached(spec: WeightSpec, cache_dir: str | None) -> str | None:
+    """``spec``'s file (or, ``is_dir``, the folder holding it) already in the HF cache of ``hub_repo``."""
+    for f in spec.hub_files or (spec.filename,):
+        found = _hf_cached(spec.hub_repo, f, cache_dir)
+        if found:
+            return os.path.dirname(found) if spec.is_dir else found
+    return None
+
+
+def _hub_download(spec: WeightSpec, cache_dir: str | None) -> str:
+    """``hub_repo``'s files downloaded into the HF cache: a directory spec's required files (one snapshot), else
+    the first of ``hub_files`` the repo has. Any failure (no network, gated, unknown file) is a WeightsError."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        if spec.is_dir:
+            patterns = sorted({p for group in spec.required for p in group} | set(spec.hub_files))
+            return huggingface_hub.snapshot_download(repo_id=spec.hub_repo, allow_patterns=patterns,
+                                                     cache_dir=cache_dir)
+        errors = []
         for f in spec.hub_files or (spec.filename,):
-            found = _hf_cached(spec.hub_repo, f, cache_dir)
-            if found:
-                path = os.path.dirname(found) if spec.is_dir else found
-                return _checked(spec, path, f"the Hugging Face cache's {path}")
-    unset = (f"neither the config key `{spec.config_key}` nor the environment variable {spec.env_var} is set"
-             if spec.env_var else f"the config key `{spec.config_key}` is not set")
-    raise spec.error(f"not found: {unset}"
-                     + (f", and the Hugging Face cache has no '{spec.hub_repo}'" if spec.hub_repo else ""))
+            try:
+                return huggingface_hub.hf_hub_download(repo_id=spec.hub_repo, filename=f, cache_dir=cache_dir)
+            except EntryNotFoundError as err:   # the repo has the other file name
+                errors.append(err)
+        raise errors[-1]
+    except Exception as err:  # noqa: BLE001 - offline, gated, unknown repo: all the same to the user
+        raise spec.error(f"not found: {_unset(spec)}, and downloading '{spec.hub_repo}' from the Hugging Face "
+                         f"hub failed ({_first_line(err)})") from err
 
 
 def _checked(spec: WeightSpec, path: str, label: str) -> str:
@@ -114,16 +161,20 @@ def _checked(spec: WeightSpec, path: str, label: str) -> str:
 
 
 def _snapshot(spec: WeightSpec, repo: str, label: str) -> str:
-    """The cached (or downloaded) snapshot of hub repo ``repo``, limited to the folders of ``spec.required``."""
+    """The snapshot of hub repo ``repo``, limited to the folders of ``spec.required``: downloaded (or updated)
+    when online, the cached one with HF_HUB_OFFLINE=1."""
     from huggingface_hub import snapshot_download
 
     folders = {p.rsplit("/", 1)[0] + "/*" if "/" in p else "*" for group in spec.required for p in group}
     try:
-        return snapshot_download(repo_id=repo, allow_patterns=["model_index.json", "*.json", *sorted(folders)])
+        return snapshot_download(repo_id=repo, allow_patterns=["model_index.json", "*.json", *sorted(folders)],
+                                 local_files_only=hub_offline())
     except Exception as err:  # noqa: BLE001 - offline, gated, unknown repo: all the same to the user
-        first = str(err).splitlines()[0] if str(err) else ""
+        if hub_offline():
+            raise spec.error(f"{label}: the Hugging Face cache has no snapshot of it (HF_HUB_OFFLINE=1: not "
+                             "downloaded)") from err
         raise spec.error(f"{label}: could not get it from the Hugging Face hub or cache "
-                         f"({type(err).__name__}: {first})") from err
+                         f"({_first_line(err)})") from err
 
 
 def _hf_cached(repo: str, filename: str, cache_dir: str | None) -> str | None:

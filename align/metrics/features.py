@@ -2,15 +2,23 @@
 paper's), DreamSim, FID's Inception-v3, or average-pooled pixels (weight-free)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from align.metrics.clip import shared_clip_image_features
-from align.metrics.dreamsim import DreamSimFeatures
+from align.metrics.clip import open_clip_weight_spec, shared_clip_image_features
+from align.metrics.dreamsim import DreamSimFeatures, dreamsim_weight_spec
 from align.core.weights import WeightSpec, resolve
+
+# every way past missing CLIP metric features, with its cost: they feed only the diversity and FID metrics
+FEATURE_KINDS_WITHOUT_CLIP = (
+    "set model.features.kind=pixels (no weights; diversity and FID on 8x8 average-pooled pixels, not comparable "
+    "to the paper's), model.features.kind=dreamsim (DreamSim's checkpoint directory in model.features.weights; "
+    "the paper's diversity features) or model.features.kind=inception (FID's Inception-v3 file in "
+    "model.features.weights; needs pip install torch-fidelity)")
 
 
 class PixelFeatures(nn.Module):
@@ -53,6 +61,30 @@ class InceptionFeatures(nn.Module):
         return self.net((images.clamp(0, 1) * 255).round().to(torch.uint8)).reshape(images.shape[0], -1).float()
 
 
+def clip_features_spec(spec: dict[str, Any]) -> WeightSpec:
+    """The WeightSpec of the CLIP image tower that ``model.features`` (kind clip) names, its message listing the
+    other feature kinds as the way forward."""
+    model_name = spec.get("model_name", "ViT-L-14")
+    tower = open_clip_weight_spec(model_name, spec.get("pretrained", "openai"),
+                                  what=f"CLIP image features ({model_name}) of the diversity and FID metrics",
+                                  config_key="model.features.weights",
+                                  env_var=spec.get("env_var", "ALIGN_CLIP_FEATURES_WEIGHTS"))
+    return dataclasses.replace(tower, alternative=FEATURE_KINDS_WITHOUT_CLIP)
+
+
+def features_weight_spec(spec: dict[str, Any] | None) -> WeightSpec | None:
+    """The WeightSpec of the weights ``model.features`` needs (None for kind pixels)."""
+    spec = dict(spec or {})
+    kind = spec.get("kind", "clip")
+    if kind == "clip":
+        return clip_features_spec(spec)
+    if kind == "inception":
+        return INCEPTION_SPEC
+    if kind == "dreamsim":
+        return dreamsim_weight_spec(spec.get("dreamsim_type", "ensemble"))
+    return None
+
+
 def build_features(spec: dict[str, Any] | None) -> nn.Module:
     """``model.features``: ``{kind: clip, model_name, weights, quick_gelu}`` (CLIP image embeddings, the
     paper's; weights: the key, else $ALIGN_CLIP_FEATURES_WEIGHTS, else the HF cache), ``{kind: inception,
@@ -70,4 +102,5 @@ def build_features(spec: dict[str, Any] | None) -> nn.Module:
         raise ValueError(f"model.features.kind={kind!r}: valid choices are clip, dreamsim, inception, pixels")
     spec.setdefault("model_name", "ViT-L-14")
     spec.setdefault("config_key", "model.features.weights")
+    spec["weights"] = resolve(clip_features_spec(spec), spec.get("weights"))    # the message names every kind
     return shared_clip_image_features(**spec)     # the aesthetic reward's tower when it is the same file
