@@ -67,9 +67,9 @@ class AestheticHead(nn.Module):
 
 @dataclass
 class AestheticConfig:
-    """``reward=aesthetic`` (model=sd3): r = MLP(CLIP ViT-L/14 image embedding / ‖·‖), about 1–10. Weights are never
-    downloaded at run time; each path is resolved: the key → its environment variable → the Hugging Face cache →
-    an error saying where to get it."""
+    """``reward=aesthetic`` (model=sd3): r = MLP(CLIP ViT-L/14 image embedding / ‖·‖), about 1–10. Each weight is
+    resolved: the key → its environment variable → the Hugging Face cache, downloaded into it on first use when
+    online (the cache only with HF_HUB_OFFLINE=1) → an error saying where to get it."""
     name: str = "aesthetic"
     clip_model: str = "ViT-L-14"    # open_clip architecture (OpenAI CLIP ViT-L/14, quick_gelu)
     quick_gelu: bool = True
