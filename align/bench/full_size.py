@@ -1,0 +1,107 @@
+"""``python -m align.bench --random-weights``: what every algorithm costs on SD3 / SD3.5 / FLUX at full size.
+
+    python -m align.bench --random-weights --model sd3 --device cuda [--quick]
+    python -m align.bench --random-weights --model flux --resolutions 1024 --checkpointing on --decoders default
+    python -m align.bench --random-weights --model sd3 --tiny --device cpu      # the same code, shrunk (CI)
+
+The transformer is built from the published config shipped in align/bench/configs/ (SD3-medium, SD3.5-medium,
+FLUX.1-dev) in bf16 with the run's LoRA, random weights; the text encoders are stood in for by random prompt
+embeddings of the real shapes (they encode the prompt set once and are freed before training, so they take no
+training memory); the decoders (TAESD3 / TAEF1 and the VAE) and the reward tower (aesthetic: CLIP ViT-L/14 and its
+head) are built from their configs with random weights. Each row (algorithm × resolution × checkpointing ×
+decoder) runs in its own process at micro-batch 1 (``train.batch_size=1``): ``--warmup`` updates, then
+``--updates`` timed pairs of one update and one no-grad sampling of the same batch. Columns: peak CUDA memory
+(``torch.cuda.max_memory_allocated``), seconds per update, seconds per sampling, their ratio, and whether the
+updates changed the LoRA. An out-of-memory row says OOM.
+
+``--quick`` (SD3-medium, 512² and 1024², checkpointing on, the default decoder, every algorithm: 16 rows, 1 warm-up
++ 2 timed updates): about 5 minutes on one 80 GB GPU, estimated as follows. One SD3-medium transformer forward
+is ≈ 2 · 2.0e9 parameters · tokens FLOPs, tokens = (res/16)² + 333 text tokens: 1357 at 1024² (≈ 11 TFLOP), 1357/4
++ 333 ≈ 590 at 512² (≈ 4.7 TFLOP). An update costs at most the 20-step CFG rollout (40 forwards) plus ≤ 20 states
+trained with grad (forward + backward + the checkpointing recompute ≈ 4 forwards each, ×2 for CFG's
+unconditional branch): ≤ 200 forwards; each timed update is followed by one sampling (40 forwards). So ≤ 3 · 240
+= 720 forwards per row (≈ 8 PFLOP at 1024², 3.4 at 512²), at an assumed sustained 300 TFLOP/s in bf16 (H100;
+≈ 150 on an A100, twice the time): ≤ 27 s per 1024² row and ≤ 11 s per 512² row; most algorithms train far fewer
+states (ReFL 1, DRaFT-K 1, VGG-Flow 6, adjoint matching 10), so 8 × (27 + 11) ≈ 5 minutes is the upper end, plus
+≈ 10 s per row to build the model.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from typing import Any
+
+QUICK = {"model": "sd3", "resolutions": "512,1024", "checkpointing": "on", "decoders": "default"}
+TINY_OVERRIDES = ["sampler.steps=4", "eval.every=0"]
+COLUMNS = [   # (header, cell over a measured row)
+    ("peak CUDA memory (MB)", lambda r: f"{r['cuda_peak_mb']:.0f}" if "cuda_peak_mb" in r else "n/a (CPU)"),
+    ("s / update", lambda r: f"{r['s_median']:.3f}"),
+    ("s / sampling", lambda r: f"{r['sampling_s_median']:.3f}"),
+    ("update ÷ sampling", lambda r: f"{r['ratio_median']:.2f}"),
+    ("LoRA changed", lambda r: "yes" if r["params_changed"] else "NO"),
+]
+HEADER = ["algorithm", "model", "resolution", "checkpointing", "decoder"]
+
+
+def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rows' settings other than the algorithm: resolution × checkpointing × decoder."""
+    resolutions = [32] if args.tiny else [int(r) for r in args.resolutions.split(",") if r]
+    return [{"resolution": r, "checkpointing": c, "decoder": d}
+            for r in resolutions for c in args.checkpointing.split(",") if c
+            for d in args.decoders.split(",") if d]
+
+
+def row_overrides(model: str, s: dict[str, Any], tiny: bool) -> list[str]:
+    """The Hydra overrides of one setting (the decoder's default name is the backend's tiny decoder)."""
+    decoder = s["decoder"] if s["decoder"] == "vae" else ("taesd3" if model != "flux" else "taef1")
+    out = [f"model.gradient_checkpointing={s['checkpointing'] == 'on'}", f"model.decoder={decoder}"]
+    return out if tiny else out + [f"model.resolution={s['resolution']}"]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """One Markdown table: a row per measurement; OOM and failed rows say so in every column."""
+    lines = ["| " + " | ".join(HEADER + [h for h, _ in COLUMNS]) + " |", "|---" * (len(HEADER) + len(COLUMNS)) + "|"]
+    for r in rows:
+        if r.get("oom"):
+            cells = ["OOM"] * len(COLUMNS)
+        elif "skipped" in r:
+            cells = [r["skipped"][:80]] + ["—"] * (len(COLUMNS) - 1)
+        else:
+            cells = [cell(r) for _, cell in COLUMNS]
+        lines.append("| " + " | ".join([str(r[h]) for h in HEADER] + cells) + " |")
+    return "\n".join(lines)
+
+
+def run_full_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every row measured in its own process, then the table (and ``--json``)."""
+    import json
+
+    import torch
+
+    from align.bench import algorithm_configs, measure
+    from align.bench.random_weights import MODELS, write_checkpoint
+
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    if args.model not in MODELS:
+        p.error(f"--random-weights --model {args.model}: choose one of {', '.join(MODELS)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    algos = [a for a in args.algos.split(",") if a] or algorithm_configs()
+    backend = MODELS[args.model][0]
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        base = write_checkpoint(args.model, args.tiny, directory) + [f"device={device}", "train.batch_size=1"]
+        base += TINY_OVERRIDES if args.tiny else []
+        for s in settings(args):
+            for algo in algos:
+                row = measure(algo, backend, base + row_overrides(args.model, s, args.tiny) + args.overrides,
+                              args.warmup, args.updates, args.threads, random_weights=True)
+                rows.append({**row, "algorithm": algo, "model": args.model + (" (tiny)" if args.tiny else ""),
+                             **s})
+    print(format_table(rows), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "tiny": args.tiny, "device": device, "rows": rows}, f, indent=1)
+    return rows
