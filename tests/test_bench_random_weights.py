@@ -22,7 +22,7 @@ def test_tiny_sd3_every_algorithm_has_a_row_and_changes_the_lora(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header == ["algorithm", "model", "resolution", "checkpointing", "decoder", "peak CUDA memory (MB)",
+    assert header == ["algorithm", "model", "resolution", "checkpointing", "decoder", "batch", "peak CUDA memory (MB)",
                       "s / update", "s / sampling", "update ÷ sampling", "LoRA changed"]
     algos = algorithm_configs()
     assert sorted(line.split("|")[1].strip() for line in table[2:]) == sorted(algos)

@@ -9,7 +9,8 @@ FLUX.1-dev) in bf16 with the run's LoRA, random weights; the text encoders are s
 embeddings of the real shapes (they encode the prompt set once and are freed before training, so they take no
 training memory); the decoders (TAESD3 / TAEF1 and the VAE) and the reward tower (aesthetic: CLIP ViT-L/14 and its
 head) are built from their configs with random weights. Each row (algorithm × resolution × checkpointing ×
-decoder) runs in its own process at micro-batch 1 (``train.batch_size=1``): ``--warmup`` updates, then
+decoder) runs in its own process at micro-batch 1 (``train.batch_size=1``; GRPO and NFT: one group,
+``algo.group_size`` rows, the column ``batch``): ``--warmup`` updates, then
 ``--updates`` timed pairs of one update and one no-grad sampling of the same batch. Columns: peak CUDA memory
 (``torch.cuda.max_memory_allocated``), seconds per update, seconds per sampling, their ratio, and whether the
 updates changed the LoRA. An out-of-memory row says OOM.
@@ -33,7 +34,7 @@ import tempfile
 from typing import Any
 
 QUICK = {"model": "sd3", "resolutions": "512,1024", "checkpointing": "on", "decoders": "default"}
-TINY_OVERRIDES = ["sampler.steps=4", "eval.every=0"]
+TINY_OVERRIDES = ["sampler.steps=6", "eval.every=0"]   # 6 ≥ VGG-Flow's 5 bins
 COLUMNS = [   # (header, cell over a measured row)
     ("peak CUDA memory (MB)", lambda r: f"{r['cuda_peak_mb']:.0f}" if "cuda_peak_mb" in r else "n/a (CPU)"),
     ("s / update", lambda r: f"{r['s_median']:.3f}"),
@@ -41,7 +42,7 @@ COLUMNS = [   # (header, cell over a measured row)
     ("update ÷ sampling", lambda r: f"{r['ratio_median']:.2f}"),
     ("LoRA changed", lambda r: "yes" if r["params_changed"] else "NO"),
 ]
-HEADER = ["algorithm", "model", "resolution", "checkpointing", "decoder"]
+HEADER = ["algorithm", "model", "resolution", "checkpointing", "decoder", "batch"]
 
 
 def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -50,6 +51,15 @@ def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{"resolution": r, "checkpointing": c, "decoder": d}
             for r in resolutions for c in args.checkpointing.split(",") if c
             for d in args.decoders.split(",") if d]
+
+
+def micro_batch(algo: str, backend: str) -> int:
+    """1, or the algorithm's group size (GRPO / NFT: the rows of a group share a prompt, an update needs one group)."""
+    from align.setup.compose import compose_config
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = compose_config([f"algo={algo}", f"model={backend}"], run_dir)
+    return int(cfg.algo.get("group_size") or 1)
 
 
 def row_overrides(model: str, s: dict[str, Any], tiny: bool) -> list[str]:
@@ -90,16 +100,18 @@ def run_full_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     algos = [a for a in args.algos.split(",") if a] or algorithm_configs()
     backend = MODELS[args.model][0]
+    batches = {algo: micro_batch(algo, backend) for algo in algos}
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        base = write_checkpoint(args.model, args.tiny, directory) + [f"device={device}", "train.batch_size=1"]
+        base = write_checkpoint(args.model, args.tiny, directory) + [f"device={device}"]
         base += TINY_OVERRIDES if args.tiny else []
         for s in settings(args):
-            for algo in algos:
-                row = measure(algo, backend, base + row_overrides(args.model, s, args.tiny) + args.overrides,
+            for algo, batch in batches.items():
+                row = measure(algo, backend, base + row_overrides(args.model, s, args.tiny)
+                              + [f"train.batch_size={batch}", *args.overrides],
                               args.warmup, args.updates, args.threads, random_weights=True)
                 rows.append({**row, "algorithm": algo, "model": args.model + (" (tiny)" if args.tiny else ""),
-                             **s})
+                             "batch": batch, **s})
     print(format_table(rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:
