@@ -200,7 +200,13 @@ def measure(algo: str, model: str, overrides: list[str], warmup: int, updates: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m align.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m align.bench", description=__doc__.split("\n\n")[0],
+        epilog="Full size on a GPU, no weights download (random weights from the published configs; random prompt "
+               "embeddings of the real shapes stand in for the text encoders, which are freed before training): "
+               "python -m align.bench --random-weights --model sd3|sd35|flux --device cuda [--quick] "
+               "[--resolutions 512,1024] [--checkpointing on,off] [--decoders default,vae] "
+               "[--estimate memory_slice.json]; --tiny: the same code shrunk, on CPU.")
     p.add_argument("--algos", default="", help="comma-separated (default: every align/conf/algo/*.yaml)")
     p.add_argument("--model", default="gmm")
     p.add_argument("--warmup", type=int, default=2)
@@ -218,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolutions", default="512,1024", help="with --random-weights: comma-separated pixels")
     p.add_argument("--checkpointing", default="on,off", help="with --random-weights: on, off or on,off")
     p.add_argument("--decoders", default="default,vae", help="with --random-weights: default (the tiny decoder), vae")
+    p.add_argument("--estimate", action="append", default=[], metavar="JSON",
+                   help="with --random-weights: experiments/memory_slice.py --what all --json output (one per "
+                        "resolution), shown beside the measured memory")
     p.add_argument("--device", default=None, help="with --random-weights: cuda (default when available) or cpu")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.batch_size=16 sampler.steps=10")
@@ -230,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child_row(args)))
         return
     if args.random_weights:
-        return full_size(p, args)
+        return random_weights_table(p, args)
+    if args.tiny or args.quick or args.estimate:
+        p.error("--tiny, --quick and --estimate go with --random-weights")
 
     from align.setup.overrides import ConfigProblem, check_overrides
 
@@ -281,7 +292,8 @@ def child_row(args: argparse.Namespace) -> dict[str, Any]:
         return {"algo": args.child, "oom": True}
 
 
-def full_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def random_weights_table(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--random-weights``: align/bench/full_size.py."""
     from align.bench.full_size import run_full_size
 
     run_full_size(p, args)

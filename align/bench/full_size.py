@@ -12,7 +12,8 @@ head) are built from their configs with random weights. Each row (algorithm × r
 decoder) runs in its own process at micro-batch 1 (``train.batch_size=1``; GRPO and NFT: one group,
 ``algo.group_size`` rows, the column ``batch``): ``--warmup`` updates, then
 ``--updates`` timed pairs of one update and one no-grad sampling of the same batch. Columns: peak CUDA memory
-(``torch.cuda.max_memory_allocated``), seconds per update, seconds per sampling, their ratio, and whether the
+(``torch.cuda.max_memory_allocated``, GB = 1e9 B) beside experiments/memory_slice.py's estimate for the same
+algorithm, decoder and checkpointing (``--estimate`` its ``--what all --json`` file per resolution), seconds per update, seconds per sampling, their ratio, and whether the
 updates changed the LoRA. An out-of-memory row says OOM.
 
 ``--quick`` (SD3-medium, 512² and 1024², checkpointing on, the default decoder, every algorithm: 16 rows, 1 warm-up
@@ -35,8 +36,11 @@ from typing import Any
 
 QUICK = {"model": "sd3", "resolutions": "512,1024", "checkpointing": "on", "decoders": "default"}
 TINY_OVERRIDES = ["sampler.steps=6", "eval.every=0"]   # 6 ≥ VGG-Flow's 5 bins
+GB = 1e9      # as experiments/memory_slice.py
 COLUMNS = [   # (header, cell over a measured row)
-    ("peak CUDA memory (MB)", lambda r: f"{r['cuda_peak_mb']:.0f}" if "cuda_peak_mb" in r else "n/a (CPU)"),
+    ("peak CUDA memory (GB)", lambda r: f"{r['cuda_peak_mb'] * 2 ** 20 / GB:.2f}" if "cuda_peak_mb" in r
+     else "n/a (CPU)"),
+    ("memory_slice estimate (GB)", lambda r: f"{r['estimate_gb']:.1f}" if r.get("estimate_gb") else "—"),
     ("s / update", lambda r: f"{r['s_median']:.3f}"),
     ("s / sampling", lambda r: f"{r['sampling_s_median']:.3f}"),
     ("update ÷ sampling", lambda r: f"{r['ratio_median']:.2f}"),
@@ -69,6 +73,34 @@ def row_overrides(model: str, s: dict[str, Any], tiny: bool) -> list[str]:
     return out if tiny else out + [f"model.resolution={s['resolution']}"]
 
 
+def load_estimates(paths: list[str]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """experiments/memory_slice.py's per-algorithm estimates (its ``--json`` files, ``--what all``) by (kind,
+    resolution)."""
+    import json
+
+    out = {}
+    for path in paths:
+        with open(path) as f:
+            res = json.load(f)
+        for kind in ("flux", "sd3"):
+            if f"estimates_{kind}" in res:
+                out[(kind, int(res["resolution"]))] = res[f"estimates_{kind}"]
+    return out
+
+
+def estimate_gb(estimates: dict[tuple[str, int], list[dict[str, Any]]], model: str, algo: str,
+                s: dict[str, Any]) -> float | None:
+    """The memory_slice estimate for a row: its algorithm's row (the default variant where it lists several; DRaFT:
+    LV), decoder (the tiny decoder's is TAEF1's, which TAESD3 shares) and checkpointing; None when absent."""
+    rows = estimates.get(("flux" if model == "flux" else "sd3", int(s["resolution"])), [])
+    decoder = "vae" if s["decoder"] == "vae" else "taef1"
+    named = [r for r in rows if r["algorithm"].split(" ")[0] == algo and r["decoder"] in (decoder, "—")]
+    named.sort(key=lambda r: (r["algorithm"] != algo, "default" not in r["algorithm"], "LV" not in r["algorithm"]))
+    if not named:
+        return None
+    return named[0]["ckpt" if s["checkpointing"] == "on" else "no_ckpt"]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One Markdown table: a row per measurement; OOM and failed rows say so in every column."""
     lines = ["| " + " | ".join(HEADER + [h for h, _ in COLUMNS]) + " |", "|---" * (len(HEADER) + len(COLUMNS)) + "|"]
@@ -83,6 +115,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def option_problem(args: argparse.Namespace, models: dict[str, Any]) -> str | None:
+    """What is wrong with the --random-weights options, before anything is built; None when nothing."""
+    if args.model not in models:
+        return f"--random-weights --model {args.model}: choose one of {', '.join(models)}"
+    if not all(r.isdigit() for r in args.resolutions.split(",") if r):
+        return f"--resolutions {args.resolutions}: expected pixels, e.g. 512,1024"
+    if not set(args.checkpointing.split(",")) <= {"on", "off"}:
+        return f"--checkpointing {args.checkpointing}: expected on, off or on,off"
+    if not set(args.decoders.split(",")) <= {"default", "vae"}:
+        return f"--decoders {args.decoders}: expected default, vae or default,vae"
+    missing = [path for path in args.estimate if not os.path.isfile(path)]
+    if missing:
+        return (f"--estimate {missing[0]}: no such file; write it with `python experiments/memory_slice.py "
+                "--what all --resolution R --json PATH`")
+    return None
+
+
 def run_full_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every row measured in its own process, then the table (and ``--json``)."""
     import json
@@ -95,12 +144,14 @@ def run_full_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    if args.model not in MODELS:
-        p.error(f"--random-weights --model {args.model}: choose one of {', '.join(MODELS)}")
+    problem = option_problem(args, MODELS)
+    if problem:
+        p.error(problem)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     algos = [a for a in args.algos.split(",") if a] or algorithm_configs()
     backend = MODELS[args.model][0]
     batches = {algo: micro_batch(algo, backend) for algo in algos}
+    estimates = load_estimates(args.estimate)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         base = write_checkpoint(args.model, args.tiny, directory) + [f"device={device}"]
@@ -111,7 +162,7 @@ def run_full_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[
                               + [f"train.batch_size={batch}", *args.overrides],
                               args.warmup, args.updates, args.threads, random_weights=True)
                 rows.append({**row, "algorithm": algo, "model": args.model + (" (tiny)" if args.tiny else ""),
-                             "batch": batch, **s})
+                             "batch": batch, "estimate_gb": estimate_gb(estimates, args.model, algo, s), **s})
     print(format_table(rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:
