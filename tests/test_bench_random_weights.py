@@ -11,15 +11,18 @@ from align.bench import algorithm_configs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def bench(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "align.bench", "--random-weights", "--tiny", "--device", "cpu",
+                           "--warmup", "1", "--updates", "1", *argv], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_tiny_sd3_every_algorithm_has_a_row_and_changes_the_lora(tmp_path):
     out = tmp_path / "rows.json"
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "align.bench", "--random-weights", "--model", "sd3", "--tiny",
-                           "--device", "cpu", "--warmup", "1", "--updates", "1", "--checkpointing", "off",
-                           "--decoders", "default", "--json", str(out)], capture_output=True, text=True, env=env,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = bench("--model", "sd3", "--checkpointing", "off", "--decoders", "default", "--json", str(out))
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header == ["algorithm", "model", "resolution", "checkpointing", "decoder", "batch", "peak CUDA memory (GB)", "memory_slice estimate (GB)",
@@ -29,6 +32,16 @@ def test_tiny_sd3_every_algorithm_has_a_row_and_changes_the_lora(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["algorithm"]: r.get("params_changed") for r in rows} == {a: True for a in algos}
     assert all(r["s_median"] > 0 and r["sampling_s_median"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, reward", [("flux", "aesthetic"), ("sd35", "hpsv2")])
+def test_tiny_flux_and_sd35_rows_of_both_decoders_with_checkpointing(tmp_path, model, reward):
+    out = tmp_path / "rows.json"
+    bench("--model", model, "--reward", reward, "--algos", "refl", "--checkpointing", "on", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["decoder"], r["checkpointing"], r["params_changed"]) for r in rows] == [
+        ("default", "on", True), ("vae", "on", True)]
 
 
 def test_an_out_of_memory_row_says_oom(monkeypatch):

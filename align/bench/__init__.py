@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--estimate", action="append", default=[], metavar="JSON",
                    help="with --random-weights: experiments/memory_slice.py --what all --json output (one per "
                         "resolution), shown beside the measured memory")
+    p.add_argument("--reward", default="aesthetic",
+                   help="with --random-weights: aesthetic (CLIP ViT-L/14 + head) or hpsv2 (ViT-H-14), random weights")
     p.add_argument("--device", default=None, help="with --random-weights: cuda (default when available) or cpu")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.batch_size=16 sampler.steps=10")

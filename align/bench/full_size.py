@@ -8,7 +8,7 @@ The transformer is built from the published config shipped in align/bench/config
 FLUX.1-dev) in bf16 with the run's LoRA, random weights; the text encoders are stood in for by random prompt
 embeddings of the real shapes (they encode the prompt set once and are freed before training, so they take no
 training memory); the decoders (TAESD3 / TAEF1 and the VAE) and the reward tower (aesthetic: CLIP ViT-L/14 and its
-head) are built from their configs with random weights. Each row (algorithm × resolution × checkpointing ×
+head, or with ``--reward hpsv2`` HPSv2's ViT-H-14) are built from their configs with random weights. Each row (algorithm × resolution × checkpointing ×
 decoder) runs in its own process at micro-batch 1 (``train.batch_size=1``; GRPO and NFT: one group,
 ``algo.group_size`` rows, the column ``batch``): ``--warmup`` updates, then
 ``--updates`` timed pairs of one update and one no-grad sampling of the same batch. Columns: peak CUDA memory
@@ -119,6 +119,8 @@ def option_problem(args: argparse.Namespace, models: dict[str, Any]) -> str | No
     """What is wrong with the --random-weights options, before anything is built; None when nothing."""
     if args.model not in models:
         return f"--random-weights --model {args.model}: choose one of {', '.join(models)}"
+    if args.reward not in ("aesthetic", "hpsv2"):
+        return f"--random-weights --reward {args.reward}: choose aesthetic (CLIP ViT-L/14) or hpsv2 (ViT-H-14)"
     if not all(r.isdigit() for r in args.resolutions.split(",") if r):
         return f"--resolutions {args.resolutions}: expected pixels, e.g. 512,1024"
     if not set(args.checkpointing.split(",")) <= {"on", "off"}:
@@ -154,7 +156,7 @@ def run_full_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[
     estimates = load_estimates(args.estimate)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        base = write_checkpoint(args.model, args.tiny, directory) + [f"device={device}"]
+        base = write_checkpoint(args.model, args.tiny, directory, args.reward) + [f"device={device}"]
         base += TINY_OVERRIDES if args.tiny else []
         for s in settings(args):
             for algo, batch in batches.items():

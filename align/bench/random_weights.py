@@ -2,7 +2,7 @@
 
 ``write_checkpoint`` writes a directory with the diffusers layout's configs only (scheduler, transformer, vae) from
 the published configs shipped in align/bench/configs/ (see its README.md), shrunk with ``tiny``, plus the reward's
-random weight files (aesthetic: open_clip's ViT-L/14 architecture and the MLP head). ``random_components`` then
+random weight files (aesthetic: open_clip's ViT-L/14 architecture and the MLP head; hpsv2: ViT-H-14). ``random_components`` then
 lets ``align.models.sd3`` / ``align.models.flux`` load from it: every diffusers ``from_pretrained`` builds the
 module from its config with random weights, the weight lookup returns the given directory, and the text encoders
 are replaced by random prompt embeddings of the real shapes (the text encoders run once before training and are
@@ -39,7 +39,7 @@ TINY = {
     "AutoencoderTiny": dict(encoder_block_out_channels=[8] * 4, decoder_block_out_channels=[8] * 4,
                             num_encoder_blocks=[1, 1, 1, 1], num_decoder_blocks=[1, 1, 1, 1]),
 }
-TINY_CLIP = {"embed_dim": 16, "quick_gelu": True,
+TINY_CLIP = {"embed_dim": 16,
              "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
 
@@ -61,7 +61,7 @@ def _write_json(path: str, cfg: dict[str, Any]) -> None:
         json.dump(cfg, f, indent=1)
 
 
-def write_checkpoint(model: str, tiny: bool, directory: str) -> list[str]:
+def write_checkpoint(model: str, tiny: bool, directory: str, reward: str = "aesthetic") -> list[str]:
     """Config-only checkpoint and decoder directories, and the random reward weights, under ``directory``;
     returns the Hydra overrides that point a run at them (model, decoder, reward and the pixel metric features,
     which need no weights)."""
@@ -73,31 +73,49 @@ def write_checkpoint(model: str, tiny: bool, directory: str) -> list[str]:
     _write_json(os.path.join(tae, "config.json"), load_config(tiny_decoder, tiny))
     decoder_key = "taesd3_path" if backend == "sd3" else "taef1_path"
     overrides = [f"model.pretrained={ckpt}", f"model.{decoder_key}={tae}",
-                 "model.features.kind=pixels", *write_aesthetic(tiny, directory)]
+                 "model.features.kind=pixels", *REWARDS[reward](tiny, directory)]
     if tiny:
         overrides += [f"model.resolution={TINY_RESOLUTION}", "model.max_sequence_length=8"]
     return overrides
 
 
-def write_aesthetic(tiny: bool, directory: str) -> list[str]:
-    """Random weights for ``reward=aesthetic``: open_clip's ViT-L/14 (``tiny``: a one-layer CLIP) and the head."""
+def write_open_clip(name: str, tiny: bool, directory: str, quick_gelu: bool) -> tuple[str, str]:
+    """Random weights of open_clip's architecture ``name`` (``tiny``: a one-layer CLIP whose config JSON is written
+    beside them) saved to ``directory``; returns (the architecture as the reward's ``clip_model``, the file)."""
     import open_clip
 
+    if tiny:
+        config = os.path.join(directory, "tiny-clip.json")
+        _write_json(config, {**TINY_CLIP, "quick_gelu": quick_gelu})
+        open_clip.add_model_config(config)
+        name, arch = config, "tiny-clip"
+    else:
+        arch = name
+    torch.manual_seed(0)
+    path = os.path.join(directory, f"{arch}.pt")
+    torch.save(open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu).state_dict(), path)
+    return name, path
+
+
+def write_aesthetic(tiny: bool, directory: str) -> list[str]:
+    """Random weights for ``reward=aesthetic``: open_clip's ViT-L/14 and the MLP head."""
     from rewards.aesthetic import AestheticHead
 
-    name = "ViT-L-14"
-    if tiny:
-        name = os.path.join(directory, "tiny-clip.json")
-        _write_json(name, TINY_CLIP)
-        open_clip.add_model_config(name)
-    torch.manual_seed(0)
-    clip = open_clip.create_model(os.path.splitext(os.path.basename(name))[0] if tiny else name, pretrained=None)
-    clip_path, head_path = os.path.join(directory, "clip.pt"), os.path.join(directory, "head.pt")
-    torch.save(clip.state_dict(), clip_path)
+    name, clip_path = write_open_clip("ViT-L-14", tiny, directory, quick_gelu=True)
+    head_path = os.path.join(directory, "head.pt")
     width = TINY_CLIP["embed_dim"] if tiny else 768
     torch.save(AestheticHead((width, 1024, 128, 64, 16, 1)).state_dict(), head_path)
     return ["reward=aesthetic", f"reward.clip_model={name}", f"reward.clip_weights={clip_path}",
             f"reward.head_weights={head_path}"]
+
+
+def write_hpsv2(tiny: bool, directory: str) -> list[str]:
+    """Random weights for ``reward=hpsv2``: open_clip's ViT-H-14 (image and text towers)."""
+    name, path = write_open_clip("ViT-H-14", tiny, directory, quick_gelu=False)
+    return ["reward=hpsv2", f"reward.clip_model={name}", f"reward.weights={path}"]
+
+
+REWARDS = {"aesthetic": write_aesthetic, "hpsv2": write_hpsv2}   # --reward → its random weight files
 
 
 class RandomPromptEmbeddings:
