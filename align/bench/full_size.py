@@ -34,7 +34,8 @@ import os
 import tempfile
 from typing import Any
 
-QUICK = {"model": "sd3", "resolutions": "512,1024", "checkpointing": "on", "decoders": "default"}
+QUICK = {"model": "sd3", "resolutions": "512,1024", "checkpointing": "on", "decoders": "default", "warmup": 1,
+         "updates": 2}
 TINY_OVERRIDES = ["sampler.steps=6", "eval.every=0"]   # 6 ≥ VGG-Flow's 5 bins
 GB = 1e9      # as experiments/memory_slice.py
 COLUMNS = [   # (header, cell over a measured row)
