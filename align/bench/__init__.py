@@ -88,10 +88,16 @@ def _seconds(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
+def trainable_state(trainer: Any) -> dict[str, Any]:
+    """Copies of the model's trained parameters (the LoRA of a latent-image model)."""
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
 def bench_one(algo: str, model: str, overrides: list[str], warmup: int, updates: int,
-              sample: bool = True) -> dict[str, Any]:
+              sample: bool = True, track_params: bool = False) -> dict[str, Any]:
     """One row: times and evaluation counts of ``updates`` updates after ``warmup``; ``sample=False`` skips the
-    sampling after each update (and its columns)."""
+    sampling after each update (and its columns); ``track_params`` adds whether the updates changed the trained
+    parameters."""
     import torch
 
     from align.core.registry import ALGORITHMS
@@ -112,6 +118,7 @@ def bench_one(algo: str, model: str, overrides: list[str], warmup: int, updates:
             with counter.paused():
                 return _seconds(sample_batch, trainer, batch, generator)
 
+        before = trainable_state(trainer) if track_params else None
         rss0 = _rss_mb()
         for _ in range(warmup):
             trainer.update()
@@ -129,6 +136,9 @@ def bench_one(algo: str, model: str, overrides: list[str], warmup: int, updates:
         if sample:
             out.update(sampling_s_median=statistics.median(sampled),
                        ratio_median=statistics.median(u / s for u, s in zip(times, sampled)))
+        if before is not None:
+            after = trainable_state(trainer)
+            out["params_changed"] = bool(before) and any(not torch.equal(before[k], after[k]) for k in before)
         if torch.cuda.is_available():
             out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
         return out
@@ -175,11 +185,12 @@ def parse_vary(text: str | None, overrides: list[str]) -> tuple[str | None, list
     return key, vals
 
 
-def measure(algo: str, model: str, overrides: list[str], warmup: int, updates: int, threads: int
-            ) -> dict[str, Any]:
+def measure(algo: str, model: str, overrides: list[str], warmup: int, updates: int, threads: int,
+            random_weights: bool = False) -> dict[str, Any]:
     """``bench_one`` in its own process (so its peak RSS is its own); a failure is a skipped row."""
     cmd = [sys.executable, "-m", "align.bench", "--child", algo, "--model", model, "--warmup", str(warmup),
-           "--updates", str(updates), "--threads", str(threads), *overrides]
+           "--updates", str(updates), "--threads", str(threads), *(["--random-weights"] if random_weights else []),
+           *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -189,7 +200,13 @@ def measure(algo: str, model: str, overrides: list[str], warmup: int, updates: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m align.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m align.bench", description=__doc__.split("\n\n")[0],
+        epilog="Full size on a GPU, no weights download (random weights from the published configs; random prompt "
+               "embeddings of the real shapes stand in for the text encoders, which are freed before training): "
+               "python -m align.bench --random-weights --model sd3|sd35|flux --device cuda [--quick] "
+               "[--resolutions 512,1024] [--checkpointing on,off] [--decoders default,vae] "
+               "[--estimate memory_slice.json]; --tiny: the same code shrunk, on CPU.")
     p.add_argument("--algos", default="", help="comma-separated (default: every align/conf/algo/*.yaml)")
     p.add_argument("--model", default="gmm")
     p.add_argument("--warmup", type=int, default=2)
@@ -198,6 +215,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vary", default=None, metavar="KEY=V1,V2,...",
                    help="repeat the measurement for each value of KEY (one table per value)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows to PATH")
+    p.add_argument("--random-weights", action="store_true",
+                   help="SD3 / SD3.5 / FLUX at their published sizes with random weights, no download (--model "
+                        "sd3 | sd35 | flux): see align/bench/full_size.py")
+    p.add_argument("--tiny", action="store_true", help="with --random-weights: every config shrunk (CPU, CI)")
+    p.add_argument("--quick", action="store_true",
+                   help="with --random-weights: SD3-medium, 512² and 1024², checkpointing on, every algorithm")
+    p.add_argument("--resolutions", default="512,1024", help="with --random-weights: comma-separated pixels")
+    p.add_argument("--checkpointing", default="on,off", help="with --random-weights: on, off or on,off")
+    p.add_argument("--decoders", default="default,vae", help="with --random-weights: default (the tiny decoder), vae")
+    p.add_argument("--estimate", action="append", default=[], metavar="JSON",
+                   help="with --random-weights: experiments/memory_slice.py --what all --json output (one per "
+                        "resolution), shown beside the measured memory")
+    p.add_argument("--reward", default="aesthetic",
+                   help="with --random-weights: aesthetic (CLIP ViT-L/14 + head) or hpsv2 (ViT-H-14), random weights")
+    p.add_argument("--device", default=None, help="with --random-weights: cuda (default when available) or cpu")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.batch_size=16 sampler.steps=10")
     args = p.parse_args(argv)
@@ -206,8 +238,12 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(bench_one(args.child, args.model, args.overrides, args.warmup, args.updates)))
+        print(json.dumps(child_row(args)))
         return
+    if args.random_weights:
+        return random_weights_table(p, args)
+    if args.tiny or args.quick or args.estimate:
+        p.error("--tiny, --quick and --estimate go with --random-weights")
 
     from align.setup.overrides import ConfigProblem, check_overrides
 
@@ -243,5 +279,23 @@ def main(argv: list[str] | None = None) -> None:
                        "overrides": args.overrides, "vary": key, "tables": tables}, f, indent=1)
 
 
-if __name__ == "__main__":
-    main()
+def child_row(args: argparse.Namespace) -> dict[str, Any]:
+    """The child process's row: random-weight components when asked, an out-of-memory update a row saying so."""
+    import torch
+
+    if not args.random_weights:
+        return bench_one(args.child, args.model, args.overrides, args.warmup, args.updates)
+    from align.bench.random_weights import random_components
+
+    try:
+        with random_components():
+            return bench_one(args.child, args.model, args.overrides, args.warmup, args.updates, track_params=True)
+    except torch.cuda.OutOfMemoryError:
+        return {"algo": args.child, "oom": True}
+
+
+def random_weights_table(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--random-weights``: align/bench/full_size.py."""
+    from align.bench.full_size import run_full_size
+
+    run_full_size(p, args)
