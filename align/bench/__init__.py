@@ -186,8 +186,16 @@ def parse_vary(text: str | None, overrides: list[str]) -> tuple[str | None, list
 
 
 def measure(algo: str, model: str, overrides: list[str], warmup: int, updates: int, threads: int,
-            random_weights: bool = False) -> dict[str, Any]:
-    """``bench_one`` in its own process (so its peak RSS is its own); a failure is a skipped row."""
+            random_weights: bool = False, in_process: bool = False) -> dict[str, Any]:
+    """``bench_one`` in its own process (so its peak RSS is its own); a failure is a skipped row. ``in_process``:
+    in this process instead (``--random-weights --tiny``: no process start-up per row; its memory is not a row's)."""
+    if in_process:
+        child = argparse.Namespace(child=algo, model=model, overrides=overrides, warmup=warmup, updates=updates,
+                                   random_weights=random_weights)
+        try:
+            return child_row(child)
+        except Exception as err:   # as a child's failure: a skipped row naming it
+            return {"algo": algo, "skipped": f"failed: {type(err).__name__}: {str(err)[:200]}"}
     cmd = [sys.executable, "-m", "align.bench", "--child", algo, "--model", model, "--warmup", str(warmup),
            "--updates", str(updates), "--threads", str(threads), *(["--random-weights"] if random_weights else []),
            *overrides]

@@ -9,7 +9,7 @@ FLUX.1-dev) in bf16 with the run's LoRA, random weights; the text encoders are s
 embeddings of the real shapes (they encode the prompt set once and are freed before training, so they take no
 training memory); the decoders (TAESD3 / TAEF1 and the VAE) and the reward tower (aesthetic: CLIP ViT-L/14 and its
 head, or with ``--reward hpsv2`` HPSv2's ViT-H-14) are built from their configs with random weights. Each row (algorithm × resolution × checkpointing ×
-decoder) runs in its own process at micro-batch 1 (``train.batch_size=1``; GRPO and NFT: one group,
+decoder; with ``--tiny`` all in this process, so CI pays for one start-up) runs in its own process at micro-batch 1 (``train.batch_size=1``; GRPO and NFT: one group,
 ``algo.group_size`` rows, the column ``batch``): ``--warmup`` updates, then
 ``--updates`` timed pairs of one update and one no-grad sampling of the same batch. Columns: peak CUDA memory
 (``torch.cuda.max_memory_allocated``, GB = 1e9 B) beside experiments/memory_slice.py's estimate for the same
@@ -163,7 +163,7 @@ def run_full_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[
             for algo, batch in batches.items():
                 row = measure(algo, backend, base + row_overrides(args.model, s, args.tiny)
                               + [f"train.batch_size={batch}", *args.overrides],
-                              args.warmup, args.updates, args.threads, random_weights=True)
+                              args.warmup, args.updates, args.threads, random_weights=True, in_process=args.tiny)
                 rows.append({**row, "algorithm": algo, "model": args.model + (" (tiny)" if args.tiny else ""),
                              "batch": batch, "estimate_gb": estimate_gb(estimates, args.model, algo, s), **s})
     print(format_table(rows), flush=True)
