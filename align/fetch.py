@@ -14,7 +14,8 @@ import sys
 from align.conf import CONF_DIR
 from align.core.weights import WeightsError
 from align.setup.overrides import ConfigProblem, check_command
-from align.setup.preflight import WeightNeed, missing_message, weight_needs
+from align.core.weights import WeightNeed
+from align.setup.preflight import missing_message, weight_needs
 
 USAGE = ("usage: python -m align.fetch key=value ... (the overrides of the align.run command whose weights to get; "
          "HF_HUB_OFFLINE=1: check the Hugging Face cache only)")

@@ -20,7 +20,7 @@ from align.core.interfaces import Reward
 from align.core.registry import register_reward
 from align.core.schema import Dtype
 from align.metrics.clip import AlwaysEval, freeze, shared_clip_image_features
-from align.core.weights import WeightSpec, resolve
+from align.core.weights import WeightNeed, WeightSpec, resolve
 
 HEAD_SPEC = WeightSpec(
     what="aesthetic reward: LAION aesthetic MLP head",
@@ -85,6 +85,16 @@ class AestheticConfig:
 
 @register_reward("aesthetic", config=AestheticConfig)
 class AestheticReward(AlwaysEval, Reward):
+    @classmethod
+    def weight_needs(cls, reward: dict) -> list[WeightNeed]:
+        """The CLIP tower and the head a run of ``reward`` (its config) loads."""
+        from align.metrics.clip import open_clip_weight_spec
+
+        model_name = reward.get("clip_model", "ViT-L-14")
+        tower = open_clip_weight_spec(model_name, "openai", what=f"CLIP image features ({model_name})",
+                                      config_key="reward.clip_weights", env_var="ALIGN_AESTHETIC_CLIP_WEIGHTS")
+        return [WeightNeed(tower, reward.get("clip_weights")), WeightNeed(HEAD_SPEC, reward.get("head_weights"))]
+
     """r(x) = MLP(CLIP-L/14 image embedding / ‖·‖) — LAION aesthetic score, ≈ 1–10."""
 
     name, domain = "aesthetic", "sd3"

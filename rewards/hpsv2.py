@@ -25,7 +25,7 @@ from align.metrics.clip import (AlwaysEval, TextFeatureCache, clip_preprocess, c
                                 register_open_clip_config)
 from align.core.loading import DTYPES
 from align.core.schema import Dtype
-from align.core.weights import WeightSpec, resolve
+from align.core.weights import WeightNeed, WeightSpec, resolve
 
 HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2": "HPS_v2_compressed.pt"}
 
@@ -59,6 +59,11 @@ class HPSv2Config:
 
 @register_reward("hpsv2", config=HPSv2Config)
 class HPSv2Reward(AlwaysEval, Reward):
+    @classmethod
+    def weight_needs(cls, reward: dict) -> list[WeightNeed]:
+        """HPS's checkpoint of ``reward.version``."""
+        return [WeightNeed(hps_weight_spec(str(reward.get("version", "v2.1"))), reward.get("weights"))]
+
     """r = cos(image features, text features) of the HPS-finetuned open_clip ViT-H-14."""
 
     name, domain = "hpsv2", "sd3"

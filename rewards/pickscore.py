@@ -23,7 +23,7 @@ from align.core.registry import register_reward
 from align.metrics.clip import AlwaysEval, TextFeatureCache, clip_preprocess, freeze
 from align.core.loading import DTYPES, dtype_kwargs
 from align.core.schema import Dtype
-from align.core.weights import WeightSpec, resolve
+from align.core.weights import WeightNeed, WeightSpec, resolve
 
 MODEL_SPEC = WeightSpec(
     what="pickscore reward: PickScore_v1 CLIPModel", filename="PickScore_v1 (config.json + model weights)",
@@ -61,6 +61,11 @@ class PickScoreConfig:
 
 @register_reward("pickscore", config=PickScoreConfig)
 class PickScoreReward(AlwaysEval, Reward):
+    @classmethod
+    def weight_needs(cls, reward: dict) -> list[WeightNeed]:
+        """PickScore's model and its processor."""
+        return [WeightNeed(MODEL_SPEC, reward.get("model")), WeightNeed(PROCESSOR_SPEC, reward.get("processor"))]
+
     """r = exp(logit_scale) · cos(image embedding, text embedding) of PickScore_v1."""
 
     name, domain = "pickscore", "sd3"

@@ -72,10 +72,12 @@ FOLDER_RULES = {
     TRAIN: (CORE, METRICS, "samplers"),                               # handed objects (see below)
     SETUP: (CORE, METRICS, TRAIN, CONF, PROMPT_SETS, "samplers"),     # parts by name, through the registries
     "align.report": (CORE,),
+    "align.bench": ("align", "algorithms", "rewards", "samplers"),     # the cost benchmark's command, in parts
     "experiments": PACKAGES,                                          # scripts and exact references: anything
 }
 # The commands (python -m align.<name>) and the top package: anything of the library, nothing of experiments/.
-ENTRY_POINTS = ("align", "align.__main__", "align.run", "align.sweep", "align.evaluate", "align.bench", "align.pretrain")
+ENTRY_POINTS = ("align", "align.__main__", "align.run", "align.sweep", "align.evaluate", "align.bench", "align.pretrain",
+                "align.fetch")
 LIBRARY = ("align", "algorithms", "rewards", "samplers")
 # Modules that register themselves (a class with the registries) when imported: that is how a part is found.
 PLUGINS = ("align.models", "rewards", "algorithms")

@@ -306,4 +306,4 @@ def random_weights_table(p: argparse.ArgumentParser, args: argparse.Namespace) -
     """``--random-weights``: align/bench/full_size.py."""
     from align.bench.full_size import run_full_size
 
-    run_full_size(p, args)
+    run_full_size(p, args, measure, algorithm_configs)

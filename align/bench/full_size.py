@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 QUICK = {"model": "sd3", "resolutions": "512,1024", "checkpointing": "on", "decoders": "default", "warmup": 1,
          "updates": 2}
@@ -135,13 +135,14 @@ def option_problem(args: argparse.Namespace, models: dict[str, Any]) -> str | No
     return None
 
 
-def run_full_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every row measured in its own process, then the table (and ``--json``)."""
+def run_full_size(p: argparse.ArgumentParser, args: argparse.Namespace, measure: Callable[..., dict[str, Any]],
+                  all_algorithms: Callable[[], list[str]]) -> list[dict[str, Any]]:
+    """Every row measured (``measure``: align.bench's, in its own process unless ``--tiny``), then the table (and
+    ``--json``); no ``--algos``: ``all_algorithms()``."""
     import json
 
     import torch
 
-    from align.bench import algorithm_configs, measure
     from align.bench.random_weights import MODELS, write_checkpoint
 
     if args.quick:
@@ -151,7 +152,7 @@ def run_full_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[
     if problem:
         p.error(problem)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    algos = [a for a in args.algos.split(",") if a] or algorithm_configs()
+    algos = [a for a in args.algos.split(",") if a] or all_algorithms()
     backend = MODELS[args.model][0]
     batches = {algo: micro_batch(algo, backend) for algo in algos}
     estimates = load_estimates(args.estimate)

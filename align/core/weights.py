@@ -223,3 +223,15 @@ def load_state(spec: WeightSpec, module: Any, state: dict[str, Any], path: str) 
 
 def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+@dataclass(frozen=True)
+class WeightNeed:
+    """One weight a run loads: its spec and the value of the config key that points to it (None: unset)."""
+
+    spec: WeightSpec
+    value: str | None
+
+    def resolved(self) -> str:
+        """The local path (downloading when online), or a WeightsError naming the file and the way forward."""
+        return resolve(self.spec, self.value)

@@ -49,7 +49,7 @@ from align.models.latent_image import encode_device as _encode_device
 from align.models.sd3 import component_files, enable_tf32
 from align.core.registry import register_model
 from align.core.schema import Dtype, Grid, config_object
-from align.core.weights import WEIGHT_GLOBS, WeightSpec, looks_local, resolve
+from align.core.weights import WEIGHT_GLOBS, WeightNeed, WeightSpec, looks_local, resolve
 from samplers.time_grid import dynamic_shift_mu
 
 DEFAULT_PRETRAINED = "black-forest-labs/FLUX.1-dev"
@@ -175,6 +175,15 @@ class FluxConfig:
 
 @register_model("flux", config=FluxConfig)
 class FluxModel(LatentImageModel):
+    @classmethod
+    def weight_needs(cls, model: dict) -> list[WeightNeed]:
+        """The weights a run of ``model`` (its config section) loads: the checkpoint, and TAEF1 unless
+        ``model.decoder=vae`` (align.setup.preflight lists the missing ones at once)."""
+        decoder = str(model.get("decoder", "taef1"))
+        checkpoint, taef1 = _checkpoint_specs(model["pretrained"], decoder == "vae")
+        needs = [WeightNeed(checkpoint, model["pretrained"])]
+        return needs + ([WeightNeed(taef1, model.get("taef1_path"))] if decoder == "taef1" else [])
+
     """FLUX.1 latents as the paper's flow: v_θ(x, t, c) = −u(pack(x), σ = 1 − t, c, guidance w), unpacked."""
 
     name = "flux"

@@ -42,7 +42,7 @@ from align.models.latent_image import encode_device as _encode_device
 from align.models.sd3_text import SD3TextEncoders
 from align.core.registry import register_model
 from align.core.schema import Dtype, Grid, config_object
-from align.core.weights import WEIGHT_GLOBS, WeightSpec, looks_local, resolve
+from align.core.weights import WEIGHT_GLOBS, WeightNeed, WeightSpec, looks_local, resolve
 
 DEFAULT_PRETRAINED = "stabilityai/stable-diffusion-3-medium-diffusers"
 # SD3.5: the same diffusers layout and scheduler (shift 3); the transformer config adds dual attention / QK-norm
@@ -170,6 +170,15 @@ class SD3Config:
 
 @register_model("sd3", config=SD3Config)
 class SD3Model(LatentImageModel):
+    @classmethod
+    def weight_needs(cls, model: dict) -> list[WeightNeed]:
+        """The weights a run of ``model`` (its config section) loads: the checkpoint, and TAESD3 unless
+        ``model.decoder=vae`` (align.setup.preflight lists the missing ones at once)."""
+        decoder = str(model.get("decoder", "taesd3"))
+        checkpoint, taesd = _checkpoint_specs(model["pretrained"], bool(model.get("t5", True)), decoder == "vae")
+        needs = [WeightNeed(checkpoint, model["pretrained"])]
+        return needs + ([WeightNeed(taesd, model.get("taesd3_path"))] if decoder == "taesd3" else [])
+
     """SD3 latents as the paper's flow: v_θ(x, t, c) = −[u_uncond + w (u_cond − u_uncond)] at σ = 1 − t."""
 
     name = "sd3"
