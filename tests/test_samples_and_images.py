@@ -53,20 +53,22 @@ def _train_tiny_run(run_dir: str, model: str, pretrained: str, reward: str, extr
     return run_dir
 
 
+def _tiny_backend_run(tmp_path_factory, backend: str, build, tiny_reward) -> tuple[str, str]:
+    """A tiny diffusers folder of ``backend`` (built by ``build``) and a short run trained on it."""
+    folder = build(str(tmp_path_factory.mktemp(backend)))
+    run_dir = _train_tiny_run(str(tmp_path_factory.mktemp(f"{backend}_run") / "run"), backend, folder, tiny_reward,
+                              ["model.max_sequence_length=16"])
+    return folder, run_dir
+
+
 @pytest.fixture(scope="module")
 def sd3_run(tmp_path_factory, tiny_reward) -> tuple[str, str]:
-    sd3_dir = build_tiny_sd3(str(tmp_path_factory.mktemp("sd3")))
-    run_dir = _train_tiny_run(str(tmp_path_factory.mktemp("sd3_run") / "run"), "sd3", sd3_dir, tiny_reward,
-                              ["model.max_sequence_length=16"])
-    return sd3_dir, run_dir
+    return _tiny_backend_run(tmp_path_factory, "sd3", build_tiny_sd3, tiny_reward)
 
 
 @pytest.fixture(scope="module")
 def flux_run(tmp_path_factory, tiny_reward) -> tuple[str, str]:
-    flux_dir = build_tiny_flux(str(tmp_path_factory.mktemp("flux")))
-    run_dir = _train_tiny_run(str(tmp_path_factory.mktemp("flux_run") / "run"), "flux", flux_dir, tiny_reward,
-                              ["model.max_sequence_length=16"])
-    return flux_dir, run_dir
+    return _tiny_backend_run(tmp_path_factory, "flux", build_tiny_flux, tiny_reward)
 
 
 def _doc_snippet(doc: str) -> str:
