@@ -28,9 +28,11 @@ COMPUTE_X = "compute/velocity"
 # Config keys that do not make runs different experiments.
 NOT_GROUPING = keys_with("group")
 FACET_KEYS = ("model.name", "reward.name")
-ALGO_ORDER = ("flow_grpo", "diffusion_nft", "refl", "draft", "adjoint_matching", "vggflow_pmp", "vggflow")
+ALGO_ORDER = ("flow_grpo", "diffusion_nft", "refl", "draft", "adjoint_matching", "vggflow_pmp", "vggflow",
+              "vggflow_authors")
 ALGO_NAMES = {"vggflow": "VGG-Flow", "vggflow_pmp": "VGG-Flow-PMP", "refl": "ReFL", "draft": "DRaFT",
-              "adjoint_matching": "Adjoint Matching", "flow_grpo": "Flow-GRPO", "diffusion_nft": "DiffusionNFT"}
+              "adjoint_matching": "Adjoint Matching", "flow_grpo": "Flow-GRPO", "diffusion_nft": "DiffusionNFT",
+              "vggflow_authors": "VGG-Flow (authors' code)"}
 KEY_NAMES = {"algo.beta": "β", "algo.eta": "η", "algo.subsample_bins": "bins", "train.lr": "lr"}
 LABEL_PRIORITY = ("algo.name", "algo.beta", "algo.eta", "algo.subsample_bins")
 

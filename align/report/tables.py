@@ -97,10 +97,12 @@ def build_table(groups: list[Group], facet: str) -> Table:
     return table
 
 
-def _markdown(table: Table) -> list[str]:
+def markdown_table(table: Table, heading: bool = True) -> list[str]:
+    """The table as Markdown lines (after a ``## <reward>`` heading unless ``heading`` is False)."""
     arrow = {"max": " ↑", "min": " ↓", None: ""}
     header = ["Method"] + [f"{name}{arrow[better]}" for _, name, better in table.columns]
-    lines = [f"## {table.facet}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ([f"## {table.facet}", ""] if heading else []) + ["| " + " | ".join(header) + " |",
+                                                              "|" + "---|" * len(header)]
     for row in table.rows:
         texts = []
         for _, name, better in table.columns:
@@ -171,7 +173,7 @@ def write_table(groups: list[Group], out: str, keys: list[str]) -> tuple[str, st
         notes += [f"- {g.label} / {g.facet}: {r.path} (step {r.last_step} of {r.steps})" for g, r in unfinished]
     md = os.path.join(out, "table.md")
     with open(md, "w", encoding="utf-8") as fh:
-        fh.write("\n".join([line for t in tables for line in _markdown(t)] + notes) + "\n")
+        fh.write("\n".join([line for t in tables for line in markdown_table(t)] + notes) + "\n")
 
     names = list(dict.fromkeys(name for t in tables for _, name, _ in t.columns))
     path = os.path.join(out, "table.csv")

@@ -39,6 +39,7 @@ class Study:
     docs: str            # where the summaries and figures go, relative to the repository root
     page: str            # the generated page
     readme: str = "README.md"
+    root: str = ROOT     # the repository the paths above are relative to
 
 
 STUDIES = {
@@ -75,7 +76,7 @@ def make_plan(study: Study, runs_root: str) -> Plan:
     p = Plan(study, runs_root, merged)
     first: dict[str, str] = {}
     for section in study.sections:
-        sweep = load_sweep(os.path.join(ROOT, section.sweep_file), out=os.path.join(runs_root, section.name))
+        sweep = load_sweep(os.path.join(study.root, section.sweep_file), out=os.path.join(runs_root, section.name))
         dirs = []
         for run in sweep.runs:
             key = _identity(run.overrides, run.dir)
