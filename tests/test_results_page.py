@@ -47,11 +47,12 @@ def test_a_hand_edit_or_a_stale_page_fails_the_check(copy):
     assert check(study) == []
     pg = root / study.page
     committed = pg.read_text(encoding="utf-8")
-    number = re.search(r"\| VGG-Flow \| \*?\*?(\d\.\d+)", committed).group(1)
-    _edit(pg, f"| VGG-Flow | {number}", f"| VGG-Flow | 9.99") if f"| VGG-Flow | {number}" in committed else \
-        _edit(pg, f"| VGG-Flow | **{number}", "| VGG-Flow | **9.99")
+    line = next(ln for ln in committed.splitlines() if ln.startswith("| VGG-Flow | "))
+    i = next(i for i, ch in enumerate(line) if ch.isdigit())
+    edited = line[:i] + str((int(line[i]) + 1) % 10) + line[i + 1:]       # one digit changed by hand
+    _edit(pg, line, edited)
     diff = check(study)
-    assert any(line.startswith("-| VGG-Flow | ") and "9.99" in line for line in diff)
+    assert "-" + edited in diff and "+" + line in diff
 
     pg.write_text(committed, encoding="utf-8")
     _edit(root / study.readme, "align: done. eval reward", "align: done. eval  reward")

@@ -104,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
             print("experiments.reproduce: --jobs must be at least 1", file=sys.stderr)
             return 2
         start = time.time()
-        p = study_mod.make_plan(s, a.runs or os.path.join("sweeps", s.name))
         try:
+            p = study_mod.make_plan(s, a.runs or os.path.join("sweeps", s.name))
             entry = study_mod.run_study(p, a.jobs)
         except ValueError as err:
             print(f"experiments.reproduce: {err}", file=sys.stderr)
             return 2
+        except RuntimeError as err:           # the main job failed: its output says why
+            print(f"experiments.reproduce: {err}", file=sys.stderr)
+            return 1
         if entry["failed"] or entry["stopped"]:
             print(f"experiments.reproduce: {entry['failed']} failed, {entry['stopped']} stopped; the page is not "
                   "written from an unfinished study. Run the same command again to resume.", file=sys.stderr)
