@@ -243,10 +243,10 @@ def _trend(xs: list[float], ys: list[float]) -> str:
     pairs = sorted(zip(xs, ys))
     ys = [y for _, y in pairs]
     if all(b > a for a, b in zip(ys, ys[1:])):
-        return "rises with it"
+        return "rises with β"
     if all(b < a for a, b in zip(ys, ys[1:])):
-        return "falls as it rises"
-    return "is not monotone in it"
+        return "falls as β rises"
+    return "is not monotone in β"
 
 
 def _temperature(study: Study, summary: dict, comparison: dict) -> list[str]:
@@ -268,7 +268,7 @@ def _temperature(study: Study, summary: dict, comparison: dict) -> list[str]:
         fid = [sum(v) / len(v) for v in (final_values(g, "eval/fid") for g in ag)]
         pairs = sorted(zip(betas, rew, fid))
         listed = ", ".join(f"β = {b:g}: {_g(r)} (FID {_g(f, 2)})" for b, r, f in pairs)
-        out += [f"- **{ALGO_NAMES[algo]}**: the final reward {_trend(betas, rew)} and the FID {_trend(betas, fid)} "
+        out += [f"- **{ALGO_NAMES[algo]}**: the final reward {_trend(betas, rew)}, the FID {_trend(betas, fid)} "
                 f"({listed}).", ""]
         out += [_embed(study, s, f"temperature_{algo}_{facet}.png", f"temperature, {ALGO_NAMES[algo]}"), ""]
     out += ["The final point of every algorithm × temperature (this sweep and the comparison; mean ± std over seeds; "
