@@ -113,13 +113,15 @@ def _provenance(study: Study, meta: dict) -> list[str]:
     one = len(commits) == 1 and not commits[0].endswith("+changes")
     where = (f"all at commit `{commits[0]}`" if one else
              "**not from one commit**: " + ", ".join(f"`{c}`" for c in commits))
-    finished = max(e["started"] for e in ran)[:10] if ran else "–"
+    dates = sorted({e["started"][:10] for e in ran})
+    main_s = sum(e.get("main_job_seconds", 0.0) for e in ran)
     return [
         "Every table and figure on this page comes from one command:", "", "```",
         COMMAND.format(name=study.name), "```", "",
-        f"It ran the {n_runs} runs below ({seeds} seeds of every setting) and the README's main job, {where}, in "
-        f"{wall / 60:.0f} min of wall time on 2 shared CPU cores ({len(ran)} invocation"
-        f"{'s' if len(ran) != 1 else ''} that ran runs, the last started {finished}), then wrote this page, its "
+        f"It ran the {n_runs} runs below ({seeds} seeds of every setting) and the README's main job, {where}, on "
+        f"{' to '.join(dates[:1] + dates[1:][-1:]) or '–'}: {wall / 60:.0f} min of wall time on 2 shared CPU cores "
+        f"(the main job {main_s:.0f} s of it{f', over {len(ran)} invocations' if len(ran) > 1 else ''}). Then it "
+        "wrote this page, its "
         f"figures and the summaries they come from ([{study.docs}/{study.name}/]"
         f"({_link(study, '', '')})): one `summary.json` per sweep and `study.json`. Run again, it skips the "
         "finished runs and regenerates the page; `--page-only` regenerates the page from the committed summaries. "
