@@ -75,7 +75,7 @@ def test_every_link_of_the_page_names_a_file_and_every_figure_is_linked():
     missing = sorted(p for p in links if not os.path.exists(p))
     assert not missing
     files = {os.path.normpath(os.path.join(dp, f)) for dp, _, fs in os.walk(page.docs_dir(DIGITS)) for f in fs}
-    orphans = sorted(f for f in files if f not in links and not f.endswith("study.json"))
+    orphans = sorted(f for f in files if f not in links)
     assert not orphans
     assert all(f.endswith((".png", ".json")) for f in files)
 

@@ -123,7 +123,8 @@ def _provenance(study: Study, meta: dict) -> list[str]:
         f"(the main job {main_s:.0f} s of it{f', over {len(ran)} invocations' if len(ran) > 1 else ''}). Then it "
         "wrote this page, its "
         f"figures and the summaries they come from ([{study.docs}/{study.name}/]"
-        f"({_link(study, '', '')})): one `summary.json` per sweep and `study.json`. Run again, it skips the "
+        f"({_link(study, '', '')})): one `summary.json` per sweep and [study.json]({_link(study, '', STUDY)}) (the "
+        "invocations, the commits and the main job's output). Run again, it skips the "
         "finished runs and regenerates the page; `--page-only` regenerates the page from the committed summaries. "
         "A run that two sweeps list (VGG-Flow at its default settings) runs once.", "",
         "The study is sized to finish in about an hour on 2 CPU cores: one trained reward (ink mass; "
