@@ -166,15 +166,19 @@ def _settings(groups: list[Group]) -> str:
     return "; ".join(parts)
 
 
-def _comparison(study: Study, summary: dict, meta: dict) -> list[str]:
-    s = "digits_comparison"
+def _opening(summary: dict, heading: str, intro) -> tuple[list[Group], str, list[str]]:
+    """A section's groups, its trained reward, and its first lines: the heading, ``intro(groups)`` and the table."""
     groups = groups_of(summary)
     facet = _facet(groups)
-    out = ["## The comparison", "",
-           f"`experiments/{s}.yaml`: the seven algorithms at their paper settings on the ink-mass reward, the "
-           f"classifier held out, {_n(groups)} seeds. Settings: {_settings(groups)}. Flow-GRPO and DiffusionNFT "
-           "sample groups of G = 4 per prompt; ReFL and DRaFT train on the raw reward (`algo.objective=raw`).", ""]
-    out += _table(groups, facet)
+    return groups, facet, [heading, "", intro(groups), ""] + _table(groups, facet)
+
+
+def _comparison(study: Study, summary: dict) -> list[str]:
+    s = "digits_comparison"
+    groups, facet, out = _opening(summary, "## The comparison", lambda gs: (
+        f"`experiments/{s}.yaml`: the seven algorithms at their paper settings on the ink-mass reward, the "
+        f"classifier held out, {_n(gs)} seeds. Settings: {_settings(gs)}. Flow-GRPO and DiffusionNFT sample groups "
+        "of G = 4 per prompt; ReFL and DRaFT train on the raw reward (`algo.objective=raw`)."))
     out += ["", _embed(study, s, f"convergence_{facet}.png", "convergence"), "",
             "Reward, diversity and FID against the update step (mean ± std band over the seeds). The same runs "
             "against the compute they spent:", "",
@@ -252,16 +256,13 @@ def _trend(xs: list[float], ys: list[float]) -> str:
     return "is not monotone in β"
 
 
-def _temperature(study: Study, summary: dict, comparison: dict) -> list[str]:
+def _temperature(study: Study, summary: dict) -> list[str]:
     s = "digits_temperature"
-    groups = groups_of(summary)
-    facet = _facet(groups)
-    out = ["## Temperature", "",
-           f"`experiments/{s}.yaml`: VGG-Flow's β (1/λ of the relaxed control problem: larger is hotter) and "
-           "Flow-GRPO's KL coefficient β (larger is colder: it holds the policy to the base; at lr 1e-3, since at "
-           f"its paper lr 3e-4 it barely moves in these updates), ink mass, the classifier held out, {_n(groups)} "
-           "seeds.", ""]
-    out += _table(groups, facet) + [""]
+    groups, facet, out = _opening(summary, "## Temperature", lambda gs: (
+        f"`experiments/{s}.yaml`: VGG-Flow's β (1/λ of the relaxed control problem: larger is hotter) and "
+        "Flow-GRPO's KL coefficient β (larger is colder: it holds the policy to the base; at lr 1e-3, since at its "
+        f"paper lr 3e-4 it barely moves in these updates), ink mass, the classifier held out, {_n(gs)} seeds."))
+    out += [""]
     for algo in ("vggflow", "flow_grpo"):
         ag = [g for g in groups if g.cfg.get("algo.name") == algo and "algo.beta" in g.cfg]
         if len(ag) < 2:
@@ -283,14 +284,11 @@ def _temperature(study: Study, summary: dict, comparison: dict) -> list[str]:
 
 def _equal_lr(study: Study, summary: dict, meta: dict) -> list[str]:
     s = "digits_equal_lr"
-    groups = groups_of(summary)
-    facet = _facet(groups)
-    lrs = sorted({_num(g.cfg["train.lr"]) for g in groups})
-    out = ["## Equal learning rates", "",
-           f"`experiments/{s}.yaml`: every algorithm at lr {', '.join(_lr(x) for x in lrs)} (VGG-Flow's) "
-           "instead of its paper learning rate, so that those that barely move at theirs travel far enough to be "
-           f"compared at equal reward; ink mass, the classifier held out, {_n(groups)} seeds.", ""]
-    out += _table(groups, facet)
+    groups, facet, out = _opening(summary, "## Equal learning rates", lambda gs: (
+        f"`experiments/{s}.yaml`: every algorithm at lr "
+        f"{', '.join(_lr(x) for x in sorted({_num(g.cfg['train.lr']) for g in gs}))} (VGG-Flow's) instead of its "
+        "paper learning rate, so that those that barely move at theirs travel far enough to be compared at equal "
+        f"reward; ink mass, the classifier held out, {_n(gs)} seeds."))
     out += ["", _embed(study, s, f"pareto_{facet}.png", "Pareto fronts, equal learning rates"), "",
             _embed(study, s, f"pareto_heldout_{facet}.png", "held-out against trained reward, equal learning rates"),
             ""]
@@ -308,16 +306,13 @@ def _equal_lr(study: Study, summary: dict, meta: dict) -> list[str]:
 
 def _forms(study: Study, summary: dict) -> list[str]:
     s = "digits_vggflow_forms"
-    groups = groups_of(summary)
-    facet = _facet(groups)
-    out = ["## VGG-Flow as the paper writes it and as its authors ran it", "",
-           f"`experiments/{s}.yaml`: `algo=vggflow` (the paper) against `algo=vggflow_authors` (every choice of the "
-           "authors' code at once: the boundary weighed α·β⁴/6 against the consistency, lr 1e-3, η = t, their "
-           "finite differences; [vggflow.md](vggflow.md#the-paper-the-authors-code-and-algovggflow)), and the "
-           "consistency residual enforced inside each Euler step (`algo.consistency_times=within_step`) instead of "
-           f"at the grid states; ink mass, the classifier held out, {_n(groups)} seeds. The sweep changes several "
-           "choices at once and does not separate them.", ""]
-    out += _table(groups, facet)
+    _, facet, out = _opening(summary, "## VGG-Flow as the paper writes it and as its authors ran it", lambda gs: (
+        f"`experiments/{s}.yaml`: `algo=vggflow` (the paper) against `algo=vggflow_authors` (every choice of the "
+        "authors' code at once: the boundary weighed α·β⁴/6 against the consistency, lr 1e-3, η = t, their finite "
+        "differences; [vggflow.md](vggflow.md#the-paper-the-authors-code-and-algovggflow)), and the consistency "
+        "residual enforced inside each Euler step (`algo.consistency_times=within_step`) instead of at the grid "
+        f"states; ink mass, the classifier held out, {_n(gs)} seeds. The sweep changes several choices at once and "
+        "does not separate them."))
     out += ["", _embed(study, s, f"convergence_{facet}.png", "convergence, VGG-Flow forms"), ""]
     return out
 
@@ -337,8 +332,8 @@ def render_page(study: Study) -> str:
              f"<!-- Generated by `python -m experiments.reproduce {study.name}` from {study.docs}/{study.name}/ "
              "(tests/test_results_page.py fails on a hand edit: change the generator or the runs instead). -->", ""]
     lines += _provenance(study, meta) + ["", DOMAIN, ""]
-    lines += _comparison(study, sums["digits_comparison"], meta)
-    lines += _temperature(study, sums["digits_temperature"], sums["digits_comparison"])
+    lines += _comparison(study, sums["digits_comparison"])
+    lines += _temperature(study, sums["digits_temperature"])
     lines += _equal_lr(study, sums["digits_equal_lr"], meta)
     lines += _forms(study, sums["digits_vggflow_forms"])
     lines += _files(study)
