@@ -10,7 +10,7 @@ import math
 import os
 import re
 
-from align.report.data import ALGO_NAMES, Group, _num, base_values, final_values, group_runs
+from align.report.data import ALGO_NAMES, Group, _num, base_values, final_values, group_runs, mean_std
 from align.report.tables import build_table, format_mean_std, markdown_table
 from experiments.reproduce import matched
 from experiments.reproduce.study import Study
@@ -76,8 +76,6 @@ def _range(stat, fmt=_g) -> str:
 
 
 def _ms(values: list[float]) -> str:
-    from align.report.data import mean_std
-
     return format_mean_std(*mean_std(values)) if values else "–"
 
 
