@@ -4,7 +4,7 @@ The regeneration snippets of docs/sd3.md and docs/flux.md ("Regenerating a run's
 executed as written (only their settings line points at the tiny run, on the CPU in float32): the plain pipeline
 with the run's exported LoRA and samples_final.pt's noise gives samples_final.pt's latents. ``align.evaluate
 <run_dir> --images`` writes PNGs whose pixels are diffusers' own ``AutoencoderKL`` decode of the saved latents,
-rounded to 8 bits; and it refuses what it cannot do in one line, exit 2, before any work.
+rounded to 8 bits (to float32's precision); and it refuses what it cannot do in one line, exit 2, before any work.
 """
 from __future__ import annotations
 
@@ -129,16 +129,23 @@ def _read_png(path: str) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def _vae_pixels(checkpoint: str, latents: torch.Tensor) -> np.ndarray:
+def _vae_levels(checkpoint: str, latents: torch.Tensor) -> np.ndarray:
     """diffusers' AutoencoderKL decode of the latents as its pipelines do (÷ scaling + shift, [−1, 1] → [0, 1]),
-    rounded to 8 bits ([N, H, W, 3])."""
+    on the 8-bit scale before rounding ([N, H, W, 3], float64 values in [0, 255])."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae").eval()
     with torch.no_grad():
         images = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
-    unit = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    return np.floor(unit * 255 + 0.5).astype(np.uint8)
+    unit = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).double().numpy()
+    return unit * 255
+
+
+# Two float32 decodes of the same latents (ours chunked by decode_batch_size, this one in one batch; different
+# kernels and summation orders) agree to a few ulps: seen 1 ulp, 1.5e-5 on the 8-bit scale. 255·1e-4 allows ~200
+# ulps at 0.5 and stays 40× below one level, so a pixel may round the other way only where diffusers' value lies
+# within 0.026 of a half level; a decode off by a level, a truncating quantisation or another scaling still fails.
+DECODE_SLACK = 255 * 1e-4
 
 
 @pytest.mark.parametrize("run", ["sd3_run", "flux_run"])
@@ -154,9 +161,10 @@ def test_images_writes_pngs_of_the_vae_decode_of_the_saved_latents(run, request,
     names = sorted(n for n in os.listdir(out) if n.endswith(".png"))
     assert names == [f"{i:05d}.png" for i in range(FINAL_SAMPLES)]
     written = np.stack([_read_png(os.path.join(out, n)) for n in names])
-    expected = _vae_pixels(checkpoint, saved["x1"])
-    assert written.shape == (FINAL_SAMPLES, RESOLUTION, RESOLUTION, 3)
-    assert np.array_equal(written, expected), f"max diff {np.abs(written.astype(int) - expected).max()}"
+    levels = _vae_levels(checkpoint, saved["x1"])
+    assert written.shape == levels.shape == (FINAL_SAMPLES, RESOLUTION, RESOLUTION, 3)
+    off = np.abs(written - levels).max()
+    assert off <= 0.5 + DECODE_SLACK, f"a pixel is {off:.4f} levels from diffusers' decode (rounding: ≤ 0.5)"
     assert written.std() > 0
     with open(os.path.join(out, "prompts.json"), encoding="utf-8") as fh:
         assert json.load(fh) == saved["prompts"]
