@@ -42,13 +42,15 @@ def write_summaries(p: study_mod.Plan, entry_log: list[dict], main_output: str) 
         if sec.name == "digits_equal_lr":
             panel = figures.matched_samples(groups, p.runs_root, out)
     first = sums[s.sections[0].name]["runs"][0]["cfg"]
+    ran_main = next((e for e in entry_log if e.get("main_job_seconds")), entry_log[-1] if entry_log else {})
     meta = {"study": s.name, "runs": len(p.sweep.runs), "seeds": len({r["cfg"]["seed"] for v in sums.values()
                                                                      for r in v["runs"]}),
             "steps": first["train.steps"], "batch_size": first["train.batch_size"],
             "invocations": entry_log, "sample_panel": panel,
             "main_job": {"command": "python -m align.run",
                          "output": main_output.replace(os.path.join(p.runs_root, study_mod.MAIN_JOB),
-                                                       "/path/to/align")}}
+                                                       "/path/to/align"),
+                         **{k: ran_main[k] for k in ("cpu_kernels", "kernel_env") if k in ran_main}}}
     write_json(os.path.join(out_root, STUDY), meta)
     return meta
 

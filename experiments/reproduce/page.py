@@ -112,12 +112,24 @@ def _provenance(study: Study, meta: dict) -> list[str]:
     where = (f"all at commit `{commits[0]}`" if one else
              "**not from one commit**: " + ", ".join(f"`{c}`" for c in commits))
     dates = sorted({e["started"][:10] for e in ran})
+    kernel_sets = sorted({e.get("cpu_kernels") or "unrecorded" for e in ran})
+    envs = sorted({e.get("kernel_env") or "" for e in ran})
+    if len(kernel_sets) > 1:
+        kernels = "**with different CPU kernels**: " + ", ".join(kernel_sets)
+    elif kernel_sets == ["unrecorded"]:
+        kernels = "with CPU kernels that were not recorded"
+    else:
+        kernels = f"with PyTorch's {kernel_sets[0]} CPU kernels"
+        if envs[0] and len(envs) == 1:
+            kernels += (f" (`{envs[0]}`, which the command sets on x86-64 unless you set them, so that a CPU with "
+                        "AVX-512 computes the same numbers as one with AVX2)")
     main_s = sum(e.get("main_job_seconds", 0.0) for e in ran)
     return [
         "Every table and figure on this page comes from one command:", "", "```",
         COMMAND.format(name=study.name), "```", "",
         f"It ran the {n_runs} runs below ({seeds} seeds of every setting) and the README's main job, {where}, on "
-        f"{' to '.join(dates[:1] + dates[1:][-1:]) or '–'}: {wall / 60:.0f} min of wall time on 2 shared CPU cores "
+        f"{' to '.join(dates[:1] + dates[1:][-1:]) or '–'}, {kernels}: {wall / 60:.0f} min of wall time on 2 shared "
+        "CPU cores "
         f"(the main job {main_s:.0f} s of it{f', over {len(ran)} invocations' if len(ran) > 1 else ''}). Then it "
         "wrote this page, its "
         f"figures and the summaries they come from ([{study.docs}/{study.name}/]"
@@ -341,7 +353,20 @@ def render_page(study: Study) -> str:
 
 def readme_block(meta: dict) -> str:
     job = meta["main_job"]
-    return "\n".join([README_BEGIN, "```", job["output"].rstrip("\n"), "```", README_END])
+    return "\n".join([README_BEGIN, "```", job["output"].rstrip("\n"), "```", "", _main_job_kernels(job),
+                      README_END])
+
+
+def _main_job_kernels(job: dict) -> str:
+    kernels, env = job.get("cpu_kernels"), job.get("kernel_env")
+    if not kernels:
+        return "(Which CPU kernels printed these figures was not recorded.)"
+    said = f"Printed with PyTorch's {kernels} CPU kernels"
+    if not env:
+        return said + " (on another CPU, floating-point sums in another order change the last digits)."
+    return (f"{said}: on any x86-64 CPU, `{env} python -m align.run` prints exactly these figures; plain "
+            "`python -m align.run` on a CPU with AVX-512 uses other kernels, whose sums in another order change the "
+            "third digit.")
 
 
 def render_readme(study: Study, readme: str) -> str:

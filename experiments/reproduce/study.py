@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from align.core.run_dir import flatten, keys_with, run_status
 from align.sweep import Sweep, execute, load_sweep, plan
+from experiments.reproduce import kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOG = "study.json"
@@ -144,15 +145,17 @@ def run_main_job(runs_root: str) -> tuple[str, bool]:
 
 
 def run_study(p: Plan, jobs: int) -> dict:
-    """Run the main job, then every run not finished (``jobs`` at once, one thread each); log the invocation.
-    Returns the log entry (``failed`` > 0 or ``stopped``: not every run finished)."""
+    """Run the main job, then every run not finished (``jobs`` at once, one thread each), all with the kernels
+    ``experiments.reproduce.kernels`` pins; log the invocation. Returns the log entry (``failed`` > 0 or ``stopped``: not every run finished)."""
     problems = plan(p.sweep)
     if problems:
         raise ValueError(f"{len(problems)} of {len(p.sweep.runs)} runs cannot start; nothing was run:\n  "
                          + "\n  ".join(problems))
     os.makedirs(p.runs_root, exist_ok=True)
+    os.environ.update(kernels.pinned())      # the main job and every run inherit it
     start = time.time()
-    entry = {"commit": commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jobs": jobs}
+    entry = {"commit": commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jobs": jobs,
+             "cpu_kernels": kernels.kernel_set(dict(os.environ)), "kernel_env": kernels.stated(dict(os.environ))}
     _, ran_main = run_main_job(p.runs_root)
     entry["main_job_seconds"] = round(time.time() - start, 1) if ran_main else 0.0
     counts = execute(p.sweep, jobs=jobs, threads=1)
