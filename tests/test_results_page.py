@@ -166,7 +166,36 @@ def test_the_readme_block_is_replaced_between_the_markers_only(copy):
     readme = (root / study.readme).read_text(encoding="utf-8")
     swapped = page.render_readme(study, "before\n" + page.README_BEGIN + "\nold\n" + page.README_END + "\nafter\n")
     assert swapped.startswith("before\n" + page.README_BEGIN + "\n```\n") and swapped.endswith(
-        "```\n" + page.README_END + "\nafter\n")
+        "\n" + page.README_END + "\nafter\n")
     assert "align: done. eval reward" in swapped and "old" not in swapped
     with pytest.raises(ValueError, match="no block between"):
         page.render_readme(study, readme.replace(page.README_END, ""))
+
+
+def _invocations(root, study, *kernel_sets):
+    """study.json of the copy with one invocation per entry of ``kernel_sets``, each recording those CPU kernels
+    (None: nothing recorded, as before the study recorded them); the main job ran in the first."""
+    path = root / study.docs / study.name / "study.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    recorded = ("cpu_kernels", "kernel_env")
+    bare = {k: v for k, v in meta["invocations"][0].items() if k not in recorded}
+    meta["invocations"] = [dict(bare) if k is None else dict(bare, cpu_kernels=k,
+                                                             kernel_env="ATEN_CPU_CAPABILITY=" + k.lower())
+                           for k in kernel_sets]
+    meta["main_job"] = {k: v for k, v in meta["main_job"].items() if k not in recorded}
+    meta["main_job"].update({k: v for k, v in meta["invocations"][0].items() if k in recorded})
+    path.write_text(json.dumps(meta), encoding="utf-8")
+
+
+def test_the_page_and_the_readme_state_the_cpu_kernels_the_runs_used(copy):
+    study, root = copy
+    readme = (root / study.readme).read_text(encoding="utf-8")
+    _invocations(root, study, "AVX2")
+    assert "with PyTorch's AVX2 CPU kernels (`ATEN_CPU_CAPABILITY=avx2`" in page.render_page(study)
+    assert "`ATEN_CPU_CAPABILITY=avx2 python -m align.run` prints exactly these figures" in page.render_readme(
+        study, readme)
+    _invocations(root, study, "AVX2", "AVX512")          # resumed on another machine: the page says so
+    assert "**with different CPU kernels**: AVX2, AVX512" in page.render_page(study)
+    _invocations(root, study, None)
+    assert "with CPU kernels that were not recorded" in page.render_page(study)
+    assert "was not recorded" in page.render_readme(study, readme)
