@@ -3,9 +3,9 @@
 PyTorch picks its CPU kernels by the instruction set it finds (ATen's vectorised kernels, oneDNN's convolutions and
 matmuls, MKL): on a CPU with AVX-512 they add in another order than on one with AVX2, and 60 updates carry the
 last-bit difference into the third digit of the printed reward (the main job: 3.669 with AVX2 kernels, 3.675 with
-AVX-512 ones). A study pins the AVX2 set on x86-64, which every x86-64 CPU of the last decade has, so that its runs
-give the same numbers on any of them; a variable the user set is kept. What the runs used is recorded in
-study.json and stated on the page."""
+AVX-512 ones). A study pins the AVX2 set on x86-64 (nearly every x86-64 server and desktop CPU since 2015 has
+AVX2), so that its runs give the same numbers on any CPU with AVX2 or AVX-512; a variable the user set is kept.
+What the runs used is recorded in study.json and stated on the page."""
 from __future__ import annotations
 
 import os

@@ -145,17 +145,19 @@ def run_main_job(runs_root: str) -> tuple[str, bool]:
 
 
 def run_study(p: Plan, jobs: int) -> dict:
-    """Run the main job, then every run not finished (``jobs`` at once, one thread each), all with the kernels
-    ``experiments.reproduce.kernels`` pins; log the invocation. Returns the log entry (``failed`` > 0 or ``stopped``: not every run finished)."""
+    """Run the main job, then every run not finished (``jobs`` at once, one thread each), all with the CPU kernels
+    ``experiments.reproduce.kernels`` pins; log the invocation. Returns the log entry (``failed`` > 0 or
+    ``stopped``: not every run finished)."""
     problems = plan(p.sweep)
     if problems:
         raise ValueError(f"{len(problems)} of {len(p.sweep.runs)} runs cannot start; nothing was run:\n  "
                          + "\n  ".join(problems))
     os.makedirs(p.runs_root, exist_ok=True)
     os.environ.update(kernels.pinned())      # the main job and every run inherit it
+    entry = {"commit": commit(), "cpu_kernels": kernels.kernel_set(dict(os.environ)),
+             "kernel_env": kernels.stated(dict(os.environ))}
     start = time.time()
-    entry = {"commit": commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jobs": jobs,
-             "cpu_kernels": kernels.kernel_set(dict(os.environ)), "kernel_env": kernels.stated(dict(os.environ))}
+    entry.update(started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), jobs=jobs)
     _, ran_main = run_main_job(p.runs_root)
     entry["main_job_seconds"] = round(time.time() - start, 1) if ran_main else 0.0
     counts = execute(p.sweep, jobs=jobs, threads=1)
