@@ -192,7 +192,7 @@ def test_the_page_and_the_readme_state_the_cpu_kernels_the_runs_used(copy):
     readme = (root / study.readme).read_text(encoding="utf-8")
     _invocations(root, study, "AVX2")
     assert "with PyTorch's AVX2 CPU kernels (`ATEN_CPU_CAPABILITY=avx2`" in page.render_page(study)
-    assert "`ATEN_CPU_CAPABILITY=avx2 python -m align.run` prints exactly these" in page.render_readme(
+    assert "`ATEN_CPU_CAPABILITY=avx2 python -m align.run` prints these exact figures" in page.render_readme(
         study, readme)
     _invocations(root, study, "AVX2", "AVX512")          # resumed on another machine: the page says so
     assert "**with different CPU kernels**: AVX2, AVX512" in page.render_page(study)

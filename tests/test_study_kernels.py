@@ -11,6 +11,10 @@ import torch
 
 from experiments.reproduce import kernels
 
+needs_avx2 = pytest.mark.skipif(platform.machine().lower() not in kernels.X86_64
+                                or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                                reason="the AVX2 kernel set needs an x86-64 CPU with AVX2")
+
 
 def test_the_avx2_set_is_pinned_on_x86_64_only_and_a_users_setting_is_kept():
     assert kernels.pinned({}, machine="x86_64") == {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2",
@@ -23,18 +27,14 @@ def test_the_avx2_set_is_pinned_on_x86_64_only_and_a_users_setting_is_kept():
     assert kernels.stated({"PATH": "/bin"}) == ""
 
 
-@pytest.mark.skipif(platform.machine().lower() not in kernels.X86_64
-                    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="the AVX2 kernel set needs an x86-64 CPU with AVX2")
+@needs_avx2
 def test_a_process_started_with_the_pinned_environment_runs_the_avx2_kernels():
     bare = {k: v for k, v in os.environ.items() if k not in kernels.PINNED}
     assert kernels.kernel_set(kernels.pinned(bare)) == "AVX2"
     assert kernels.kernel_set(bare) == torch.backends.cpu.get_cpu_capability()
 
 
-@pytest.mark.skipif(platform.machine().lower() not in kernels.X86_64
-                    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="the AVX2 kernel set needs an x86-64 CPU with AVX2")
+@needs_avx2
 def test_a_study_invocation_runs_pinned_and_records_the_kernels(tmp_path):
     from experiments.reproduce import study as study_mod
 

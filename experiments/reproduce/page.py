@@ -364,10 +364,8 @@ def _main_job_kernels(job: dict) -> str:
     said = f"Printed with PyTorch's {kernels} CPU kernels"
     if not env:
         return said + " (on another CPU, floating-point sums in another order change the last digits)."
-    return (f"{said}: on an x86-64 CPU with AVX2 or AVX-512, `{env} python -m align.run` prints exactly these "
-            "figures; plain "
-            "`python -m align.run` on a CPU with AVX-512 uses other kernels, whose sums in another order change the "
-            "third digit.")
+    return (f"{said}; on a CPU with AVX-512, `{env} python -m align.run` prints these exact figures (plain, "
+            "its kernels sum in another order: the third digit differs).")
 
 
 def render_readme(study: Study, readme: str) -> str:
